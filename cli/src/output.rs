@@ -1,0 +1,296 @@
+//! How the CLI prints things: aligned tables for people, JSON (snake_case fields, arrays for
+//! lists) for scripts.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use indicatif::HumanBytes;
+use kiln_proto::v1;
+use serde_json::{Value, json};
+
+pub fn time(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn opt_time(ms: Option<i64>) -> Value {
+    ms.map(|ms| Value::String(time(ms))).unwrap_or(Value::Null)
+}
+
+pub fn duration_s(run: &v1::Run) -> Option<f64> {
+    let start = run.started_unix_ms?;
+    let end = run.finished_unix_ms.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(start)
+    });
+    Some((end - start).max(0) as f64 / 1000.0)
+}
+
+pub fn run_json(run: &v1::Run) -> Value {
+    json!({
+        "id": run.id,
+        "name": run.name,
+        "status": run.status().domain().as_str(),
+        "target": run.target,
+        "agent": if run.agent_id.is_empty() { Value::Null } else { Value::String(run.agent_id.clone()) },
+        "exit_code": run.exit_code,
+        "message": run.message,
+        "script": run.script,
+        "args": run.args,
+        "attempt": run.attempt,
+        "snapshot_digest": run.snapshot_digest,
+        "outputs_digest": if run.outputs_digest.is_empty() { Value::Null } else { Value::String(run.outputs_digest.clone()) },
+        "created_at": time(run.created_unix_ms),
+        "started_at": opt_time(run.started_unix_ms),
+        "finished_at": opt_time(run.finished_unix_ms),
+        "duration_seconds": duration_s(run),
+    })
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialise")
+    );
+}
+
+/// Prints rows as a table with a header, columns padded to their widest cell.
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn dash(text: &str) -> String {
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.into()
+    }
+}
+
+pub fn runs(runs: &[v1::Run], as_json: bool) {
+    if as_json {
+        print_json(&Value::Array(runs.iter().map(run_json).collect()));
+        return;
+    }
+    let rows = runs
+        .iter()
+        .map(|run| {
+            vec![
+                run.id.to_string(),
+                run.name.clone(),
+                run.target.clone(),
+                run.status().domain().to_string(),
+                dash(&run.agent_id),
+                run.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                time(run.created_unix_ms),
+                duration_s(run)
+                    .map(|s| format!("{s:.1}s"))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "NAME", "TARGET", "STATUS", "AGENT", "EXIT", "CREATED", "DURATION",
+        ],
+        rows,
+    );
+}
+
+pub fn show(run: &v1::Run, as_json: bool) {
+    if as_json {
+        print_json(&run_json(run));
+        return;
+    }
+    let field = |name: &str, value: String| println!("{name:<16}{value}");
+    field("id", run.id.to_string());
+    field("name", run.name.clone());
+    field("status", run.status().domain().to_string());
+    if !run.message.is_empty() {
+        field("message", run.message.clone());
+    }
+    field("target", run.target.clone());
+    field("agent", dash(&run.agent_id));
+    field("attempt", run.attempt.to_string());
+    field(
+        "script",
+        format!("{} {}", run.script, run.args.join(" "))
+            .trim_end()
+            .to_string(),
+    );
+    field(
+        "exit code",
+        run.exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into()),
+    );
+    field("created", time(run.created_unix_ms));
+    field(
+        "started",
+        run.started_unix_ms.map(time).unwrap_or_else(|| "-".into()),
+    );
+    field(
+        "finished",
+        run.finished_unix_ms.map(time).unwrap_or_else(|| "-".into()),
+    );
+    field(
+        "duration",
+        duration_s(run)
+            .map(|s| format!("{s:.2}s"))
+            .unwrap_or_else(|| "-".into()),
+    );
+    field("snapshot", run.snapshot_digest.clone());
+    field("outputs", dash(&run.outputs_digest));
+}
+
+pub fn metrics(metrics: &[v1::MetricSummary], as_json: bool) {
+    if as_json {
+        let values = metrics
+            .iter()
+            .map(|m| json!({"name": m.name, "last_value": m.last_value, "last_step": m.last_step, "count": m.count}))
+            .collect();
+        print_json(&Value::Array(values));
+        return;
+    }
+    let rows = metrics
+        .iter()
+        .map(|m| {
+            vec![
+                m.name.clone(),
+                number(m.last_value),
+                m.last_step
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                m.count.to_string(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "LAST", "STEP", "COUNT"], rows);
+}
+
+/// A metric value for people: integers as integers, others with up to 6 decimals.
+fn number(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        return format!("{}", value as i64);
+    }
+    let text = format!("{value:.6}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+pub fn targets(targets: &[v1::Target], as_json: bool) {
+    if as_json {
+        let values = targets
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "agents_online": t.agents_online,
+                    "agents_total": t.agents_total,
+                    "runs_queued": t.runs_queued,
+                    "runs_active": t.runs_active,
+                })
+            })
+            .collect();
+        print_json(&Value::Array(values));
+        return;
+    }
+    let rows = targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.name.clone(),
+                format!("{}/{}", t.agents_online, t.agents_total),
+                t.runs_queued.to_string(),
+                t.runs_active.to_string(),
+            ]
+        })
+        .collect();
+    table(&["TARGET", "AGENTS ONLINE", "QUEUED", "ACTIVE"], rows);
+}
+
+pub fn agents(agents: &[v1::Agent], as_json: bool) {
+    let default_host = v1::HostInfo::default();
+    if as_json {
+        let values = agents
+            .iter()
+            .map(|a| {
+                let host = a.host.as_ref().unwrap_or(&default_host);
+                json!({
+                    "id": a.id,
+                    "hostname": host.hostname,
+                    "target": a.target,
+                    "cpus": host.cpus,
+                    "memory_bytes": host.memory_bytes,
+                    "gpus": host.gpus.iter().map(|g| json!({
+                        "index": g.index, "name": g.name, "uuid": g.uuid, "memory_bytes": g.memory_bytes,
+                    })).collect::<Vec<_>>(),
+                    "gpu_probe_error": if host.gpu_probe_error.is_empty() { Value::Null } else { Value::String(host.gpu_probe_error.clone()) },
+                    "cuda_driver_version": if host.cuda_driver_version.is_empty() { Value::Null } else { Value::String(host.cuda_driver_version.clone()) },
+                    "os": host.os,
+                    "agent_version": host.agent_version,
+                    "state": a.state,
+                    "slots": a.slots,
+                    "runs_active": a.runs_active,
+                    "last_heartbeat": time(a.last_heartbeat_unix_ms),
+                })
+            })
+            .collect();
+        print_json(&Value::Array(values));
+        return;
+    }
+    let rows = agents
+        .iter()
+        .map(|a| {
+            let host = a.host.as_ref().unwrap_or(&default_host);
+            let gpus = match host.gpus.first() {
+                Some(first) => format!("{}x {}", host.gpus.len(), first.name),
+                None => "0".into(),
+            };
+            vec![
+                a.id.clone(),
+                host.hostname.clone(),
+                a.target.clone(),
+                host.cpus.to_string(),
+                HumanBytes(host.memory_bytes).to_string(),
+                gpus,
+                format!("{}/{}", a.runs_active, a.slots),
+                time(a.last_heartbeat_unix_ms),
+                a.state.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "HOST",
+            "TARGET",
+            "CPUS",
+            "MEMORY",
+            "GPUS",
+            "RUNS",
+            "LAST HEARTBEAT",
+            "STATE",
+        ],
+        rows,
+    );
+}

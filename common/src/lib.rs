@@ -1,0 +1,9 @@
+//! Kiln's shared vocabulary: target names, run states and the snapshot format.
+//! Nothing here does network I/O; the snapshot code does file I/O only on the paths it is given.
+
+pub mod run;
+pub mod snapshot;
+pub mod target;
+
+/// The version every Kiln binary reports.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,630 @@
+//! The Kiln coordinator as a library: [`Coordinator`] owns run state, the agent sessions and
+//! the blob store; [`serve`] exposes it over gRPC. `main.rs` (and the `kiln` CLI's local mode)
+//! only parse configuration and call [`Coordinator::start`] and [`serve`].
+
+pub mod blobs;
+pub mod scheduler;
+mod service;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use kiln_common::run::{Outcome, RunEvent};
+use kiln_proto::v1;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+pub use service::{Listener, serve};
+
+use crate::blobs::BlobStore;
+use crate::store::{EventFields, Store, TransitionError};
+
+/// Default gRPC address: loopback only, since the transport is plaintext for now.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Default time without a heartbeat after which an agent is lost.
+pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(30);
+/// Default largest blob (snapshot or outputs) the coordinator stores.
+pub const DEFAULT_MAX_BLOB_BYTES: u64 = 8 << 30;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Holds `kiln.db` (SQLite, WAL) and `blobs/`.
+    pub data_dir: PathBuf,
+    pub heartbeat_ttl: Duration,
+    pub max_blob_bytes: u64,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Config {
+        Config {
+            data_dir,
+            heartbeat_ttl: DEFAULT_HEARTBEAT_TTL,
+            max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
+        }
+    }
+}
+
+/// The database, shared by async tasks; every call runs on the blocking pool.
+#[derive(Clone)]
+pub struct Db(Arc<Mutex<Store>>);
+
+impl Db {
+    pub async fn call<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> T + Send + 'static,
+    {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = store
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut store)
+        })
+        .await
+        .expect("database task panicked")
+    }
+}
+
+type AgentTx = mpsc::Sender<Result<v1::CoordinatorMessage, tonic::Status>>;
+
+/// An agent with an open session.
+struct Session {
+    session_id: u64,
+    target: String,
+    slots: u32,
+    tx: AgentTx,
+}
+
+pub struct Coordinator {
+    db: Db,
+    blobs: BlobStore,
+    config: Config,
+    sessions: Mutex<HashMap<String, Session>>,
+    next_session_id: std::sync::atomic::AtomicU64,
+    /// The id of every run whose status, logs or metrics changed; followers wake on it.
+    run_changes: broadcast::Sender<i64>,
+    schedule_needed: Notify,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Coordinator {
+    /// Opens the data directory and starts the scheduler and liveness tasks. They stop when
+    /// `shutdown` is cancelled; [`Coordinator::stopped`] waits for them.
+    pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Coordinator>> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+        let store = Store::open(&config.data_dir.join("kiln.db"))?;
+        let blobs = BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?;
+        let (run_changes, _) = broadcast::channel(4096);
+        let coordinator = Arc::new(Coordinator {
+            db: Db(Arc::new(Mutex::new(store))),
+            blobs,
+            config,
+            sessions: Mutex::new(HashMap::new()),
+            next_session_id: 1.into(),
+            run_changes,
+            schedule_needed: Notify::new(),
+            shutdown,
+            tasks: TaskTracker::new(),
+        });
+        coordinator
+            .tasks
+            .spawn(coordinator.clone().scheduler_loop());
+        coordinator.tasks.spawn(coordinator.clone().liveness_loop());
+        coordinator.tasks.close();
+        Ok(coordinator)
+    }
+
+    /// Waits until the background tasks have stopped after shutdown.
+    pub async fn stopped(&self) {
+        self.tasks.wait().await;
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// Makes sure a target exists even before any agent joined it (the local target).
+    pub async fn ensure_target(&self, name: &str) -> anyhow::Result<()> {
+        let name = name.to_string();
+        self.db
+            .call(move |s| s.ensure_target(&name, now_ms()))
+            .await
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run_changed(&self, run_id: i64) {
+        let _ = self.run_changes.send(run_id);
+    }
+
+    fn kick_scheduler(&self) {
+        self.schedule_needed.notify_one();
+    }
+
+    async fn scheduler_loop(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.schedule_needed.notified() => {}
+            }
+            if let Err(error) = self.schedule().await {
+                warn!(error = %format!("{error:#}"), "Scheduling pass failed.");
+            }
+        }
+    }
+
+    /// One scheduling pass: places as many queued runs as free slots allow.
+    async fn schedule(&self) -> anyhow::Result<()> {
+        let online: Vec<(String, String, u32)> = self
+            .sessions()
+            .iter()
+            .map(|(id, s)| (id.clone(), s.target.clone(), s.slots))
+            .collect();
+        if online.is_empty() {
+            return Ok(());
+        }
+        let mut targets: Vec<String> = online.iter().map(|(_, t, _)| t.clone()).collect();
+        targets.sort();
+        targets.dedup();
+        let (active, queue) = self
+            .db
+            .call(move |s| -> anyhow::Result<_> {
+                let active = s.active_runs_per_agent()?;
+                let mut queue = Vec::new();
+                for target in &targets {
+                    queue.extend(s.queued_runs(target, 10_000)?);
+                }
+                Ok((active, queue))
+            })
+            .await?;
+        let slots: Vec<_> = online
+            .into_iter()
+            .map(|(agent_id, target, slots)| scheduler::AgentSlots {
+                free: slots.saturating_sub(active.get(&agent_id).copied().unwrap_or(0)),
+                agent_id,
+                target,
+            })
+            .collect();
+        let queue: Vec<_> = queue
+            .into_iter()
+            .map(|run| scheduler::QueuedRun {
+                run_id: run.id,
+                target: run.target,
+            })
+            .collect();
+        let assignments = scheduler::assign(&slots, &queue);
+        if assignments.is_empty() {
+            return Ok(());
+        }
+        let placed = self
+            .db
+            .call(move |s| {
+                let now = now_ms();
+                assignments
+                    .into_iter()
+                    .filter_map(|a| {
+                        let fields = EventFields {
+                            agent_id: Some(&a.agent_id),
+                            now_ms: now,
+                            ..Default::default()
+                        };
+                        // A run cancelled since the queue was read is simply skipped.
+                        s.transition(a.run_id, None, RunEvent::Assign, &fields)
+                            .ok()
+                            .map(|run| (a.agent_id, run))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        for (agent_id, run) in placed {
+            let message = v1::CoordinatorMessage {
+                kind: Some(v1::coordinator_message::Kind::Assign(v1::Assignment {
+                    run_id: run.id,
+                    attempt: run.attempt,
+                    name: run.name.clone(),
+                    snapshot_digest: run.snapshot_digest.clone(),
+                    script: run.script.clone(),
+                    args: run.args.clone(),
+                })),
+            };
+            let sent = self.send_to_agent(&agent_id, message);
+            info!(run_id = run.id, attempt = run.attempt, agent_id = %agent_id, sent, "Assigned run.");
+            if !sent {
+                let attempt = run.attempt;
+                let run_id = run.id;
+                let _ = self
+                    .db
+                    .call(move |s| {
+                        s.transition(
+                            run_id,
+                            Some(attempt),
+                            RunEvent::Requeue,
+                            &EventFields {
+                                now_ms: now_ms(),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .await;
+                self.kick_scheduler();
+            }
+            self.run_changed(run.id);
+        }
+        Ok(())
+    }
+
+    fn send_to_agent(&self, agent_id: &str, message: v1::CoordinatorMessage) -> bool {
+        let sessions = self.sessions();
+        match sessions.get(agent_id) {
+            Some(session) => session.tx.try_send(Ok(message)).is_ok(),
+            None => false,
+        }
+    }
+
+    async fn liveness_loop(self: Arc<Self>) {
+        let period = (self.config.heartbeat_ttl / 4).max(Duration::from_millis(100));
+        let mut interval = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            if let Err(error) = self.expire_silent_agents().await {
+                warn!(error = %format!("{error:#}"), "Liveness check failed.");
+            }
+        }
+    }
+
+    /// Marks agents that missed heartbeats for the TTL as lost, and their runs with them.
+    async fn expire_silent_agents(&self) -> anyhow::Result<()> {
+        let ttl = self.config.heartbeat_ttl;
+        let deadline = now_ms() - ttl.as_millis() as i64;
+        let silent = self
+            .db
+            .call(move |s| s.agents_silent_since(deadline))
+            .await?;
+        for agent_id in silent {
+            warn!(agent_id = %agent_id, ttl_s = ttl.as_secs(), "Agent missed heartbeats; marking it lost.");
+            self.sessions().remove(&agent_id);
+            let message = format!(
+                "node_lost: agent {agent_id} missed heartbeats for {}s",
+                ttl.as_secs()
+            );
+            let lost = self
+                .db
+                .call(move |s| -> anyhow::Result<Vec<i64>> {
+                    s.set_agent_state(&agent_id, "lost")?;
+                    let runs = s.active_runs_of_agent(&agent_id)?;
+                    let fields = EventFields {
+                        message: Some(&message),
+                        now_ms: now_ms(),
+                        ..Default::default()
+                    };
+                    Ok(runs
+                        .into_iter()
+                        .filter_map(|run| {
+                            s.transition(run.id, Some(run.attempt), RunEvent::Lose, &fields)
+                                .ok()
+                        })
+                        .map(|run| run.id)
+                        .collect())
+                })
+                .await?;
+            for run_id in lost {
+                warn!(run_id, "Run lost with its agent.");
+                self.run_changed(run_id);
+            }
+        }
+        Ok(())
+    }
+
+    // ---- agent sessions ----
+
+    /// Registers an agent's session; returns its session id. Runs the coordinator believes
+    /// are on this agent but that the agent no longer has are marked lost; runs the agent
+    /// still has but that ended here (cancelled meanwhile) are cancelled on the agent.
+    async fn agent_connected(&self, hello: v1::Hello, tx: AgentTx) -> anyhow::Result<u64> {
+        let session_id = self
+            .next_session_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let agent_id = hello.agent_id.clone();
+        let target = hello.target.clone();
+        let host = hello.host.clone().unwrap_or_default();
+        let slots = hello.slots.max(1);
+        let still_active: Vec<(i64, u32)> = hello
+            .active_runs
+            .iter()
+            .map(|r| (r.run_id, r.attempt))
+            .collect();
+        let (lost, to_cancel) = {
+            let agent_id = agent_id.clone();
+            let target = target.clone();
+            self.db
+                .call(move |s| -> anyhow::Result<_> {
+                    s.upsert_agent(&agent_id, &target, &host, slots, now_ms())?;
+                    let mut lost = Vec::new();
+                    for run in s.active_runs_of_agent(&agent_id)? {
+                        if !still_active.contains(&(run.id, run.attempt)) {
+                            let fields = EventFields {
+                                message: Some("lost: the agent restarted without this run"),
+                                now_ms: now_ms(),
+                                ..Default::default()
+                            };
+                            if s.transition(run.id, Some(run.attempt), RunEvent::Lose, &fields)
+                                .is_ok()
+                            {
+                                lost.push(run.id);
+                            }
+                        }
+                    }
+                    let mut to_cancel = Vec::new();
+                    for (run_id, attempt) in still_active {
+                        let current = s.get_run(run_id)?;
+                        let keep = current.is_some_and(|run| {
+                            run.attempt == attempt
+                                && run.agent_id == agent_id
+                                && !run.status().domain().is_terminal()
+                        });
+                        if !keep {
+                            to_cancel.push((run_id, attempt));
+                        }
+                    }
+                    Ok((lost, to_cancel))
+                })
+                .await?
+        };
+        for run_id in lost {
+            self.run_changed(run_id);
+        }
+        for (run_id, attempt) in to_cancel {
+            let _ = tx.try_send(Ok(cancel_message(run_id, attempt)));
+        }
+        let previous = self.sessions().insert(
+            agent_id.clone(),
+            Session {
+                session_id,
+                target: target.clone(),
+                slots,
+                tx,
+            },
+        );
+        if previous.is_some() {
+            info!(agent_id = %agent_id, "Agent reconnected; its previous session is replaced.");
+        }
+        info!(agent_id = %agent_id, target = %target, slots, "Agent online.");
+        self.kick_scheduler();
+        Ok(session_id)
+    }
+
+    async fn agent_disconnected(&self, agent_id: &str, session_id: u64) {
+        let removed = {
+            let mut sessions = self.sessions();
+            match sessions.get(agent_id) {
+                Some(session) if session.session_id == session_id => {
+                    sessions.remove(agent_id).is_some()
+                }
+                _ => false,
+            }
+        };
+        if removed {
+            info!(agent_id = %agent_id, "Agent offline.");
+            let agent_id = agent_id.to_string();
+            let _ = self
+                .db
+                .call(move |s| {
+                    // A lost agent stays lost until it says hello again.
+                    if s.list_agents()?
+                        .iter()
+                        .any(|a| a.id == agent_id && a.state == "online")
+                    {
+                        s.set_agent_state(&agent_id, "offline")?;
+                    }
+                    anyhow::Ok(())
+                })
+                .await;
+        }
+    }
+
+    /// Handles one message of an agent's session. Messages about an attempt that is not the
+    /// run's current attempt on this agent are dropped (fencing).
+    async fn agent_message(
+        &self,
+        agent_id: &str,
+        message: v1::agent_message::Kind,
+    ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
+        use v1::agent_message::Kind;
+        match message {
+            Kind::Hello(_) => anyhow::bail!("hello sent twice"),
+            Kind::Heartbeat(_) => {
+                let agent_id = agent_id.to_string();
+                self.db
+                    .call(move |s| s.heartbeat(&agent_id, now_ms()))
+                    .await?;
+                Ok(None)
+            }
+            Kind::Logs(batch) => {
+                let (run_id, attempt) = (batch.run_id, batch.attempt);
+                if !self.owns_attempt(agent_id, run_id, attempt).await? {
+                    return Ok(None);
+                }
+                let log_seq = self
+                    .db
+                    .call(move |s| s.append_logs(run_id, attempt, &batch.lines))
+                    .await?;
+                self.run_changed(run_id);
+                Ok(Some(ack(run_id, attempt, log_seq, 0)))
+            }
+            Kind::Metrics(batch) => {
+                let (run_id, attempt) = (batch.run_id, batch.attempt);
+                if !self.owns_attempt(agent_id, run_id, attempt).await? {
+                    return Ok(None);
+                }
+                let metric_seq = self
+                    .db
+                    .call(move |s| s.append_metrics(run_id, attempt, &batch.points))
+                    .await?;
+                self.run_changed(run_id);
+                Ok(Some(ack(run_id, attempt, 0, metric_seq)))
+            }
+            Kind::RunEvent(event) => {
+                self.run_event(agent_id, event).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn owns_attempt(
+        &self,
+        agent_id: &str,
+        run_id: i64,
+        attempt: u32,
+    ) -> anyhow::Result<bool> {
+        let run = self.db.call(move |s| s.get_run(run_id)).await?;
+        let owns = run.is_some_and(|run| run.attempt == attempt && run.agent_id == agent_id);
+        if !owns {
+            warn!(run_id, attempt, agent_id = %agent_id, "Dropping a message from a stale attempt.");
+        }
+        Ok(owns)
+    }
+
+    async fn run_event(&self, agent_id: &str, event: v1::RunEvent) -> anyhow::Result<()> {
+        let (run_id, attempt) = (event.run_id, event.attempt);
+        if !self.owns_attempt(agent_id, run_id, attempt).await? {
+            return Ok(());
+        }
+        let result = match event.kind {
+            Some(v1::run_event::Kind::Started(started)) => {
+                info!(run_id, attempt, pid = started.pid, "Run started.");
+                self.db
+                    .call(move |s| {
+                        s.transition(
+                            run_id,
+                            Some(attempt),
+                            RunEvent::Start,
+                            &EventFields {
+                                now_ms: now_ms(),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .await
+            }
+            Some(v1::run_event::Kind::Finished(finished)) => {
+                let outcome = match finished.status() {
+                    v1::RunStatus::Succeeded => Outcome::Succeeded,
+                    v1::RunStatus::Cancelled => Outcome::Cancelled,
+                    _ => Outcome::Failed,
+                };
+                info!(run_id, attempt, exit_code = ?finished.exit_code, outcome = ?outcome, "Run finished.");
+                self.db
+                    .call(move |s| {
+                        let fields = EventFields {
+                            exit_code: finished.exit_code,
+                            message: Some(&finished.message),
+                            outputs_digest: Some(&finished.outputs_digest),
+                            now_ms: now_ms(),
+                            ..Default::default()
+                        };
+                        let result =
+                            s.transition(run_id, Some(attempt), RunEvent::Finish(outcome), &fields);
+                        if let Err(TransitionError::Invalid(_)) = result {
+                            // Ended here already (cancelled): keep what the agent measured.
+                            s.record_late_result(
+                                run_id,
+                                attempt,
+                                finished.exit_code,
+                                &finished.outputs_digest,
+                            )?;
+                        }
+                        result
+                    })
+                    .await
+            }
+            None => return Ok(()),
+        };
+        match result {
+            Ok(_) | Err(TransitionError::Invalid(_)) => {}
+            Err(error) => return Err(error.into()),
+        }
+        self.run_changed(run_id);
+        self.kick_scheduler();
+        Ok(())
+    }
+
+    // ---- user API ----
+
+    async fn cancel(&self, run_id: i64) -> Result<v1::Run, TransitionError> {
+        let result = self
+            .db
+            .call(move |s| {
+                s.transition(
+                    run_id,
+                    None,
+                    RunEvent::Cancel,
+                    &EventFields {
+                        message: Some("cancelled by user"),
+                        now_ms: now_ms(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .await;
+        let run = match result {
+            Ok(run) => run,
+            // Already ended: cancelling is idempotent.
+            Err(TransitionError::Invalid(_)) => {
+                return self
+                    .db
+                    .call(move |s| s.get_run(run_id))
+                    .await?
+                    .ok_or(TransitionError::NoSuchRun(run_id));
+            }
+            Err(e) => return Err(e),
+        };
+        info!(run_id, agent_id = %run.agent_id, "Run cancelled.");
+        if !run.agent_id.is_empty() {
+            self.send_to_agent(&run.agent_id, cancel_message(run_id, run.attempt));
+        }
+        self.run_changed(run_id);
+        self.kick_scheduler();
+        Ok(run)
+    }
+}
+
+fn cancel_message(run_id: i64, attempt: u32) -> v1::CoordinatorMessage {
+    v1::CoordinatorMessage {
+        kind: Some(v1::coordinator_message::Kind::Cancel(v1::CancelRun {
+            run_id,
+            attempt,
+        })),
+    }
+}
+
+fn ack(run_id: i64, attempt: u32, log_seq: u64, metric_seq: u64) -> v1::CoordinatorMessage {
+    v1::CoordinatorMessage {
+        kind: Some(v1::coordinator_message::Kind::Ack(v1::Ack {
+            run_id,
+            attempt,
+            log_seq,
+            metric_seq,
+        })),
+    }
+}

@@ -1,0 +1,578 @@
+//! gRPC adapters: decode and validate requests, call the [`Coordinator`], map errors to
+//! `tonic::Status`. No run logic lives here.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use kiln_common::target::TargetName;
+use kiln_proto::v1::{self, agent_api_server::AgentApi, blobs_server::Blobs, kiln_server::Kiln};
+use kiln_proto::{BLOB_CHUNK_BYTES, MAX_MESSAGE_BYTES};
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument as _, info, info_span, warn};
+
+use crate::blobs::BlobError;
+use crate::store::{NewRun, TransitionError};
+use crate::{Coordinator, now_ms};
+
+/// Where the coordinator listens.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `listen`: HOST:PORT, or unix:///PATH (a stale socket file is replaced).
+    pub async fn bind(listen: &str) -> anyhow::Result<Listener> {
+        use anyhow::Context as _;
+        if let Some(path) = listen.strip_prefix("unix://") {
+            let path = PathBuf::from(path);
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)
+                .with_context(|| format!("listen on {listen}"))?;
+            return Ok(Listener::Unix(listener, path));
+        }
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listen on {listen}"))?;
+        Ok(Listener::Tcp(listener))
+    }
+
+    /// The address clients use to reach this listener.
+    pub fn address(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_default(),
+            Listener::Unix(_, path) => format!("unix://{}", path.display()),
+        }
+    }
+}
+
+/// Serves the coordinator's gRPC API on `listener` until `shutdown` is cancelled, then
+/// stops accepting, lets open calls end (streams end on the same token) and returns.
+pub async fn serve(
+    coordinator: Arc<Coordinator>,
+    listener: Listener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let api = Api(coordinator);
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .tcp_nodelay(true)
+        .add_service(
+            v1::kiln_server::KilnServer::new(api.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            v1::agent_api_server::AgentApiServer::new(api.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            v1::blobs_server::BlobsServer::new(api)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+    match listener {
+        Listener::Tcp(listener) => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+                .await?
+        }
+        Listener::Unix(listener, path) => {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            let result = router
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
+                .await;
+            let _ = std::fs::remove_file(path);
+            result?
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone)]
+struct Api(Arc<Coordinator>);
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn internal(error: anyhow::Error) -> Status {
+    warn!(error = %format!("{error:#}"), "Request failed.");
+    Status::internal(format!("{error:#}"))
+}
+
+impl From<TransitionError> for Status {
+    fn from(error: TransitionError) -> Status {
+        match error {
+            TransitionError::NoSuchRun(id) => Status::not_found(format!("run {id} does not exist")),
+            TransitionError::Invalid(e) => Status::failed_precondition(e.to_string()),
+            TransitionError::Db(e) => internal(e),
+        }
+    }
+}
+
+impl From<BlobError> for Status {
+    fn from(error: BlobError) -> Status {
+        match error {
+            BlobError::BadDigest(_) | BlobError::DigestMismatch { .. } => {
+                Status::invalid_argument(error.to_string())
+            }
+            BlobError::NotFound(_) => Status::not_found(error.to_string()),
+            BlobError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
+            BlobError::Io(e) => internal(e),
+        }
+    }
+}
+
+/// Checks a script path from a submission: relative, inside the snapshot.
+fn validate_script(script: &str) -> Result<(), Status> {
+    let path = std::path::Path::new(script);
+    let escapes = path.components().any(|c| {
+        !matches!(
+            c,
+            std::path::Component::Normal(_) | std::path::Component::CurDir
+        )
+    });
+    if script.is_empty() || escapes {
+        return Err(Status::invalid_argument(format!(
+            "script `{script}` is invalid: give a path relative to the submitted directory, e.g. train.py or src/train.py"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Kiln for Api {
+    async fn version(
+        &self,
+        _: Request<v1::VersionRequest>,
+    ) -> Result<Response<v1::VersionReply>, Status> {
+        Ok(Response::new(v1::VersionReply {
+            version: kiln_common::VERSION.to_string(),
+        }))
+    }
+
+    async fn submit_run(
+        &self,
+        request: Request<v1::SubmitRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
+        let request = request.into_inner();
+        let target = TargetName::new(&request.target)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        validate_script(&request.script)?;
+        if self.0.blobs.size(&request.snapshot_digest).await?.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "snapshot {} has not been uploaded to the coordinator",
+                request.snapshot_digest
+            )));
+        }
+        let known = self
+            .0
+            .db
+            .call(|s| s.target_names())
+            .await
+            .map_err(internal)?;
+        if !known.iter().any(|name| name == target.as_str()) {
+            let known = if known.is_empty() {
+                "none yet: start a kiln-agent with --target NAME".to_string()
+            } else {
+                known.join(", ")
+            };
+            return Err(Status::not_found(format!(
+                "target `{target}` does not exist (known targets: {known})"
+            )));
+        }
+        let name = if request.name.is_empty() {
+            std::path::Path::new(&request.script)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".into())
+        } else {
+            request.name
+        };
+        let run = self
+            .0
+            .db
+            .call(move |s| {
+                s.insert_run(&NewRun {
+                    name: &name,
+                    target: target.as_str(),
+                    snapshot_digest: &request.snapshot_digest,
+                    script: &request.script,
+                    args: &request.args,
+                    now_ms: now_ms(),
+                })
+            })
+            .await
+            .map_err(internal)?;
+        info!(run_id = run.id, target = %run.target, snapshot = %run.snapshot_digest, "Run submitted.");
+        self.0.run_changed(run.id);
+        self.0.kick_scheduler();
+        Ok(Response::new(run))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<v1::GetRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
+        let run_id = request.into_inner().run_id;
+        let run = self
+            .0
+            .db
+            .call(move |s| s.get_run(run_id))
+            .await
+            .map_err(internal)?;
+        run.map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("run {run_id} does not exist")))
+    }
+
+    async fn list_runs(
+        &self,
+        request: Request<v1::ListRunsRequest>,
+    ) -> Result<Response<v1::ListRunsReply>, Status> {
+        let request = request.into_inner();
+        let limit = if request.limit == 0 {
+            100
+        } else {
+            request.limit
+        };
+        let target = (!request.target.is_empty()).then_some(request.target);
+        let runs = self
+            .0
+            .db
+            .call(move |s| s.list_runs(target.as_deref(), limit))
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(v1::ListRunsReply { runs }))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<v1::CancelRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
+        let run = self.0.cancel(request.into_inner().run_id).await?;
+        Ok(Response::new(run))
+    }
+
+    type StreamLogsStream = BoxStream<v1::LogStreamItem>;
+
+    async fn stream_logs(
+        &self,
+        request: Request<v1::StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let request = request.into_inner();
+        let run_id = request.run_id;
+        let exists = self
+            .0
+            .db
+            .call(move |s| s.get_run(run_id))
+            .await
+            .map_err(internal)?;
+        if exists.is_none() {
+            return Err(Status::not_found(format!("run {run_id} does not exist")));
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let coordinator = self.0.clone();
+        tokio::spawn(
+            follow_logs(coordinator, request, tx).instrument(info_span!("stream_logs", run_id)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_metrics(
+        &self,
+        request: Request<v1::ListMetricsRequest>,
+    ) -> Result<Response<v1::ListMetricsReply>, Status> {
+        let run_id = request.into_inner().run_id;
+        let (run, metrics) = self
+            .0
+            .db
+            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.metric_summaries(run_id)?)))
+            .await
+            .map_err(internal)?;
+        if run.is_none() {
+            return Err(Status::not_found(format!("run {run_id} does not exist")));
+        }
+        Ok(Response::new(v1::ListMetricsReply { metrics }))
+    }
+
+    async fn list_targets(
+        &self,
+        _: Request<v1::ListTargetsRequest>,
+    ) -> Result<Response<v1::ListTargetsReply>, Status> {
+        let targets = self
+            .0
+            .db
+            .call(|s| s.list_targets())
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(v1::ListTargetsReply { targets }))
+    }
+
+    async fn list_agents(
+        &self,
+        _: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsReply>, Status> {
+        let (rows, active) = self
+            .0
+            .db
+            .call(|s| anyhow::Ok((s.list_agents()?, s.active_runs_per_agent()?)))
+            .await
+            .map_err(internal)?;
+        let agents = rows
+            .into_iter()
+            .map(|row| v1::Agent {
+                runs_active: active.get(&row.id).copied().unwrap_or(0),
+                id: row.id,
+                target: row.target,
+                host: Some(row.host),
+                slots: row.slots,
+                state: row.state,
+                last_heartbeat_unix_ms: row.last_heartbeat_ms,
+            })
+            .collect();
+        Ok(Response::new(v1::ListAgentsReply { agents }))
+    }
+}
+
+/// Sends a run's log lines after the request's cursor; when following, waits for more until
+/// the run has ended and every stored line was sent.
+async fn follow_logs(
+    coordinator: Arc<Coordinator>,
+    request: v1::StreamLogsRequest,
+    tx: mpsc::Sender<Result<v1::LogStreamItem, Status>>,
+) {
+    const PAGE: u32 = 2000;
+    let run_id = request.run_id;
+    // Subscribe before the first read so that no change between read and wait is missed.
+    let mut changes = coordinator.run_changes.subscribe();
+    let mut cursor = request.after_cursor;
+    loop {
+        // The status is read before the lines: if the run had ended by then, every line it
+        // will ever have is already stored and the read below sees it.
+        let page = coordinator
+            .db
+            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.read_logs(run_id, cursor, PAGE)?)))
+            .await;
+        let (run, lines) = match page {
+            Ok((Some(run), lines)) => (run, lines),
+            Ok((None, _)) => return,
+            Err(error) => {
+                let _ = tx.send(Err(internal(error))).await;
+                return;
+            }
+        };
+        let full_page = lines.len() as u32 == PAGE;
+        if let Some(last) = lines.last() {
+            cursor = last.cursor;
+            let item = v1::LogStreamItem {
+                lines,
+                finished: None,
+            };
+            if tx.send(Ok(item)).await.is_err() {
+                return;
+            }
+        }
+        if full_page {
+            continue;
+        }
+        if !request.follow {
+            return;
+        }
+        if run.status().domain().is_terminal() {
+            let _ = tx
+                .send(Ok(v1::LogStreamItem {
+                    lines: Vec::new(),
+                    finished: Some(run),
+                }))
+                .await;
+            return;
+        }
+        loop {
+            tokio::select! {
+                _ = coordinator.shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                change = changes.recv() => match change {
+                    Ok(id) if id == run_id => break,
+                    Ok(_) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApi for Api {
+    type SessionStream = BoxStream<v1::CoordinatorMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.next().await {
+            Some(Ok(v1::AgentMessage {
+                kind: Some(v1::agent_message::Kind::Hello(hello)),
+            })) => hello,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "an agent session must start with hello",
+                ));
+            }
+        };
+        TargetName::new(&hello.target).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if hello.agent_id.is_empty() || hello.agent_id.len() > 64 {
+            return Err(Status::invalid_argument(
+                "agent id must be 1 to 64 characters",
+            ));
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        tx.try_send(Ok(v1::CoordinatorMessage {
+            kind: Some(v1::coordinator_message::Kind::Welcome(v1::Welcome {
+                coordinator_version: kiln_common::VERSION.to_string(),
+            })),
+        }))
+        .expect("a new channel has room");
+        let agent_id = hello.agent_id.clone();
+        let coordinator = self.0.clone();
+        let session_id = coordinator
+            .agent_connected(hello, tx.clone())
+            .await
+            .map_err(internal)?;
+        let span = info_span!("agent_session", agent_id = %agent_id);
+        tokio::spawn(
+            async move {
+                loop {
+                    let message = tokio::select! {
+                        _ = coordinator.shutdown.cancelled() => break,
+                        message = inbound.next() => message,
+                    };
+                    let kind = match message {
+                        Some(Ok(v1::AgentMessage { kind: Some(kind) })) => kind,
+                        Some(Ok(_)) => continue,
+                        Some(Err(status)) => {
+                            info!(error = %status.message(), "Agent stream broke.");
+                            break;
+                        }
+                        None => break,
+                    };
+                    match coordinator.agent_message(&agent_id, kind).await {
+                        Ok(Some(reply)) => {
+                            if tx.send(Ok(reply)).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(error) => {
+                            warn!(error = %format!("{error:#}"), "Agent message failed; closing the session.");
+                            let _ = tx.send(Err(Status::internal(format!("{error:#}")))).await;
+                            break;
+                        }
+                    }
+                }
+                coordinator.agent_disconnected(&agent_id, session_id).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[tonic::async_trait]
+impl Blobs for Api {
+    async fn has_blob(
+        &self,
+        request: Request<v1::HasBlobRequest>,
+    ) -> Result<Response<v1::HasBlobReply>, Status> {
+        let size = self.0.blobs.size(&request.into_inner().digest).await?;
+        Ok(Response::new(v1::HasBlobReply {
+            present: size.is_some(),
+            size: size.unwrap_or(0),
+        }))
+    }
+
+    async fn upload_blob(
+        &self,
+        request: Request<Streaming<v1::BlobChunk>>,
+    ) -> Result<Response<v1::UploadBlobReply>, Status> {
+        let mut chunks = request.into_inner();
+        let first = chunks
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("empty upload"))??;
+        let digest = first.digest.clone();
+        let mut writer = self.0.blobs.writer(&digest).await?;
+        let mut chunk = Some(first);
+        while let Some(current) = chunk.take() {
+            if let Err(error) = writer.write(&current.data).await {
+                self.0.blobs.abort(writer).await;
+                return Err(error.into());
+            }
+            match chunks.next().await {
+                Some(Ok(next)) => chunk = Some(next),
+                Some(Err(status)) => {
+                    self.0.blobs.abort(writer).await;
+                    return Err(status);
+                }
+                None => {}
+            }
+        }
+        let size = self.0.blobs.commit(writer).await?;
+        info!(digest = %digest, size, "Blob stored.");
+        Ok(Response::new(v1::UploadBlobReply { digest, size }))
+    }
+
+    type DownloadBlobStream = BoxStream<v1::BlobChunk>;
+
+    async fn download_blob(
+        &self,
+        request: Request<v1::DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        let digest = request.into_inner().digest;
+        let mut file = self.0.blobs.open_read(&digest).await?;
+        let total_size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let mut data = vec![0u8; BLOB_CHUNK_BYTES];
+                let n = match file.read(&mut data).await {
+                    Ok(n) => n,
+                    Err(error) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("read blob: {error}"))))
+                            .await;
+                        return;
+                    }
+                };
+                if n == 0 && !first {
+                    return;
+                }
+                data.truncate(n);
+                let chunk = v1::BlobChunk {
+                    digest: if first { digest.clone() } else { String::new() },
+                    total_size: if first { total_size } else { 0 },
+                    data,
+                };
+                first = false;
+                if tx.send(Ok(chunk)).await.is_err() || n == 0 {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

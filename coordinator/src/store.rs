@@ -1,0 +1,698 @@
+//! The coordinator's database: the only module that speaks SQL. One SQLite file in WAL mode
+//! holds targets, agents, runs, log lines and metric points. Every write that an agent may
+//! repeat (log lines, metric points) is idempotent on (run_id, attempt, seq).
+//!
+//! Calls are synchronous and short; async callers go through [`crate::Db`], which runs them
+//! on the blocking pool.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context as _;
+use kiln_common::run::{self, RunEvent, RunStatus};
+use kiln_proto::v1;
+use prost::Message as _;
+use rusqlite::{Connection, OptionalExtension, params};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE targets (
+    name TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    target TEXT NOT NULL REFERENCES targets(name),
+    host BLOB NOT NULL,
+    slots INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    last_heartbeat_ms INTEGER NOT NULL,
+    registered_ms INTEGER NOT NULL
+);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    target TEXT NOT NULL REFERENCES targets(name),
+    status TEXT NOT NULL,
+    agent_id TEXT NOT NULL DEFAULT '',
+    attempt INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    message TEXT NOT NULL DEFAULT '',
+    snapshot_digest TEXT NOT NULL,
+    script TEXT NOT NULL,
+    args TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    started_ms INTEGER,
+    finished_ms INTEGER,
+    outputs_digest TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX runs_by_target_status ON runs(target, status, id);
+CREATE INDEX runs_by_agent_status ON runs(agent_id, status);
+CREATE TABLE logs (
+    cursor INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    attempt INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    UNIQUE (run_id, attempt, seq)
+);
+CREATE INDEX logs_by_run ON logs(run_id, cursor);
+CREATE TABLE metrics (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    attempt INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    step INTEGER,
+    time_ms INTEGER NOT NULL,
+    UNIQUE (run_id, attempt, seq)
+);
+CREATE INDEX metrics_by_run_name ON metrics(run_id, name, id);
+"#];
+
+pub struct Store {
+    conn: Connection,
+}
+
+/// A run as submitted, before the database gives it an id.
+pub struct NewRun<'a> {
+    pub name: &'a str,
+    pub target: &'a str,
+    pub snapshot_digest: &'a str,
+    pub script: &'a str,
+    pub args: &'a [String],
+    pub now_ms: i64,
+}
+
+/// Fields that an event sets besides the status.
+#[derive(Default)]
+pub struct EventFields<'a> {
+    pub agent_id: Option<&'a str>,
+    pub exit_code: Option<i32>,
+    pub message: Option<&'a str>,
+    pub outputs_digest: Option<&'a str>,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    #[error("run {0} does not exist")]
+    NoSuchRun(i64),
+    #[error(transparent)]
+    Invalid(#[from] run::InvalidTransition),
+    #[error(transparent)]
+    Db(#[from] anyhow::Error),
+}
+
+pub struct AgentRow {
+    pub id: String,
+    pub target: String,
+    pub host: v1::HostInfo,
+    pub slots: u32,
+    pub state: String,
+    pub last_heartbeat_ms: i64,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> anyhow::Result<Store> {
+        let conn =
+            Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let check: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
+        anyhow::ensure!(
+            check == "ok",
+            "database {} failed its integrity check: {check}",
+            path.display()
+        );
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> anyhow::Result<()> {
+        let version: usize = self
+            .conn
+            .query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        anyhow::ensure!(
+            version <= MIGRATIONS.len(),
+            "database schema version {version} is newer than this coordinator knows ({}); upgrade kiln-coordinator",
+            MIGRATIONS.len()
+        );
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)
+                .with_context(|| format!("apply migration {}", index + 1))?;
+            tx.pragma_update(None, "user_version", index + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    // ---- targets ----
+
+    pub fn ensure_target(&self, name: &str, now_ms: i64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO targets (name, created_ms) VALUES (?1, ?2)",
+            params![name, now_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn target_names(&self) -> anyhow::Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM targets ORDER BY name")?;
+        let names = stmt
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(names)
+    }
+
+    pub fn list_targets(&self) -> anyhow::Result<Vec<v1::Target>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT t.name,
+                (SELECT count(*) FROM agents a WHERE a.target = t.name AND a.state = 'online'),
+                (SELECT count(*) FROM agents a WHERE a.target = t.name),
+                (SELECT count(*) FROM runs r WHERE r.target = t.name AND r.status = 'queued'),
+                (SELECT count(*) FROM runs r WHERE r.target = t.name AND r.status IN ('assigned', 'running'))
+             FROM targets t ORDER BY t.name",
+        )?;
+        let targets = stmt
+            .query_map([], |row| {
+                Ok(v1::Target {
+                    name: row.get(0)?,
+                    agents_online: row.get(1)?,
+                    agents_total: row.get(2)?,
+                    runs_queued: row.get(3)?,
+                    runs_active: row.get(4)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(targets)
+    }
+
+    // ---- agents ----
+
+    pub fn upsert_agent(
+        &self,
+        id: &str,
+        target: &str,
+        host: &v1::HostInfo,
+        slots: u32,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        self.ensure_target(target, now_ms)?;
+        self.conn.execute(
+            "INSERT INTO agents (id, target, host, slots, state, last_heartbeat_ms, registered_ms)
+             VALUES (?1, ?2, ?3, ?4, 'online', ?5, ?5)
+             ON CONFLICT (id) DO UPDATE SET target = ?2, host = ?3, slots = ?4, state = 'online',
+                last_heartbeat_ms = ?5",
+            params![id, target, host.encode_to_vec(), slots, now_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn heartbeat(&self, id: &str, now_ms: i64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE agents SET last_heartbeat_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        Ok(())
+    }
+
+    pub fn set_agent_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE agents SET state = ?2 WHERE id = ?1",
+            params![id, state],
+        )?;
+        Ok(())
+    }
+
+    /// Agents not yet marked lost whose last heartbeat is older than `deadline_ms`.
+    pub fn agents_silent_since(&self, deadline_ms: i64) -> anyhow::Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id FROM agents WHERE state != 'lost' AND last_heartbeat_ms < ?1")?;
+        let ids = stmt
+            .query_map([deadline_ms], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(ids)
+    }
+
+    pub fn list_agents(&self) -> anyhow::Result<Vec<AgentRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, target, host, slots, state, last_heartbeat_ms FROM agents ORDER BY target, id",
+        )?;
+        let rows = stmt
+            .query_map([], |row| {
+                let host: Vec<u8> = row.get(2)?;
+                Ok(AgentRow {
+                    id: row.get(0)?,
+                    target: row.get(1)?,
+                    host: v1::HostInfo::decode(host.as_slice()).unwrap_or_default(),
+                    slots: row.get(3)?,
+                    state: row.get(4)?,
+                    last_heartbeat_ms: row.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// How many runs each agent is holding a slot for.
+    pub fn active_runs_per_agent(&self) -> anyhow::Result<HashMap<String, u32>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT agent_id, count(*) FROM runs WHERE status IN ('assigned', 'running') GROUP BY agent_id",
+        )?;
+        let counts = stmt
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(counts)
+    }
+
+    pub fn active_runs_of_agent(&self, agent_id: &str) -> anyhow::Result<Vec<v1::Run>> {
+        self.query_runs(
+            "WHERE agent_id = ?1 AND status IN ('assigned', 'running') ORDER BY id",
+            params![agent_id],
+        )
+    }
+
+    // ---- runs ----
+
+    pub fn insert_run(&self, new: &NewRun) -> anyhow::Result<v1::Run> {
+        let args = serde_json::to_string(new.args).expect("strings serialise");
+        self.conn.execute(
+            "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6)",
+            params![
+                new.name,
+                new.target,
+                new.snapshot_digest,
+                new.script,
+                args,
+                new.now_ms
+            ],
+        )?;
+        let id = self.conn.last_insert_rowid();
+        self.get_run(id)?
+            .context("a run that was just inserted is missing")
+    }
+
+    pub fn get_run(&self, id: i64) -> anyhow::Result<Option<v1::Run>> {
+        Ok(self.query_runs("WHERE id = ?1", params![id])?.pop())
+    }
+
+    /// The newest runs first.
+    pub fn list_runs(&self, target: Option<&str>, limit: u32) -> anyhow::Result<Vec<v1::Run>> {
+        match target {
+            Some(target) => self.query_runs(
+                "WHERE target = ?1 ORDER BY id DESC LIMIT ?2",
+                params![target, limit],
+            ),
+            None => self.query_runs("ORDER BY id DESC LIMIT ?1", params![limit]),
+        }
+    }
+
+    /// Queued runs of a target, oldest first.
+    pub fn queued_runs(&self, target: &str, limit: u32) -> anyhow::Result<Vec<v1::Run>> {
+        self.query_runs(
+            "WHERE target = ?1 AND status = 'queued' ORDER BY id LIMIT ?2",
+            params![target, limit],
+        )
+    }
+
+    fn query_runs(
+        &self,
+        clause: &str,
+        params: impl rusqlite::Params,
+    ) -> anyhow::Result<Vec<v1::Run>> {
+        let sql = format!(
+            "SELECT id, name, target, status, agent_id, attempt, exit_code, message, snapshot_digest,
+                script, args, created_ms, started_ms, finished_ms, outputs_digest FROM runs {clause}"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let runs = stmt
+            .query_map(params, |row| {
+                let status: String = row.get(3)?;
+                let args: String = row.get(10)?;
+                Ok(v1::Run {
+                    id: row.get(0)?,
+                    name: row.get(1)?,
+                    target: row.get(2)?,
+                    status: v1::RunStatus::from(status.parse().unwrap_or(RunStatus::Failed)) as i32,
+                    agent_id: row.get(4)?,
+                    attempt: row.get(5)?,
+                    exit_code: row.get(6)?,
+                    message: row.get(7)?,
+                    snapshot_digest: row.get(8)?,
+                    script: row.get(9)?,
+                    args: serde_json::from_str(&args).unwrap_or_default(),
+                    created_unix_ms: row.get(11)?,
+                    started_unix_ms: row.get(12)?,
+                    finished_unix_ms: row.get(13)?,
+                    outputs_digest: row.get(14)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(runs)
+    }
+
+    /// Moves a run through the state machine in one transaction. `attempt`, when given,
+    /// must match the run's current attempt (fencing: a stale attempt changes nothing).
+    pub fn transition(
+        &mut self,
+        run_id: i64,
+        attempt: Option<u32>,
+        event: RunEvent,
+        fields: &EventFields,
+    ) -> Result<v1::Run, TransitionError> {
+        let tx = self.conn.transaction().map_err(anyhow::Error::from)?;
+        let current: Option<(String, u32)> = tx
+            .query_row(
+                "SELECT status, attempt FROM runs WHERE id = ?1",
+                [run_id],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(anyhow::Error::from)?;
+        let (status, current_attempt) = current.ok_or(TransitionError::NoSuchRun(run_id))?;
+        let from: RunStatus = status.parse().map_err(anyhow::Error::msg)?;
+        if attempt.is_some_and(|attempt| attempt != current_attempt) {
+            return Err(TransitionError::Invalid(run::InvalidTransition {
+                from,
+                event,
+            }));
+        }
+        let to = run::next(from, event)?;
+        let now = fields.now_ms;
+        let update = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<(), TransitionError> {
+            tx.execute(sql, p).map_err(anyhow::Error::from)?;
+            Ok(())
+        };
+        match event {
+            RunEvent::Assign => update(
+                "UPDATE runs SET status = ?2, agent_id = ?3, attempt = attempt + 1 WHERE id = ?1",
+                &[&run_id, &to.as_str(), &fields.agent_id.unwrap_or_default()],
+            )?,
+            RunEvent::Requeue => update(
+                "UPDATE runs SET status = ?2, agent_id = '' WHERE id = ?1",
+                &[&run_id, &to.as_str()],
+            )?,
+            RunEvent::Start => update(
+                "UPDATE runs SET status = ?2, started_ms = ?3 WHERE id = ?1",
+                &[&run_id, &to.as_str(), &now],
+            )?,
+            RunEvent::Finish(_) | RunEvent::Cancel | RunEvent::Lose => update(
+                "UPDATE runs SET status = ?2, finished_ms = ?3,
+                    exit_code = coalesce(?4, exit_code),
+                    message = coalesce(?5, message),
+                    outputs_digest = coalesce(?6, outputs_digest)
+                 WHERE id = ?1",
+                &[
+                    &run_id,
+                    &to.as_str(),
+                    &now,
+                    &fields.exit_code,
+                    &fields.message,
+                    &fields.outputs_digest,
+                ],
+            )?,
+        }
+        tx.commit().map_err(anyhow::Error::from)?;
+        let run = self
+            .get_run(run_id)?
+            .ok_or(TransitionError::NoSuchRun(run_id))?;
+        Ok(run)
+    }
+
+    /// Records what an agent reports about a run that already ended on the coordinator's side
+    /// (for example the exit code and outputs of a run that was cancelled).
+    pub fn record_late_result(
+        &self,
+        run_id: i64,
+        attempt: u32,
+        exit_code: Option<i32>,
+        outputs_digest: &str,
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE runs SET exit_code = coalesce(exit_code, ?3),
+                outputs_digest = CASE WHEN outputs_digest = '' THEN ?4 ELSE outputs_digest END
+             WHERE id = ?1 AND attempt = ?2",
+            params![run_id, attempt, exit_code, outputs_digest],
+        )?;
+        Ok(())
+    }
+
+    // ---- logs and metrics ----
+
+    /// Stores log lines, ignoring any (run, attempt, seq) already stored. Returns the highest
+    /// sequence number now stored for the attempt.
+    pub fn append_logs(
+        &mut self,
+        run_id: i64,
+        attempt: u32,
+        lines: &[v1::LogLine],
+    ) -> anyhow::Result<u64> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO logs (run_id, attempt, seq, stream, time_ms, text)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for line in lines {
+                stmt.execute(params![
+                    run_id,
+                    attempt,
+                    line.seq as i64,
+                    line.stream,
+                    line.time_unix_ms,
+                    line.text
+                ])?;
+            }
+        }
+        let max: Option<i64> = tx.query_row(
+            "SELECT max(seq) FROM logs WHERE run_id = ?1 AND attempt = ?2",
+            params![run_id, attempt],
+            |row| row.get(0),
+        )?;
+        tx.commit()?;
+        Ok(max.unwrap_or(0) as u64)
+    }
+
+    pub fn read_logs(
+        &self,
+        run_id: i64,
+        after_cursor: i64,
+        limit: u32,
+    ) -> anyhow::Result<Vec<v1::LogLine>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT cursor, attempt, seq, stream, time_ms, text FROM logs
+             WHERE run_id = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
+        )?;
+        let lines = stmt
+            .query_map(params![run_id, after_cursor, limit], |row| {
+                Ok(v1::LogLine {
+                    cursor: row.get(0)?,
+                    attempt: row.get(1)?,
+                    seq: row.get::<_, i64>(2)? as u64,
+                    stream: row.get(3)?,
+                    time_unix_ms: row.get(4)?,
+                    text: row.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(lines)
+    }
+
+    pub fn append_metrics(
+        &mut self,
+        run_id: i64,
+        attempt: u32,
+        points: &[v1::MetricPoint],
+    ) -> anyhow::Result<u64> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO metrics (run_id, attempt, seq, name, value, step, time_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for point in points {
+                stmt.execute(params![
+                    run_id,
+                    attempt,
+                    point.seq as i64,
+                    point.name,
+                    point.value,
+                    point.step,
+                    point.time_unix_ms
+                ])?;
+            }
+        }
+        let max: Option<i64> = tx.query_row(
+            "SELECT max(seq) FROM metrics WHERE run_id = ?1 AND attempt = ?2",
+            params![run_id, attempt],
+            |row| row.get(0),
+        )?;
+        tx.commit()?;
+        Ok(max.unwrap_or(0) as u64)
+    }
+
+    /// One row per metric name: the last value and step (by arrival), and the point count.
+    pub fn metric_summaries(&self, run_id: i64) -> anyhow::Result<Vec<v1::MetricSummary>> {
+        // SQLite takes the bare columns of an aggregate query from the row that gave max().
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT name, value, step, max(id), count(*) FROM metrics WHERE run_id = ?1
+             GROUP BY name ORDER BY name",
+        )?;
+        let summaries = stmt
+            .query_map([run_id], |row| {
+                Ok(v1::MetricSummary {
+                    name: row.get(0)?,
+                    last_value: row.get(1)?,
+                    last_step: row.get(2)?,
+                    count: row.get::<_, i64>(4)? as u64,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(summaries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_common::run::Outcome;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        store.ensure_target("cpu", 0).unwrap();
+        (dir, store)
+    }
+
+    fn submit(store: &Store) -> v1::Run {
+        store
+            .insert_run(&NewRun {
+                name: "n",
+                target: "cpu",
+                snapshot_digest: "sha256:00",
+                script: "train.py",
+                args: &["--lr".into(), "0.1".into()],
+                now_ms: 1,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_run_moves_through_its_life_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        let run_id = {
+            let mut store = Store::open(&path).unwrap();
+            store.ensure_target("cpu", 0).unwrap();
+            let run = submit(&store);
+            assert_eq!(run.args, vec!["--lr", "0.1"]);
+            let fields = EventFields {
+                agent_id: Some("ag-1"),
+                now_ms: 2,
+                ..Default::default()
+            };
+            let run = store
+                .transition(run.id, None, RunEvent::Assign, &fields)
+                .unwrap();
+            assert_eq!((run.attempt, run.agent_id.as_str()), (1, "ag-1"));
+            // A stale attempt is fenced off.
+            assert!(
+                store
+                    .transition(run.id, Some(0), RunEvent::Start, &fields)
+                    .is_err()
+            );
+            store
+                .transition(run.id, Some(1), RunEvent::Start, &fields)
+                .unwrap();
+            let done = EventFields {
+                exit_code: Some(3),
+                now_ms: 5,
+                ..Default::default()
+            };
+            store
+                .transition(run.id, Some(1), RunEvent::Finish(Outcome::Failed), &done)
+                .unwrap();
+            run.id
+        };
+        let store = Store::open(&path).unwrap();
+        let run = store.get_run(run_id).unwrap().unwrap();
+        assert_eq!(run.status(), v1::RunStatus::Failed);
+        assert_eq!(run.exit_code, Some(3));
+        assert_eq!(
+            (run.started_unix_ms, run.finished_unix_ms),
+            (Some(2), Some(5))
+        );
+    }
+
+    #[test]
+    fn repeated_log_lines_are_stored_once() {
+        let (_dir, mut store) = store();
+        let run = submit(&store);
+        let line = |seq: u64| v1::LogLine {
+            seq,
+            text: format!("line {seq}"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.append_logs(run.id, 1, &[line(1), line(2)]).unwrap(),
+            2
+        );
+        assert_eq!(
+            store.append_logs(run.id, 1, &[line(2), line(3)]).unwrap(),
+            3
+        );
+        let texts: Vec<_> = store
+            .read_logs(run.id, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        assert_eq!(texts, ["line 1", "line 2", "line 3"]);
+    }
+
+    #[test]
+    fn metric_summary_keeps_the_last_point() {
+        let (_dir, mut store) = store();
+        let run = submit(&store);
+        let point = |seq: u64, name: &str, value: f64| v1::MetricPoint {
+            seq,
+            name: name.into(),
+            value,
+            step: Some(seq as i64),
+            time_unix_ms: 0,
+        };
+        store
+            .append_metrics(
+                run.id,
+                1,
+                &[
+                    point(1, "loss", 0.9),
+                    point(2, "acc", 0.5),
+                    point(3, "loss", 0.4),
+                ],
+            )
+            .unwrap();
+        let summaries = store.metric_summaries(run.id).unwrap();
+        assert_eq!(summaries.len(), 2);
+        assert_eq!(summaries[1].name, "loss");
+        assert_eq!(
+            (
+                summaries[1].last_value,
+                summaries[1].last_step,
+                summaries[1].count
+            ),
+            (0.4, Some(3), 2)
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! Kiln's gRPC protocol: the code generated from `kiln/v1/kiln.proto` and the one helper that
+//! opens a channel to a coordinator. Every other crate reaches the network through here.
+
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("kiln.v1");
+}
+
+use std::path::PathBuf;
+
+use kiln_common::run::RunStatus;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// Largest gRPC message either side accepts. Blob chunks are far smaller; this bounds the
+/// memory a misbehaving peer can make us allocate.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Size of one blob chunk on the wire.
+pub const BLOB_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Where a coordinator listens: `http://HOST:PORT` or `unix:///path/to/socket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Http(String),
+    Unix(PathBuf),
+}
+
+impl Address {
+    /// Parses a coordinator address as a user writes it. A bare `HOST:PORT` means http.
+    pub fn parse(text: &str) -> anyhow::Result<Address> {
+        if let Some(path) = text.strip_prefix("unix://") {
+            anyhow::ensure!(
+                path.starts_with('/'),
+                "coordinator address `{text}` is invalid: a unix socket address needs an absolute path, e.g. unix:///run/kiln.sock"
+            );
+            return Ok(Address::Unix(PathBuf::from(path)));
+        }
+        let url = if text.starts_with("http://") || text.starts_with("https://") {
+            text.to_string()
+        } else {
+            format!("http://{text}")
+        };
+        url.parse::<Uri>().with_context(|| {
+            format!(
+                "coordinator address `{text}` is invalid: expected http://HOST:PORT or unix:///PATH"
+            )
+        })?;
+        Ok(Address::Http(url))
+    }
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Http(url) => f.write_str(url),
+            Address::Unix(path) => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+/// Opens a channel to a coordinator, with connect timeout and HTTP/2 keepalive set.
+/// The error names the address that was tried.
+pub async fn connect(address: &Address) -> anyhow::Result<Channel> {
+    let result = match address {
+        Address::Http(url) => endpoint(url)?.connect().await,
+        Address::Unix(path) => {
+            let path = path.clone();
+            // The URI is required by the API but unused: the connector decides where to go.
+            endpoint("http://localhost")?
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        let stream = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                    }
+                }))
+                .await
+        }
+    };
+    result.map_err(|error| {
+        let cause = std::error::Error::source(&error)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| error.to_string());
+        anyhow::anyhow!("cannot reach the coordinator at {address}: {cause}")
+    })
+}
+
+fn endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    Ok(Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("invalid coordinator address {url}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .tcp_nodelay(true))
+}
+
+impl From<RunStatus> for v1::RunStatus {
+    fn from(status: RunStatus) -> Self {
+        match status {
+            RunStatus::Queued => v1::RunStatus::Queued,
+            RunStatus::Assigned => v1::RunStatus::Assigned,
+            RunStatus::Running => v1::RunStatus::Running,
+            RunStatus::Succeeded => v1::RunStatus::Succeeded,
+            RunStatus::Failed => v1::RunStatus::Failed,
+            RunStatus::Cancelled => v1::RunStatus::Cancelled,
+            RunStatus::Lost => v1::RunStatus::Lost,
+        }
+    }
+}
+
+impl v1::RunStatus {
+    /// The domain status; an unset status reads as queued.
+    pub fn domain(self) -> RunStatus {
+        match self {
+            v1::RunStatus::Unspecified | v1::RunStatus::Queued => RunStatus::Queued,
+            v1::RunStatus::Assigned => RunStatus::Assigned,
+            v1::RunStatus::Running => RunStatus::Running,
+            v1::RunStatus::Succeeded => RunStatus::Succeeded,
+            v1::RunStatus::Failed => RunStatus::Failed,
+            v1::RunStatus::Cancelled => RunStatus::Cancelled,
+            v1::RunStatus::Lost => RunStatus::Lost,
+        }
+    }
+}
+
+/// Streams a file as upload chunks of [`BLOB_CHUNK_BYTES`]; the first names the digest and
+/// total size. An empty file is one empty chunk, so the digest is always sent.
+pub async fn blob_chunks(
+    path: &std::path::Path,
+    digest: &str,
+    total_size: u64,
+) -> anyhow::Result<impl futures::Stream<Item = v1::BlobChunk> + Send + 'static> {
+    use tokio_stream::StreamExt as _;
+    let file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("open {}", path.display()))?;
+    let reader = tokio_util::io::ReaderStream::with_capacity(file, BLOB_CHUNK_BYTES);
+    let header = v1::BlobChunk {
+        digest: digest.to_string(),
+        total_size,
+        data: Vec::new(),
+    };
+    // The header chunk carries no data; the file's bytes follow in their own chunks.
+    let data = reader.map_while(|data| {
+        data.ok().map(|data| v1::BlobChunk {
+            data: data.to_vec(),
+            ..Default::default()
+        })
+    });
+    Ok(tokio_stream::iter([header]).chain(data))
+}
+
+/// Client constructors with Kiln's message size limits applied.
+pub mod clients {
+    use super::*;
+    use crate::v1::{
+        agent_api_client::AgentApiClient, blobs_client::BlobsClient, kiln_client::KilnClient,
+    };
+
+    pub fn kiln(channel: Channel) -> KilnClient<Channel> {
+        KilnClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+    pub fn agent(channel: Channel) -> AgentApiClient<Channel> {
+        AgentApiClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+    pub fn blobs(channel: Channel) -> BlobsClient<Channel> {
+        BlobsClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses_as_users_write_them() {
+        assert_eq!(
+            Address::parse("127.0.0.1:7070").unwrap(),
+            Address::Http("http://127.0.0.1:7070".into())
+        );
+        assert_eq!(
+            Address::parse("unix:///tmp/k.sock").unwrap(),
+            Address::Unix("/tmp/k.sock".into())
+        );
+        let error = Address::parse("unix://relative").unwrap_err().to_string();
+        assert!(error.contains("absolute path"), "{error}");
+    }
+}
