@@ -87,6 +87,7 @@ pub async fn daemon() -> anyhow::Result<()> {
             Ok(lock) => lock,
             Err(_) => return Ok(()),
         };
+    std::fs::write(home.join("daemon.pid"), format!("{}\n", std::process::id()))?;
     let shutdown = CancellationToken::new();
     let config = kiln_coordinator::Config::new(home.join("coordinator"));
     let coordinator = kiln_coordinator::Coordinator::start(config, shutdown.clone())?;

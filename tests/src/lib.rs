@@ -1,1 +1,301 @@
-//! Test harness.
+//! Test harness: starts the real `kiln-coordinator` and `kiln-agent` binaries as processes
+//! on loopback (port 0, temporary directories) and drives them with the real `kiln` CLI.
+//! Binaries come from the same target directory as the test executable; build them first
+//! (`cargo build --workspace`, which `tests/run` does).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// A built Kiln binary, next to the test executable's `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace` before the tests (tests/run does)",
+        path.display()
+    );
+    path
+}
+
+/// The interpreter agents use in tests: Debian's python3 starts much faster than a shim.
+pub fn python() -> String {
+    if Path::new("/usr/bin/python3").is_file() {
+        "/usr/bin/python3".into()
+    } else {
+        "python3".into()
+    }
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process that is killed if the test panics before stopping it.
+pub struct Daemon {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &str, mut command: Command, log: PathBuf) -> Daemon {
+        let file = std::fs::File::create(&log).expect("create daemon log");
+        command.stdout(Stdio::null()).stderr(file);
+        let child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Daemon {
+            name: name.into(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for the exit; returns the exit code (None: killed after 30 s).
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it has exited (with its code).
+    pub fn try_exit(&mut self) -> Option<Option<i32>> {
+        let child = self.child.as_mut()?;
+        child.try_wait().expect("wait").map(|s| s.code())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A coordinator and its agents, all real processes, in one temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Daemon,
+    pub address: String,
+    pub agents: Vec<Daemon>,
+}
+
+#[derive(Clone)]
+pub struct AgentSpec {
+    pub target: &'static str,
+    pub slots: u32,
+}
+
+impl Cluster {
+    /// A coordinator plus one agent per spec; returns when every agent is online.
+    pub fn start(agents: &[AgentSpec]) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let address_file = dir.path().join("coordinator.addr");
+        let mut command = Command::new(bin("kiln-coordinator"));
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--heartbeat-ttl",
+                "5",
+                "--data-dir",
+            ])
+            .arg(dir.path().join("coordinator"))
+            .arg("--address-file")
+            .arg(&address_file);
+        let coordinator = Daemon::spawn("coordinator", command, dir.path().join("coordinator.log"));
+        let address = wait_for("the coordinator's address", Duration::from_secs(20), || {
+            std::fs::read_to_string(&address_file)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        });
+        let mut cluster = Cluster {
+            dir,
+            coordinator,
+            address,
+            agents: Vec::new(),
+        };
+        for spec in agents {
+            cluster.add_agent(spec.clone());
+        }
+        let n = cluster.agents.len();
+        wait_for("all agents online", Duration::from_secs(20), || {
+            let agents = cluster.json(&["agents", "--json"]);
+            let online = agents
+                .as_array()?
+                .iter()
+                .filter(|a| a["state"] == "online")
+                .count();
+            (online == n).then_some(())
+        });
+        cluster
+    }
+
+    pub fn add_agent(&mut self, spec: AgentSpec) -> usize {
+        let index = self.agents.len();
+        let data = self.dir.path().join(format!("agent{index}"));
+        let mut command = Command::new(bin("kiln-agent"));
+        command
+            .args(["--coordinator", &self.address, "--target", spec.target])
+            .args(["--slots", &spec.slots.to_string()])
+            .args(["--python", &python()])
+            .args(["--heartbeat-interval", "0.5", "--metrics-interval", "0.3"])
+            .args(["--hostname", &format!("host{index}")])
+            .arg("--data-dir")
+            .arg(&data);
+        let log = self.dir.path().join(format!("agent{index}.log"));
+        self.agents
+            .push(Daemon::spawn(&format!("agent{index}"), command, log));
+        index
+    }
+
+    /// `kiln ARGS` against this cluster's coordinator.
+    pub fn kiln(&self, args: &[&str]) -> Output {
+        self.kiln_command(args).output().expect("run kiln")
+    }
+
+    pub fn kiln_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(bin("kiln"));
+        command
+            .args(args)
+            .env("KILN_COORDINATOR", &self.address)
+            .env_remove("KILN_TARGET")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// `kiln ARGS` that must succeed, parsed as JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let output = self.kiln(args);
+        assert!(
+            output.status.success(),
+            "kiln {args:?} failed: {}",
+            text(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("kiln printed JSON")
+    }
+
+    pub fn run(&self, run_id: i64) -> Value {
+        self.json(&["show", &run_id.to_string(), "--json"])
+    }
+
+    pub fn wait_status(&self, run_id: i64, status: &str) -> Value {
+        wait_for(
+            &format!("run {run_id} to be {status}"),
+            Duration::from_secs(30),
+            || {
+                let run = self.run(run_id);
+                (run["status"] == status).then_some(run)
+            },
+        )
+    }
+
+    /// The agent id of agent `index` as the coordinator lists it (by host name).
+    pub fn agent_id(&self, index: usize) -> String {
+        let agents = self.json(&["agents", "--json"]);
+        agents
+            .as_array()
+            .expect("array")
+            .iter()
+            .find(|a| a["hostname"] == format!("host{index}"))
+            .and_then(|a| a["id"].as_str())
+            .expect("agent listed")
+            .to_string()
+    }
+
+    /// Stops everything with SIGTERM and asserts each daemon exited 0.
+    pub fn stop(mut self) {
+        for agent in &mut self.agents {
+            let code = agent.terminate();
+            assert_eq!(
+                code,
+                Some(0),
+                "{} did not stop cleanly:\n{}",
+                agent.name,
+                agent.log_text()
+            );
+        }
+        let code = self.coordinator.terminate();
+        assert_eq!(
+            code,
+            Some(0),
+            "coordinator did not stop cleanly:\n{}",
+            self.coordinator.log_text()
+        );
+    }
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes files (path → content) under `dir`, creating parents.
+pub fn write_tree(dir: &Path, files: &[(&str, &str)]) {
+    for (path, content) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().expect("has a parent")).expect("mkdir");
+        std::fs::write(&path, content).expect("write file");
+    }
+}
+
+/// The run id `kiln submit` reported on stderr ("run N submitted ...").
+pub fn submitted_run_id(stderr: &[u8]) -> i64 {
+    let stderr = text(stderr);
+    stderr
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("run ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no run id in: {stderr}"))
+}
+
+/// Whether a process exists (signal 0).
+pub fn process_alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}

@@ -1,0 +1,576 @@
+//! End-to-end behaviour a user sees, with a real coordinator, real agents on two targets and
+//! the real CLI, all as processes on loopback.
+
+use std::time::Duration;
+
+use kiln_tests::*;
+
+const TWO_TARGETS: &[AgentSpec] = &[
+    AgentSpec {
+        target: "alpha",
+        slots: 1,
+    },
+    AgentSpec {
+        target: "beta",
+        slots: 1,
+    },
+];
+
+fn source_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    dir
+}
+
+#[test]
+fn logs_stream_in_order_and_the_exit_code_comes_back() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "train.py",
+        "import sys\nfor i in range(300):\n    print(f'line {i}')\nprint('to stderr', file=sys.stderr)\nsys.exit(3)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let output = cluster.kiln(&["submit", "--target", "alpha", dir, "train.py"]);
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output.stderr));
+    let expected: Vec<String> = (0..300).map(|i| format!("line {i}")).collect();
+    assert_eq!(text(&output.stdout).lines().collect::<Vec<_>>(), expected);
+    assert!(text(&output.stderr).contains("to stderr"));
+
+    let run_id = submitted_run_id(&output.stderr);
+    let run = cluster.run(run_id);
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["exit_code"], 3);
+    assert_eq!(run["target"], "alpha");
+    assert_eq!(run["agent"], cluster.agent_id(0));
+    assert!(
+        run["snapshot_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+
+    // The stored log replays the same lines.
+    let logs = cluster.kiln(&["logs", &run_id.to_string()]);
+    assert_eq!(text(&logs.stdout).lines().collect::<Vec<_>>(), expected);
+    cluster.stop();
+}
+
+#[test]
+fn metrics_are_stored_and_outputs_download_byte_identical() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "train.py",
+        r#"
+import os, random, time, kiln
+for step in range(1, 6):
+    kiln.log("loss", 1.0 / step, step=step)
+    kiln.log_many({"acc": step / 10}, step=step)
+    time.sleep(0.15)
+os.makedirs(os.path.join(kiln.outputs_dir(), "ckpt"), exist_ok=True)
+rng = random.Random(7)
+with open(os.path.join(kiln.outputs_dir(), "ckpt", "model.bin"), "wb") as f:
+    f.write(bytes(rng.getrandbits(8) for _ in range(300000)))
+print("done")
+"#,
+    )]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--target",
+        "beta",
+        src.path().to_str().unwrap(),
+        "train.py",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let run_id = submitted_run_id(&output.stderr);
+
+    let metrics = cluster.json(&["metrics", &run_id.to_string(), "--json"]);
+    let metric = |name: &str| {
+        metrics
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no metric {name} in {metrics}"))
+    };
+    assert_eq!(metric("loss")["count"], 5);
+    assert_eq!(metric("loss")["last_step"], 5);
+    assert_eq!(metric("loss")["last_value"], 0.2);
+    assert_eq!(metric("acc")["last_value"], 0.5);
+    assert!(
+        metric("system/memory_rss_bytes")["last_value"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    metric("system/cpu_percent");
+    let table = text(&cluster.kiln(&["metrics", &run_id.to_string()]).stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("loss") && l.contains("0.2")),
+        "{table}"
+    );
+
+    // Outputs come back byte for byte: the script's RNG is seeded, so rebuild the bytes here.
+    let dest = cluster.dir.path().join("downloaded");
+    let download = cluster.kiln(&["download", &run_id.to_string(), dest.to_str().unwrap()]);
+    assert!(download.status.success(), "{}", text(&download.stderr));
+    let got = std::fs::read(dest.join("ckpt/model.bin")).unwrap();
+    let expected = std::process::Command::new(python())
+        .args(["-c", "import random,sys; r=random.Random(7); sys.stdout.buffer.write(bytes(r.getrandbits(8) for _ in range(300000)))"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert_eq!(got.len(), 300000);
+    assert!(
+        got == expected,
+        "downloaded outputs differ from what the script wrote"
+    );
+    cluster.stop();
+}
+
+#[test]
+fn an_unchanged_directory_uploads_zero_snapshot_bytes_the_second_time() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[("train.py", "print('hi')\n"), ("lib/util.py", "X = 1\n")]);
+    let dir = src.path().to_str().unwrap();
+    let uploaded = |output: &std::process::Output| -> u64 {
+        let stderr = text(&output.stderr);
+        stderr
+            .lines()
+            .find_map(|l| l.split("uploaded ").nth(1)?.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no upload count in: {stderr}"))
+    };
+    let first = cluster.kiln(&["submit", "--target", "alpha", dir, "train.py"]);
+    assert!(first.status.success());
+    assert!(uploaded(&first) > 0);
+    // Touching files changes nothing that matters.
+    std::fs::write(src.path().join("train.py"), "print('hi')\n").unwrap();
+    let second = cluster.kiln(&["submit", "--target", "alpha", dir, "train.py"]);
+    assert!(second.status.success());
+    assert_eq!(uploaded(&second), 0);
+    let digests: Vec<_> = [&first, &second]
+        .iter()
+        .map(|o| cluster.run(submitted_run_id(&o.stderr))["snapshot_digest"].clone())
+        .collect();
+    assert_eq!(digests[0], digests[1]);
+    // A real change uploads again.
+    std::fs::write(src.path().join("train.py"), "print('hello')\n").unwrap();
+    let third = cluster.kiln(&["submit", "--target", "alpha", dir, "train.py"]);
+    assert!(uploaded(&third) > 0);
+    assert_eq!(text(&third.stdout), "hello\n");
+    cluster.stop();
+}
+
+#[test]
+fn ignore_files_and_default_ignores_shape_the_snapshot() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[
+        (
+            "list.py",
+            "import os\nfor root, dirs, files in sorted(os.walk('.')):\n    for f in sorted(files):\n        p = os.path.relpath(os.path.join(root, f))\n        if not p.startswith('outputs'):\n            print(p)\n",
+        ),
+        (".gitignore", "data/\n*.log\n"),
+        (".kilnignore", "secret.txt\n"),
+        ("data/big.csv", "1,2,3\n"),
+        ("train.log", "noise\n"),
+        ("secret.txt", "password\n"),
+        (".git/HEAD", "ref: refs/heads/main\n"),
+        ("__pycache__/x.pyc", "bytecode"),
+        ("myenv/pyvenv.cfg", "home = /usr\n"),
+        ("myenv/lib/site.py", "x"),
+        ("src/model.py", "W = 1\n"),
+    ]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "list.py",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mut files: Vec<_> = text(&output.stdout).lines().map(str::to_string).collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [".gitignore", ".kilnignore", "list.py", "src/model.py"]
+    );
+    cluster.stop();
+}
+
+#[test]
+fn a_snapshot_over_the_cap_is_refused_before_upload_with_advice() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = tempfile::tempdir().unwrap();
+    write_tree(src.path(), &[("train.py", "print(1)\n")]);
+    std::fs::create_dir_all(src.path().join("data")).unwrap();
+    std::fs::write(src.path().join("data/a.bin"), vec![7u8; 3_000_000]).unwrap();
+    std::fs::write(src.path().join("weights.pt"), vec![1u8; 2_000_000]).unwrap();
+    let output = cluster.kiln(&[
+        "submit",
+        "--target",
+        "alpha",
+        "--max-snapshot-size",
+        "1MB",
+        src.path().to_str().unwrap(),
+        "train.py",
+    ]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("over the limit"), "{stderr}");
+    // The biggest items first, each with the .kilnignore line that drops it.
+    let data_line = stderr
+        .lines()
+        .position(|l| l.contains("data/") && l.contains(".kilnignore: /data/"));
+    let weights_line = stderr
+        .lines()
+        .position(|l| l.contains("weights.pt") && l.contains(".kilnignore: /weights.pt"));
+    assert!(
+        data_line.is_some() && weights_line.is_some() && data_line < weights_line,
+        "{stderr}"
+    );
+    // Nothing was uploaded or submitted.
+    let blobs = std::fs::read_dir(cluster.dir.path().join("coordinator/blobs/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!(blobs, 0);
+    assert_eq!(cluster.json(&["runs", "--json"]), serde_json::json!([]));
+    cluster.stop();
+}
+
+#[test]
+fn bad_targets_and_missing_inputs_get_clear_errors() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[("train.py", "print(1)\n")]);
+    let dir = src.path().to_str().unwrap();
+    let check = |args: &[&str], expected: &[&str]| {
+        let output = cluster.kiln(args);
+        assert!(!output.status.success(), "kiln {args:?} succeeded");
+        let stderr = text(&output.stderr);
+        for part in expected {
+            assert!(
+                stderr.contains(part),
+                "kiln {args:?}: expected {part:?} in: {stderr}"
+            );
+        }
+    };
+    check(
+        &["submit", "--target", "Bad_Name!", dir, "train.py"],
+        &["`Bad_Name!` is invalid", "2–16 lowercase"],
+    );
+    check(
+        &["submit", "--target", "a", dir, "train.py"],
+        &["shorter than 2"],
+    );
+    check(
+        &["submit", "--target", "gamma", dir, "train.py"],
+        &["`gamma` does not exist", "alpha, beta"],
+    );
+    check(
+        &["submit", "--target", "alpha", "/no/such/dir", "train.py"],
+        &["`/no/such/dir` does not exist"],
+    );
+    check(
+        &["submit", "--target", "alpha", dir, "missing.py"],
+        &["`missing.py` does not exist"],
+    );
+    check(&["submit", dir, "train.py"], &["--target is required"]);
+    check(&["show", "999"], &["run 999 does not exist"]);
+    // An agent with an invalid target refuses to start.
+    let output = std::process::Command::new(bin("kiln-agent"))
+        .args(["--target", "GPU_1", "--coordinator", &cluster.address])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("`GPU_1` is invalid"));
+    // An unreachable coordinator is named.
+    let output = std::process::Command::new(bin("kiln"))
+        .args(["runs"])
+        .env("KILN_COORDINATOR", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("cannot reach the coordinator at http://127.0.0.1:9"),
+        "{}",
+        text(&output.stderr)
+    );
+    cluster.stop();
+}
+
+#[test]
+fn a_run_that_cannot_start_fails_with_a_message() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[("run.sh", "echo never\n")]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "run.sh",
+    ]);
+    assert_eq!(output.status.code(), Some(125));
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("neither a .py file nor executable"),
+        "{stderr}"
+    );
+    let run = cluster.run(submitted_run_id(&output.stderr));
+    assert_eq!(run["status"], "failed");
+    assert_eq!(run["exit_code"], serde_json::Value::Null);
+    cluster.stop();
+}
+
+#[test]
+fn cancelling_a_running_run_stops_its_whole_process_tree() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "train.py",
+        "import os, subprocess, time\nchild = subprocess.Popen(['sleep', '1000'])\nprint(f'pids {os.getpid()} {child.pid}', flush=True)\ntime.sleep(1000)\n",
+    )]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--detach",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "train.py",
+    ]);
+    assert!(output.status.success());
+    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
+    let pids: Vec<i32> = wait_for("the pids line", Duration::from_secs(20), || {
+        let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
+        let line = logs.lines().find(|l| l.starts_with("pids "))?.to_string();
+        Some(
+            line.split_whitespace()
+                .skip(1)
+                .map(|p| p.parse().unwrap())
+                .collect(),
+        )
+    });
+    assert!(pids.iter().all(|&p| process_alive(p)));
+    let cancel = cluster.kiln(&["cancel", &run_id.to_string()]);
+    assert!(cancel.status.success());
+    assert!(text(&cancel.stderr).contains("cancelled"));
+    assert_eq!(cluster.run(run_id)["status"], "cancelled");
+    wait_for(
+        "the run's processes to be gone",
+        Duration::from_secs(20),
+        || pids.iter().all(|&p| !process_alive(p)).then_some(()),
+    );
+    // Cancelling again is harmless, and the agent takes new work.
+    assert!(
+        cluster
+            .kiln(&["cancel", &run_id.to_string()])
+            .status
+            .success()
+    );
+    let src2 = source_dir(&[("ok.py", "print('next')\n")]);
+    let next = cluster.kiln(&[
+        "submit",
+        "--target",
+        "alpha",
+        src2.path().to_str().unwrap(),
+        "ok.py",
+    ]);
+    assert_eq!(text(&next.stdout), "next\n");
+    cluster.stop();
+}
+
+#[test]
+fn a_queued_run_can_be_cancelled_before_it_starts() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "wait.py",
+        "import time\nprint('busy', flush=True)\ntime.sleep(1000)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let busy = cluster.kiln(&["submit", "--detach", "--target", "alpha", dir, "wait.py"]);
+    let busy_id: i64 = text(&busy.stdout).trim().parse().unwrap();
+    cluster.wait_status(busy_id, "running");
+    let queued = cluster.kiln(&["submit", "--detach", "--target", "alpha", dir, "wait.py"]);
+    let queued_id: i64 = text(&queued.stdout).trim().parse().unwrap();
+    assert_eq!(cluster.run(queued_id)["status"], "queued");
+    assert!(
+        cluster
+            .kiln(&["cancel", &queued_id.to_string()])
+            .status
+            .success()
+    );
+    let run = cluster.run(queued_id);
+    assert_eq!(run["status"], "cancelled");
+    assert_eq!(run["started_at"], serde_json::Value::Null);
+    assert!(
+        cluster
+            .kiln(&["cancel", &busy_id.to_string()])
+            .status
+            .success()
+    );
+    // The cancelled queued run never starts, even once the agent is free.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        cluster.run(queued_id)["started_at"],
+        serde_json::Value::Null
+    );
+    cluster.stop();
+}
+
+#[test]
+fn runs_go_to_their_own_target_and_agents_describe_their_hosts() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let agents = cluster.json(&["agents", "--json"]);
+    for agent in agents.as_array().unwrap() {
+        assert!(agent["cpus"].as_u64().unwrap() >= 1, "{agent}");
+        assert!(agent["memory_bytes"].as_u64().unwrap() > 0, "{agent}");
+        // No GPU on this machine: reported as none, with the reason.
+        assert_eq!(agent["gpus"], serde_json::json!([]));
+        assert!(
+            agent["gpu_probe_error"].as_str().unwrap().contains("NVML"),
+            "{agent}"
+        );
+        assert_eq!(agent["state"], "online");
+    }
+    let src = source_dir(&[("t.py", "import os\nprint(os.environ['KILN_TARGET'])\n")]);
+    let dir = src.path().to_str().unwrap();
+    for (target, index) in [("alpha", 0), ("beta", 1)] {
+        let output = cluster.kiln(&["submit", "--target", target, dir, "t.py"]);
+        assert_eq!(text(&output.stdout).trim(), target);
+        assert_eq!(
+            cluster.run(submitted_run_id(&output.stderr))["agent"],
+            cluster.agent_id(index)
+        );
+    }
+    let runs = cluster.json(&["runs", "--target", "beta", "--json"]);
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+    let targets = cluster.json(&["targets", "--json"]);
+    let names: Vec<_> = targets
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    cluster.stop();
+}
+
+#[test]
+fn ctrl_c_stops_following_but_not_the_run() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "slow.py",
+        "import time\nfor i in range(6):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.3)\n",
+    )]);
+    let mut submit = cluster
+        .kiln_command(&[
+            "submit",
+            "--target",
+            "alpha",
+            src.path().to_str().unwrap(),
+            "slow.py",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = submit.stdout.take().unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
+    assert_eq!(first, "tick 0\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(submit.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let output = submit.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("Re-attach with: kiln logs"), "{stderr}");
+    let run_id = submitted_run_id(&output.stderr);
+    // Re-attaching follows to the end; the run finished normally.
+    let logs = cluster.kiln(&["logs", &run_id.to_string(), "--follow"]);
+    let lines: Vec<_> = text(&logs.stdout).lines().map(str::to_string).collect();
+    assert_eq!(
+        lines,
+        (0..6).map(|i| format!("tick {i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(cluster.run(run_id)["status"], "succeeded");
+    cluster.stop();
+}
+
+#[test]
+fn the_local_target_works_with_no_coordinator_and_keeps_history() {
+    let home = tempfile::tempdir().unwrap();
+    let kiln = |args: &[&str]| {
+        std::process::Command::new(bin("kiln"))
+            .args(args)
+            .env_remove("KILN_COORDINATOR")
+            .env("XDG_DATA_HOME", home.path())
+            .env("KILN_PYTHON", python())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+    let output = kiln(&[
+        "submit",
+        example.to_str().unwrap(),
+        "train.py",
+        "--",
+        "--epochs",
+        "3",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("epoch 3: loss="), "{stdout}");
+    let run_id = submitted_run_id(&output.stderr);
+    let metrics = text(&kiln(&["metrics", &run_id.to_string()]).stdout);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("accuracy") && l.contains(" 3 ")),
+        "{metrics}"
+    );
+
+    // Stop the daemon; history is still there when the next command starts a new one.
+    let pid: i32 = std::fs::read_to_string(home.path().join("kiln/local/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for("the local daemon to exit", Duration::from_secs(20), || {
+        (!process_alive(pid)).then_some(())
+    });
+    let runs: serde_json::Value =
+        serde_json::from_slice(&kiln(&["runs", "--json"]).stdout).unwrap();
+    assert_eq!(runs[0]["id"], run_id);
+    assert_eq!(runs[0]["status"], "succeeded");
+    assert_eq!(runs[0]["target"], "local");
+    let dest = home.path().join("model");
+    assert!(
+        kiln(&["download", &run_id.to_string(), dest.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let model: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dest.join("model.json")).unwrap()).unwrap();
+    assert!(model["accuracy"].as_f64().unwrap() > 0.8);
+    let pid: i32 = std::fs::read_to_string(home.path().join("kiln/local/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    wait_for("the local daemon to exit", Duration::from_secs(20), || {
+        (!process_alive(pid)).then_some(())
+    });
+}
