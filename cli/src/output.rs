@@ -189,7 +189,7 @@ pub fn metrics(metrics: &[v1::MetricSummary], as_json: bool) {
 }
 
 /// A metric value for people: integers as integers, others with up to 6 decimals.
-fn number(value: f64) -> String {
+pub fn number(value: f64) -> String {
     if value.fract() == 0.0 && value.abs() < 1e15 {
         return format!("{}", value as i64);
     }

@@ -203,7 +203,36 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         println!("{}", run.id);
         return Ok(0);
     }
-    follow(connection, run.id, 0).await
+    let code = follow(connection, run.id, 0).await?;
+    print_metrics_summary(&mut client, run.id).await;
+    Ok(code)
+}
+
+/// One line with the last value of each user metric, after a followed run ended.
+async fn print_metrics_summary(client: &mut KilnClient<Channel>, run_id: i64) {
+    let Ok(reply) = client.list_metrics(v1::ListMetricsRequest { run_id }).await else {
+        return;
+    };
+    let user: Vec<String> = reply
+        .into_inner()
+        .metrics
+        .iter()
+        .filter(|m| !m.name.starts_with("system/"))
+        .map(|m| match m.last_step {
+            Some(step) => format!(
+                "{}={} (step {step})",
+                m.name,
+                crate::output::number(m.last_value)
+            ),
+            None => format!("{}={}", m.name, crate::output::number(m.last_value)),
+        })
+        .collect();
+    if !user.is_empty() {
+        eprintln!(
+            "[kiln] metrics: {}; all of them: kiln metrics {run_id}",
+            user.join(", ")
+        );
+    }
 }
 
 fn biggest_items_advice(plan: &snapshot::Plan, dir: &Path) -> String {
@@ -295,6 +324,7 @@ fn print_line(line: &v1::LogLine) {
 pub async fn follow(connection: &Connection, run_id: i64, mut cursor: i64) -> anyhow::Result<i32> {
     let mut backoff = Duration::from_millis(200);
     let mut broken_since: Option<Instant> = None;
+    let mut announced = false;
     loop {
         let attempt = async {
             let channel = connection.channel().await?;
@@ -343,7 +373,10 @@ pub async fn follow(connection: &Connection, run_id: i64, mut cursor: i64) -> an
                         return Err(anyhow::anyhow!("{error:#}"));
                     }
                 }
-                eprintln!("[kiln] log stream interrupted; reconnecting…");
+                if !announced {
+                    eprintln!("[kiln] log stream interrupted; reconnecting…");
+                    announced = true;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

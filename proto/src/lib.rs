@@ -81,10 +81,21 @@ pub async fn connect(address: &Address) -> anyhow::Result<Channel> {
         }
     };
     result.map_err(|error| {
-        let cause = std::error::Error::source(&error)
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| error.to_string());
-        anyhow::anyhow!("cannot reach the coordinator at {address}: {cause}")
+        // The transport error's own text is generic; its causes say what happened.
+        let mut causes = Vec::new();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            causes.push(cause.to_string());
+            source = cause.source();
+        }
+        causes.dedup();
+        if causes.is_empty() {
+            causes.push(error.to_string());
+        }
+        anyhow::anyhow!(
+            "cannot reach the coordinator at {address}: {}",
+            causes.join(": ")
+        )
     })
 }
 
