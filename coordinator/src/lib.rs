@@ -280,6 +280,12 @@ impl Coordinator {
     }
 
     async fn liveness_loop(self: Arc<Self>) {
+        // After a restart every agent's last heartbeat is old: give them one TTL to
+        // reconnect before any is judged.
+        tokio::select! {
+            _ = self.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(self.config.heartbeat_ttl) => {}
+        }
         let period = (self.config.heartbeat_ttl / 4).max(Duration::from_millis(100));
         let mut interval = tokio::time::interval(period);
         loop {

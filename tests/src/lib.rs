@@ -97,6 +97,14 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL: the process vanishes without a word, as on a node crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Whether it has exited (with its code).
     pub fn try_exit(&mut self) -> Option<Option<i32>> {
         let child = self.child.as_mut()?;
@@ -171,6 +179,28 @@ impl Cluster {
             (online == n).then_some(())
         });
         cluster
+    }
+
+    /// Stops the coordinator with SIGTERM (asserting a clean exit) and starts it again on
+    /// the same address and data directory.
+    pub fn restart_coordinator(&mut self) {
+        let code = self.coordinator.terminate();
+        assert_eq!(
+            code,
+            Some(0),
+            "coordinator did not stop cleanly:\n{}",
+            self.coordinator.log_text()
+        );
+        let listen = self.address.trim_start_matches("http://").to_string();
+        let mut command = Command::new(bin("kiln-coordinator"));
+        command
+            .args(["--listen", &listen, "--heartbeat-ttl", "5", "--data-dir"])
+            .arg(self.dir.path().join("coordinator"));
+        self.coordinator = Daemon::spawn(
+            "coordinator",
+            command,
+            self.dir.path().join("coordinator2.log"),
+        );
     }
 
     pub fn add_agent(&mut self, spec: AgentSpec) -> usize {

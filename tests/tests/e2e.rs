@@ -574,3 +574,97 @@ fn the_local_target_works_with_no_coordinator_and_keeps_history() {
         (!process_alive(pid)).then_some(())
     });
 }
+
+#[test]
+fn an_agent_that_vanishes_loses_its_run_after_the_heartbeat_ttl() {
+    let mut cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "wait.py",
+        "import time\nprint('up', flush=True)\ntime.sleep(1000)\n",
+    )]);
+    let mut submit = cluster
+        .kiln_command(&[
+            "submit",
+            "--target",
+            "alpha",
+            src.path().to_str().unwrap(),
+            "wait.py",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(submit.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    assert_eq!(first, "up\n");
+    cluster.agents[0].kill();
+    // The coordinator runs with a 5 s TTL in tests; the follower learns the run was lost.
+    let output = submit.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(137), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("node_lost"),
+        "{}",
+        text(&output.stderr)
+    );
+    let run = cluster.run(submitted_run_id(&output.stderr));
+    assert_eq!(run["status"], "lost");
+    let agents = cluster.json(&["agents", "--json"]);
+    let lost = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["hostname"] == "host0")
+        .unwrap();
+    assert_eq!(lost["state"], "lost");
+    cluster.agents.remove(0);
+    cluster.stop();
+}
+
+#[test]
+fn a_coordinator_restart_keeps_history_and_running_runs_finish() {
+    let mut cluster = Cluster::start(TWO_TARGETS);
+    let quick = source_dir(&[("ok.py", "print('done')\n")]);
+    let before = cluster.kiln(&[
+        "submit",
+        "--target",
+        "beta",
+        quick.path().to_str().unwrap(),
+        "ok.py",
+    ]);
+    let before_id = submitted_run_id(&before.stderr);
+    let src = source_dir(&[(
+        "slow.py",
+        "import time\nfor i in range(30):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.1)\n",
+    )]);
+    let mut submit = cluster
+        .kiln_command(&[
+            "submit",
+            "--target",
+            "alpha",
+            src.path().to_str().unwrap(),
+            "slow.py",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    let mut stdout = std::io::BufReader::new(submit.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert_eq!(first, "tick 0\n");
+    cluster.restart_coordinator();
+    // The follower reconnects and sees the run to its end; the agent kept running it.
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let output = submit.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    assert!(rest.ends_with("tick 29\n"), "{rest}");
+    let run_id = submitted_run_id(&output.stderr);
+    assert_eq!(cluster.run(run_id)["status"], "succeeded");
+    assert_eq!(cluster.run(before_id)["status"], "succeeded");
+    cluster.stop();
+}
