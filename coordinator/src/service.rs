@@ -66,7 +66,6 @@ pub async fn serve(
     let api = Api(coordinator);
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
-        .tcp_nodelay(true)
         .add_service(
             v1::kiln_server::KilnServer::new(api.clone())
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -84,7 +83,11 @@ pub async fn serve(
         );
     match listener {
         Listener::Tcp(listener) => {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            // Options on the builder do not reach connections from a custom incoming stream:
+            // without TCP_NODELAY each small log frame waits for a delayed ACK (~40 ms).
+            let incoming = tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(std::time::Duration::from_secs(60)));
             router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
                 .await?
