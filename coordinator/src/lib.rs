@@ -325,19 +325,16 @@ impl Coordinator {
                         ..Default::default()
                     };
                     Ok(runs
-                        .into_iter()
-                        .filter_map(|run| {
-                            s.transition(run.id, Some(run.attempt), RunEvent::Lose, &fields)
-                                .ok()
-                        })
-                        .map(|run| run.id)
+                        .iter()
+                        .filter_map(|run| release_run(s, run, &fields))
                         .collect())
                 })
                 .await?;
             for run_id in lost {
-                warn!(run_id, "Run lost with its agent.");
+                warn!(run_id, "Run released from its lost agent.");
                 self.run_changed(run_id);
             }
+            self.kick_scheduler();
         }
         Ok(())
     }
@@ -374,11 +371,7 @@ impl Coordinator {
                                 now_ms: now_ms(),
                                 ..Default::default()
                             };
-                            if s.transition(run.id, Some(run.attempt), RunEvent::Lose, &fields)
-                                .is_ok()
-                            {
-                                lost.push(run.id);
-                            }
+                            lost.extend(release_run(s, &run, &fields));
                         }
                     }
                     let mut to_cancel = Vec::new();
@@ -613,6 +606,20 @@ impl Coordinator {
         self.kick_scheduler();
         Ok(run)
     }
+}
+
+/// Takes a run away from an agent that no longer has it: a run that never started goes back
+/// to the queue (nothing of it ran), a running one is lost. Returns the run id if it changed.
+fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option<i64> {
+    let event = if run.status() == v1::RunStatus::Assigned {
+        RunEvent::Requeue
+    } else {
+        RunEvent::Lose
+    };
+    store
+        .transition(run.id, Some(run.attempt), event, fields)
+        .ok()
+        .map(|run| run.id)
 }
 
 fn cancel_message(run_id: i64, attempt: u32) -> v1::CoordinatorMessage {
