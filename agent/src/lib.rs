@@ -186,6 +186,7 @@ impl Agent {
         self.run_tasks.spawn(async move {
             runner::execute(agent.clone(), assignment, stop, reason).await;
             agent.runs().remove(&key);
+            release_free_memory();
         });
     }
 
@@ -223,6 +224,29 @@ impl Agent {
                 std::future::pending::<()>().await;
             }
         }
+    }
+}
+
+/// Caps glibc's malloc arenas: by default every thread that allocates may get its own arena
+/// (up to 8 per core), and memory freed in one is never reused by another, so an agent that
+/// unpacked a few large snapshots on blocking-pool threads would stay large when idle.
+/// Call once at start-up, before threads exist.
+#[allow(unsafe_code)]
+pub fn limit_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; called before other threads start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Hands memory freed after a run (download, unpack and pack buffers, mostly on blocking-pool
+/// threads whose malloc arenas glibc keeps) back to the system, so an idle agent stays small.
+#[allow(unsafe_code)]
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it takes no pointers
+    // from us and is safe to call at any time from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

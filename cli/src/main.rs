@@ -123,6 +123,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Command::LocalDaemon)) {
+        // The daemon embeds an agent: same allocator setting as kiln-agent.
+        kiln_agent::limit_malloc_arenas();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
