@@ -32,6 +32,7 @@ const LARGE_SNAPSHOT_BYTES: u64 = 100 << 20;
 ///   kiln submit examples/quickstart train.py
 ///   kiln submit --target gpu --name lr-sweep . train.py -- --lr 0.01
 ///   kiln submit --detach . train.py
+///   kiln submit --dry-run . train.py      # what would be uploaded, nothing sent
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct SubmitArgs {
@@ -44,6 +45,9 @@ pub struct SubmitArgs {
     /// Return once submitted; print the run id on stdout.
     #[arg(long)]
     detach: bool,
+    /// Plan and pack the snapshot and print what would be submitted; contact no coordinator.
+    #[arg(long)]
+    dry_run: bool,
     /// Refuse snapshots larger than this before uploading (e.g. 500MB, 2GiB).
     #[arg(long, env = "KILN_MAX_SNAPSHOT_SIZE", default_value = DEFAULT_MAX_SNAPSHOT)]
     max_snapshot_size: String,
@@ -105,6 +109,24 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         );
     }
 
+    if args.dry_run {
+        let biggest = plan.biggest_items(5);
+        let (_archive, packed) = pack_snapshot(plan, options, interactive).await?;
+        println!("target          {target}");
+        println!("script          {script} {}", args.args.join(" "));
+        println!("snapshot        {}", packed.digest);
+        println!("files           {}", packed.n_files);
+        println!(
+            "size            {} ({} compressed)",
+            HumanBytes(packed.uncompressed_bytes),
+            HumanBytes(packed.compressed_bytes)
+        );
+        for (item, bytes) in biggest {
+            println!("  {item:<30} {:>10}", HumanBytes(bytes).to_string());
+        }
+        return Ok(0);
+    }
+
     // Connect and check the target before packing and uploading.
     let channel = connection.channel().await?;
     let mut client = kiln_proto::clients::kiln(channel.clone());
@@ -127,26 +149,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         );
     }
 
-    // Pack into a temporary file, hashing as it goes.
-    let archive =
-        tempfile::NamedTempFile::new().context("create a temporary file for the snapshot")?;
-    let packed = {
-        let bar = progress_bar(interactive, plan.total_bytes, "packing");
-        let path = archive.path().to_path_buf();
-        let bar_in = bar.clone();
-        let packed = tokio::task::spawn_blocking(move || -> anyhow::Result<snapshot::Packed> {
-            let file = std::fs::File::create(&path)?;
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-            let packed = snapshot::pack(&plan, &options, &mut out, &mut |bytes| {
-                bar_in.set_position(bytes)
-            })?;
-            std::io::Write::flush(&mut out)?;
-            Ok(packed)
-        })
-        .await??;
-        bar.finish_and_clear();
-        packed
-    };
+    let (archive, packed) = pack_snapshot(plan, options, interactive).await?;
 
     // Upload unless the coordinator already has this digest.
     let mut blobs = kiln_proto::clients::blobs(channel.clone());
@@ -233,6 +236,31 @@ async fn print_metrics_summary(client: &mut KilnClient<Channel>, run_id: i64) {
             user.join(", ")
         );
     }
+}
+
+/// Packs the plan into a temporary file, hashing as it goes, with a progress bar on a terminal.
+async fn pack_snapshot(
+    plan: snapshot::Plan,
+    options: PackOptions,
+    interactive: bool,
+) -> anyhow::Result<(tempfile::NamedTempFile, snapshot::Packed)> {
+    let archive =
+        tempfile::NamedTempFile::new().context("create a temporary file for the snapshot")?;
+    let bar = progress_bar(interactive, plan.total_bytes, "packing");
+    let path = archive.path().to_path_buf();
+    let bar_in = bar.clone();
+    let packed = tokio::task::spawn_blocking(move || -> anyhow::Result<snapshot::Packed> {
+        let file = std::fs::File::create(&path)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        let packed = snapshot::pack(&plan, &options, &mut out, &mut |bytes| {
+            bar_in.set_position(bytes)
+        })?;
+        std::io::Write::flush(&mut out)?;
+        Ok(packed)
+    })
+    .await??;
+    bar.finish_and_clear();
+    Ok((archive, packed))
 }
 
 fn biggest_items_advice(plan: &snapshot::Plan, dir: &Path) -> String {
