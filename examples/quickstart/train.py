@@ -69,7 +69,7 @@ def main():
     os.makedirs(outputs, exist_ok=True)
     with open(os.path.join(outputs, "model.json"), "w") as f:
         json.dump({"weights": w, "bias": b, "loss": loss, "accuracy": accuracy}, f, indent=2)
-    print(f"wrote {os.path.join(outputs, 'model.json')}", flush=True)
+    print("wrote outputs/model.json", flush=True)
     if accuracy < 0.8:
         print("accuracy below 0.8: something is wrong", file=sys.stderr)
         return 1
