@@ -206,9 +206,13 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         println!("{}", run.id);
         return Ok(0);
     }
-    let code = follow(connection, run.id, 0).await?;
-    print_metrics_summary(&mut client, run.id).await;
-    Ok(code)
+    match follow(connection, run.id, 0).await? {
+        Followed::Ended(code) => {
+            print_metrics_summary(&mut client, run.id).await;
+            Ok(code)
+        }
+        Followed::Detached => Ok(exit_codes::CANCELLED),
+    }
 }
 
 /// One line with the last value of each user metric, after a followed run ended.
@@ -346,10 +350,22 @@ fn print_line(line: &v1::LogLine) {
     }
 }
 
-/// Follows a run's log until it ends and returns the exit code `kiln submit` should have.
+/// How following a run stopped.
+pub enum Followed {
+    /// The run ended; `kiln submit` exits with this code.
+    Ended(i32),
+    /// The user pressed Ctrl-C; the run goes on.
+    Detached,
+}
+
+/// Follows a run's log until it ends (or the user detaches with Ctrl-C).
 /// A broken stream (coordinator restart) is resumed after the last line shown; Ctrl-C stops
 /// following and leaves the run alone.
-pub async fn follow(connection: &Connection, run_id: i64, mut cursor: i64) -> anyhow::Result<i32> {
+pub async fn follow(
+    connection: &Connection,
+    run_id: i64,
+    mut cursor: i64,
+) -> anyhow::Result<Followed> {
     let mut backoff = Duration::from_millis(200);
     let mut broken_since: Option<Instant> = None;
     let mut announced = false;
@@ -384,11 +400,11 @@ pub async fn follow(connection: &Connection, run_id: i64, mut cursor: i64) -> an
                 eprintln!(
                     "\nStopped following; run {run_id} keeps running. Re-attach with: kiln logs {run_id} --follow"
                 );
-                return Ok(exit_codes::CANCELLED);
+                return Ok(Followed::Detached);
             }
         };
         match result {
-            Ok(Some(run)) => return Ok(report_end(&run)),
+            Ok(Some(run)) => return Ok(Followed::Ended(report_end(&run))),
             Ok(None) | Err(_) => {
                 if let Err(error) = &result {
                     let since = *broken_since.get_or_insert_with(Instant::now);
