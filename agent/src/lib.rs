@@ -6,6 +6,7 @@
 //! also stops its runs (reported as failed, "agent stopped"); a coordinator `CancelRun` kills
 //! one run (reported as cancelled).
 
+pub mod config;
 pub mod gpu;
 pub mod runner;
 mod session;

@@ -2,106 +2,83 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kiln_agent::{Agent, Config, gpu};
-use kiln_common::target::TargetName;
-use kiln_proto::Address;
+use kiln_agent::config::{self, Settings};
+use kiln_agent::{Agent, gpu};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Kiln's agent: joins a compute target, runs the scripts the coordinator assigns to it and
 /// streams their logs and metrics back.
 ///
-/// Example:
+/// Settings come from flags, environment variables and a TOML file, in that order of
+/// precedence: /etc/kiln/agent.toml when it exists, or --config PATH. Each flag below is
+/// also a key of that file (`--data-dir` is `data_dir`).
+///
+/// Examples:
 ///   kiln-agent --coordinator http://10.0.0.5:7070 --target gpu --slots 2
+///   kiln-agent --print-config
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// The coordinator: http://HOST:PORT or unix:///PATH.
-    #[arg(
-        long,
-        env = "KILN_COORDINATOR",
-        default_value = "http://127.0.0.1:7070"
-    )]
-    coordinator: String,
-    /// The compute target to join: 2–16 lowercase letters, digits or '-', starting with a letter.
-    #[arg(long, env = "KILN_TARGET")]
-    target: Option<String>,
-    /// Directory for the agent id, the snapshot cache and run directories.
-    /// Default: $XDG_DATA_HOME/kiln/agent.
-    #[arg(long, env = "KILN_AGENT_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// How many runs may execute at once.
-    #[arg(long, env = "KILN_SLOTS", default_value_t = 1)]
-    slots: u32,
-    /// Interpreter for .py scripts (the user-managed environment).
-    #[arg(long, env = "KILN_PYTHON", default_value = kiln_agent::DEFAULT_PYTHON)]
-    python: String,
-    /// Seconds between heartbeats.
-    #[arg(long, env = "KILN_HEARTBEAT_INTERVAL", default_value_t = 5.0)]
-    heartbeat_interval: f64,
-    /// Seconds between system metric samples (CPU, memory, GPUs) of each run.
-    #[arg(long, env = "KILN_METRICS_INTERVAL", default_value_t = 5.0)]
-    metrics_interval: f64,
-    /// Host name to report (default: the system's).
-    #[arg(long, env = "KILN_HOSTNAME")]
-    hostname: Option<String>,
+    /// The TOML config file. [default: /etc/kiln/agent.toml, when it exists]
+    #[arg(long, env = "KILN_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the configuration in force (flags, environment, file and defaults merged) as
+    /// TOML, and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Print what the agent detects about this host (CPUs, memory, GPUs via NVML, one GPU
     /// sample) as JSON, and exit.
     #[arg(long)]
     print_host: bool,
+    #[command(flatten)]
+    settings: Settings,
 }
 
 fn main() -> anyhow::Result<()> {
     kiln_agent::limit_malloc_arenas();
+    let args = Args::parse();
+    let (file, file_settings) = config::load(args.config.as_deref())?;
+    let settings = args.settings.or(file_settings);
+    if args.print_host {
+        let gpus = gpu::NvmlProbe::new();
+        let host = kiln_agent::telemetry::host_info(settings.hostname.as_deref(), &gpus);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&host_json(&host, &gpu::GpuProbe::sample(&gpus)))?
+        );
+        return Ok(());
+    }
+    let effective = settings.resolve()?;
+    if args.print_config {
+        match &file {
+            Some(path) => println!("# config file: {}", path.display()),
+            None => println!("# config file: none"),
+        }
+        print!("{}", effective.to_toml());
+        return Ok(());
+    }
+    config::init_logging(&effective.log);
+    let config_file = file.map(|path| path.display().to_string());
+    info!(
+        config_file = config_file.as_deref().unwrap_or("none"),
+        version = kiln_common::VERSION,
+        "Agent starting."
+    );
+    let config = effective.agent_config()?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the tokio runtime")?
-        .block_on(agent_main())
-}
-
-async fn agent_main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
-    let gpus: Arc<dyn gpu::GpuProbe> = Arc::new(gpu::NvmlProbe::new());
-    if args.print_host {
-        let host = kiln_agent::telemetry::host_info(args.hostname.as_deref(), gpus.as_ref());
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&host_json(&host, &gpus.sample()))?
-        );
-        return Ok(());
-    }
-    let target = args
-        .target
-        .context("--target is required: the compute target this agent joins, e.g. --target gpu")?;
-    let target = TargetName::new(&target)?;
-    let coordinator = Address::parse(&args.coordinator)?;
-    let data_dir = match args.data_dir {
-        Some(dir) => dir,
-        None => dirs::data_dir()
-            .context("no data directory: set --data-dir")?
-            .join("kiln/agent"),
-    };
-    let mut config = Config::new(coordinator, target, data_dir);
-    config.slots = args.slots.max(1);
-    config.python = args.python;
-    config.heartbeat_interval = Duration::from_secs_f64(args.heartbeat_interval.max(0.05));
-    config.metrics_interval = Duration::from_secs_f64(args.metrics_interval.max(0.05));
-    config.hostname = args.hostname;
-
-    let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
-    Agent::run(config, gpus, shutdown).await
+        .block_on(async {
+            let gpus: Arc<dyn gpu::GpuProbe> = Arc::new(gpu::NvmlProbe::new());
+            let shutdown = CancellationToken::new();
+            tokio::spawn(stop_on_signal(shutdown.clone()));
+            Agent::run(config, gpus, shutdown).await
+        })
 }
 
 fn host_json(host: &kiln_proto::v1::HostInfo, samples: &[gpu::GpuSample]) -> serde_json::Value {

@@ -3,6 +3,7 @@
 //! only parse configuration and call [`Coordinator::start`] and [`serve`].
 
 pub mod blobs;
+pub mod config;
 pub mod scheduler;
 mod service;
 pub mod store;

@@ -1,68 +1,83 @@
 //! `kiln-coordinator`: parses flags, sets up tracing and signals, and runs the coordinator.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use kiln_coordinator::{Config, Coordinator, Listener};
+use kiln_coordinator::config::{self, Settings};
+use kiln_coordinator::{Coordinator, Listener};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 /// Kiln's coordinator: holds compute targets, the run queue, run history, logs, metrics and
 /// snapshot blobs, and assigns runs to agents.
 ///
-/// Example:
+/// Settings come from flags, environment variables and a TOML file, in that order of
+/// precedence: /etc/kiln/coordinator.toml when it exists, or --config PATH. Each flag below
+/// is also a key of that file (`--data-dir` is `data_dir`).
+///
+/// Examples:
 ///   kiln-coordinator --listen 127.0.0.1:7070 --data-dir /var/lib/kiln/coordinator
+///   kiln-coordinator --config /etc/kiln/coordinator.toml --print-config
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
-    /// Address to serve gRPC on: HOST:PORT, or unix:///PATH for a Unix socket.
-    #[arg(long, env = "KILN_LISTEN", default_value = kiln_coordinator::DEFAULT_LISTEN)]
-    listen: String,
-    /// Directory for the SQLite database (kiln.db) and the blob store (blobs/).
-    /// Default: $XDG_DATA_HOME/kiln/coordinator.
-    #[arg(long, env = "KILN_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Seconds without a heartbeat after which an agent and its runs are lost.
-    #[arg(long, env = "KILN_HEARTBEAT_TTL", default_value_t = 30)]
-    heartbeat_ttl: u64,
-    /// Largest snapshot or outputs archive accepted, in bytes.
-    #[arg(long, env = "KILN_MAX_BLOB_BYTES", default_value_t = kiln_coordinator::DEFAULT_MAX_BLOB_BYTES)]
-    max_blob_bytes: u64,
+    /// The TOML config file. [default: /etc/kiln/coordinator.toml, when it exists]
+    #[arg(long, env = "KILN_COORDINATOR_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Print the configuration in force (flags, environment, file and defaults merged) as
+    /// TOML, and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Write the address actually listened on (useful with port 0) to this file.
     #[arg(long)]
     address_file: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let data_dir = match args.data_dir {
-        Some(dir) => dir,
-        None => dirs::data_dir()
-            .context("no data directory: set --data-dir")?
-            .join("kiln/coordinator"),
-    };
-    let mut config = Config::new(data_dir);
-    config.heartbeat_ttl = Duration::from_secs(args.heartbeat_ttl.max(1));
-    config.max_blob_bytes = args.max_blob_bytes;
+    let (file, file_settings) = config::load(args.config.as_deref())?;
+    let effective = args.settings.or(file_settings).resolve()?;
+    if args.print_config {
+        match &file {
+            Some(path) => println!("# config file: {}", path.display()),
+            None => println!("# config file: none"),
+        }
+        print!("{}", effective.to_toml());
+        return Ok(());
+    }
+    config::init_logging(&effective.log);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?
+        .block_on(serve(effective, file, args.address_file))
+}
 
+async fn serve(
+    effective: config::Effective,
+    file: Option<PathBuf>,
+    address_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let config = effective.coordinator_config();
     let shutdown = CancellationToken::new();
     let coordinator = Coordinator::start(config.clone(), shutdown.clone())?;
-    let listener = Listener::bind(&args.listen).await?;
+    let listener = Listener::bind(&effective.listen).await?;
     let address = listener.address();
-    if let Some(path) = &args.address_file {
+    if let Some(path) = &address_file {
         std::fs::write(path, format!("{address}\n"))
             .with_context(|| format!("write {}", path.display()))?;
     }
-    info!(listen = %address, data_dir = %config.data_dir.display(), version = kiln_common::VERSION, "Coordinator ready.");
+    let config_file = file.map(|path| path.display().to_string());
+    info!(
+        listen = %address,
+        data_dir = %config.data_dir.display(),
+        config_file = config_file.as_deref().unwrap_or("none"),
+        version = kiln_common::VERSION,
+        "Coordinator ready."
+    );
 
     tokio::spawn(stop_on_signal(shutdown.clone()));
     kiln_coordinator::serve(coordinator.clone(), listener, shutdown).await?;

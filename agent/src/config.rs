@@ -1,0 +1,412 @@
+//! The agent's settings, from three layers: flags (and their environment variables), a TOML
+//! file, and defaults. Precedence: **flag > environment > file > default**.
+//!
+//! [`Settings`] is one layer: every field optional. Its `///` docs are at once the `--help`
+//! text of each flag and the documentation of each key of `/etc/kiln/agent.toml`
+//! (`packaging/agent.toml` is the commented example, tested to parse). A flag `--data-dir`
+//! is the key `data_dir`. [`Settings::resolve`] fills in defaults and checks every value,
+//! reporting all problems at once. [`write_joined`] is what `kiln-agent join` does to the file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use kiln_common::target::TargetName;
+use kiln_proto::Address;
+use serde::{Deserialize, Serialize};
+
+/// Read when it exists and no `--config` is given; `kiln-agent join` writes it.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kiln/agent.toml";
+/// The coordinator unless configured.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+/// The log filter unless configured.
+pub const DEFAULT_LOG: &str = "info";
+
+/// One layer of agent settings (the flags, or the config file).
+#[derive(clap::Args, Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The coordinator: http://HOST:PORT or unix:///PATH. [default: http://127.0.0.1:7070]
+    #[arg(long, env = "KILN_COORDINATOR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+
+    /// The compute target to join: 2–16 lowercase letters, digits or '-', starting with a
+    /// letter. Required; `kiln-agent join` sets it.
+    #[arg(long, env = "KILN_TARGET")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+
+    /// Directory for the agent id, the snapshot cache and run directories.
+    /// [default: $XDG_DATA_HOME/kiln/agent; the package's file sets /var/lib/kiln/agent]
+    #[arg(long, env = "KILN_AGENT_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+
+    /// How many runs may execute at once (the agent's concurrency). [default: 1]
+    #[arg(long, env = "KILN_SLOTS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
+
+    /// Interpreter for .py scripts (the user-managed environment). [default: python3]
+    #[arg(long, env = "KILN_PYTHON")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
+
+    /// Seconds between heartbeats to the coordinator. [default: 5.0]
+    #[arg(long, env = "KILN_HEARTBEAT_INTERVAL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval: Option<f64>,
+
+    /// Seconds between system metric samples (CPU, memory, GPUs) of each run. [default: 5.0]
+    #[arg(long, env = "KILN_METRICS_INTERVAL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_interval: Option<f64>,
+
+    /// Host name to report to the coordinator. [default: the system's]
+    #[arg(long, env = "KILN_HOSTNAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+
+    /// Log filter, RUST_LOG syntax: a level (error, warn, info, debug, trace) or directives
+    /// such as "info,kiln_agent=debug". [default: info]
+    #[arg(long, env = "RUST_LOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+}
+
+/// The configuration in force: every layer merged and defaults applied. `--print-config`
+/// prints it as TOML.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Effective {
+    pub coordinator: String,
+    pub target: String,
+    pub data_dir: PathBuf,
+    pub slots: u32,
+    pub python: String,
+    pub heartbeat_interval: f64,
+    pub metrics_interval: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+    pub log: String,
+}
+
+impl Settings {
+    /// Keeps every field set in `self` and takes the others from `lower`.
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            coordinator: self.coordinator.or(lower.coordinator),
+            target: self.target.or(lower.target),
+            data_dir: self.data_dir.or(lower.data_dir),
+            slots: self.slots.or(lower.slots),
+            python: self.python.or(lower.python),
+            heartbeat_interval: self.heartbeat_interval.or(lower.heartbeat_interval),
+            metrics_interval: self.metrics_interval.or(lower.metrics_interval),
+            hostname: self.hostname.or(lower.hostname),
+            log: self.log.or(lower.log),
+        }
+    }
+
+    /// Applies defaults and checks every value; the error lists every problem found.
+    pub fn resolve(self) -> anyhow::Result<Effective> {
+        let mut problems = Vec::new();
+        let coordinator = self
+            .coordinator
+            .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string());
+        if let Err(error) = Address::parse(&coordinator) {
+            problems.push(format!("coordinator: {error:#}"));
+        }
+        let target = match self.target {
+            Some(target) => {
+                if let Err(error) = TargetName::new(&target) {
+                    problems.push(format!("target: {error:#}"));
+                }
+                target
+            }
+            None => {
+                problems.push(
+                    "target is not set: the compute target this agent joins. Run `kiln-agent \
+                     join --coordinator URL --token TOKEN --target NAME`, or set `target` in \
+                     the config file, or pass --target"
+                        .to_string(),
+                );
+                String::new()
+            }
+        };
+        let data_dir = match self.data_dir {
+            Some(dir) => dir,
+            None => match dirs::data_dir() {
+                Some(dir) => dir.join("kiln/agent"),
+                None => {
+                    problems.push(
+                        "no default data directory ($HOME is not set): set data_dir".to_string(),
+                    );
+                    PathBuf::new()
+                }
+            },
+        };
+        let slots = self.slots.unwrap_or(1);
+        if slots == 0 {
+            problems.push("slots is 0: use at least 1".to_string());
+        }
+        let python = self
+            .python
+            .unwrap_or_else(|| crate::DEFAULT_PYTHON.to_string());
+        if python.is_empty() {
+            problems.push("python is empty: name an interpreter, e.g. python3".to_string());
+        }
+        let mut interval = |key: &str, value: Option<f64>, default: std::time::Duration| {
+            let seconds = value.unwrap_or(default.as_secs_f64());
+            if !(seconds.is_finite() && seconds > 0.0) {
+                problems.push(format!(
+                    "{key} = {seconds} is invalid: use a positive number of seconds"
+                ));
+            }
+            seconds
+        };
+        let heartbeat_interval = interval(
+            "heartbeat_interval",
+            self.heartbeat_interval,
+            crate::DEFAULT_HEARTBEAT_INTERVAL,
+        );
+        let metrics_interval = interval(
+            "metrics_interval",
+            self.metrics_interval,
+            crate::DEFAULT_METRICS_INTERVAL,
+        );
+        let log = self.log.unwrap_or_else(|| DEFAULT_LOG.to_string());
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log) {
+            problems.push(format!("log filter `{log}` is invalid: {error}"));
+        }
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "the agent's configuration is invalid:\n  - {}",
+                problems.join("\n  - ")
+            );
+        }
+        Ok(Effective {
+            coordinator,
+            target,
+            data_dir,
+            slots,
+            python,
+            heartbeat_interval,
+            metrics_interval,
+            hostname: self.hostname,
+            log,
+        })
+    }
+}
+
+impl Effective {
+    /// The library's [`crate::Config`] for these settings.
+    pub fn agent_config(&self) -> anyhow::Result<crate::Config> {
+        use std::time::Duration;
+        let mut config = crate::Config::new(
+            Address::parse(&self.coordinator)?,
+            TargetName::new(&self.target)?,
+            self.data_dir.clone(),
+        );
+        config.slots = self.slots.max(1);
+        config.python = self.python.clone();
+        config.heartbeat_interval = Duration::from_secs_f64(self.heartbeat_interval.max(0.05));
+        config.metrics_interval = Duration::from_secs_f64(self.metrics_interval.max(0.05));
+        config.hostname = self.hostname.clone();
+        Ok(config)
+    }
+
+    /// The configuration as TOML, in the config file's syntax.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the effective configuration serializes to TOML")
+    }
+}
+
+/// Parses a config file's text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Settings> {
+    toml::from_str(text).with_context(|| format!("config file {}", origin.display()))
+}
+
+/// Reads the config file: `explicit` (which must exist) or else [`DEFAULT_CONFIG_PATH`] when it
+/// exists. Returns the path read, if any, and its settings.
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Option<PathBuf>, Settings)> {
+    load_from(explicit, Path::new(DEFAULT_CONFIG_PATH))
+}
+
+fn load_from(
+    explicit: Option<&Path>,
+    default: &Path,
+) -> anyhow::Result<(Option<PathBuf>, Settings)> {
+    let path = match explicit {
+        Some(path) => path,
+        None if default.exists() => default,
+        None => return Ok((None, Settings::default())),
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    Ok((Some(path.to_path_buf()), parse(&text, path)?))
+}
+
+/// Sets up `tracing` to stderr with `filter`. Under systemd (stderr is the journal, as
+/// `$JOURNAL_STREAM` says) lines carry no timestamp and no colours: the journal adds its own.
+pub fn init_logging(filter: &str) {
+    let journal = stderr_is_journal();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(!journal);
+    if journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// True when stderr is the stream systemd connected to the journal (`$JOURNAL_STREAM` is
+/// `DEVICE:INODE` of that stream; a child whose stderr was redirected does not match).
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../packaging/agent.toml");
+
+    #[test]
+    fn the_shipped_config_parses_and_wants_a_target() {
+        let settings = parse(EXAMPLE, Path::new("packaging/agent.toml")).unwrap();
+        assert_eq!(
+            settings.data_dir.as_deref(),
+            Some(Path::new("/var/lib/kiln/agent"))
+        );
+        let error = settings.clone().resolve().unwrap_err().to_string();
+        assert!(error.contains("kiln-agent join"), "{error}");
+        let joined = Settings {
+            target: Some("gpu".into()),
+            ..Settings::default()
+        }
+        .or(settings)
+        .resolve()
+        .unwrap();
+        assert_eq!(joined.coordinator, DEFAULT_COORDINATOR);
+        assert_eq!(joined.python, "python3");
+    }
+
+    #[test]
+    fn every_commented_key_of_the_shipped_config_is_a_real_key() {
+        // Uncommenting `# key = value` lines must give a file that parses and resolves: the
+        // example documents only keys that exist, with values of the right type.
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let settings = parse(&uncommented, Path::new("uncommented")).unwrap();
+        assert!(settings.target.is_some() && settings.hostname.is_some());
+        settings.resolve().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = parse("target = \"gpu\"\nslot = 2\n", Path::new("a.toml")).unwrap_err();
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("a.toml") && message.contains("slot"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn precedence_is_flag_or_env_then_file_then_default() {
+        fn layer(target: Option<&str>, slots: Option<u32>) -> Settings {
+            Settings {
+                target: target.map(str::to_string),
+                slots,
+                data_dir: Some("/d".into()),
+                ..Settings::default()
+            }
+        }
+        // (command line (flag or its environment variable), file) → effective.
+        let cases: &[(Settings, Settings, &str, u32)] = &[
+            (layer(Some("cli"), None), layer(None, None), "cli", 1),
+            (layer(None, None), layer(Some("file"), Some(3)), "file", 3),
+            (
+                layer(Some("cli"), None),
+                layer(Some("file"), Some(3)),
+                "cli",
+                3,
+            ),
+            (
+                layer(Some("cli"), Some(4)),
+                layer(Some("file"), Some(3)),
+                "cli",
+                4,
+            ),
+        ];
+        for (index, (command_line, file, target, slots)) in cases.iter().enumerate() {
+            let effective = command_line.clone().or(file.clone()).resolve();
+            let effective = effective.unwrap_or_else(|e| panic!("case {index}: {e}"));
+            assert_eq!(
+                (effective.target.as_str(), effective.slots),
+                (*target, *slots),
+                "case {index}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let settings = Settings {
+            coordinator: Some("unix://relative".into()),
+            target: Some("Bad_Name".into()),
+            slots: Some(0),
+            heartbeat_interval: Some(-1.0),
+            data_dir: Some("/d".into()),
+            ..Settings::default()
+        };
+        let error = settings.resolve().unwrap_err().to_string();
+        for part in ["coordinator", "target", "slots", "heartbeat_interval"] {
+            assert!(error.contains(part), "{part} missing from: {error}");
+        }
+    }
+
+    #[test]
+    fn the_effective_config_prints_as_a_file_that_parses_back() {
+        let effective = Settings {
+            target: Some("gpu".into()),
+            data_dir: Some("/d".into()),
+            hostname: Some("h".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        let reparsed = parse(&effective.to_toml(), Path::new("printed")).unwrap();
+        assert_eq!(reparsed.resolve().unwrap(), effective);
+    }
+
+    #[test]
+    fn an_explicit_config_must_exist_and_the_default_may_be_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        assert!(load_from(Some(&missing), &missing).is_err());
+        let (path, settings) = load_from(None, &missing).unwrap();
+        assert_eq!((path, settings), (None, Settings::default()));
+    }
+}

@@ -1,0 +1,409 @@
+//! The coordinator's settings, from three layers: flags (and their environment variables),
+//! a TOML file, and defaults. Precedence: **flag > environment > file > default**.
+//!
+//! [`Settings`] is one layer: every field optional. Its `///` docs are at once the `--help`
+//! text of each flag and the documentation of each key of `/etc/kiln/coordinator.toml`
+//! (`packaging/coordinator.toml` is the commented example, tested to parse). A flag
+//! `--data-dir` is the key `data_dir`. [`Settings::resolve`] fills in defaults and checks
+//! every value, reporting all problems at once.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+/// Read when it exists and no `--config` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kiln/coordinator.toml";
+/// The log filter unless configured.
+pub const DEFAULT_LOG: &str = "info";
+
+/// One layer of coordinator settings (the flags, or the config file).
+#[derive(clap::Args, Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to serve gRPC on: HOST:PORT, or unix:///PATH for a Unix socket. The transport
+    /// is plaintext in this version: keep it on a trusted network. [default: 127.0.0.1:7070]
+    #[arg(long, env = "KILN_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+
+    /// Directory for the SQLite database (kiln.db) and the blob store (blobs/).
+    /// [default: $XDG_DATA_HOME/kiln/coordinator; the package's file sets /var/lib/kiln/coordinator]
+    #[arg(long, env = "KILN_DATA_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Seconds without a heartbeat after which an agent is lost, and its runs with it.
+    /// [default: 30]
+    #[arg(long, env = "KILN_HEARTBEAT_TTL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ttl: Option<u64>,
+
+    /// Largest snapshot or outputs archive accepted, in bytes. [default: 8589934592 (8 GiB)]
+    #[arg(long, env = "KILN_MAX_BLOB_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_blob_bytes: Option<u64>,
+
+    /// Log filter, RUST_LOG syntax: a level (error, warn, info, debug, trace) or
+    /// directives such as "info,kiln_coordinator=debug". [default: info]
+    #[arg(long, env = "RUST_LOG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
+
+    /// The URL agents and users reach this coordinator at, printed by `token create` in the
+    /// join command. [default: derived from `listen`, with this host's name for 0.0.0.0]
+    #[arg(long, env = "KILN_ADVERTISE_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<String>,
+
+    /// Reserved for TLS (not implemented in this version): the server certificate (PEM).
+    /// Setting it is an error, so that nobody believes traffic is encrypted when it is not.
+    #[arg(long, env = "KILN_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Reserved for TLS (not implemented in this version): the server's private key (PEM).
+    #[arg(long, env = "KILN_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Reserved for mutual TLS (not implemented in this version): the CA that signs agent
+    /// certificates (PEM).
+    #[arg(long, env = "KILN_TLS_CLIENT_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+/// The configuration in force: every layer merged and defaults applied. `--print-config`
+/// prints it as TOML.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Effective {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub heartbeat_ttl: u64,
+    pub max_blob_bytes: u64,
+    pub log: String,
+    pub advertise_url: String,
+}
+
+impl Settings {
+    /// Keeps every field set in `self` and takes the others from `lower`.
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(lower.listen),
+            data_dir: self.data_dir.or(lower.data_dir),
+            heartbeat_ttl: self.heartbeat_ttl.or(lower.heartbeat_ttl),
+            max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
+            log: self.log.or(lower.log),
+            advertise_url: self.advertise_url.or(lower.advertise_url),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
+            tls_client_ca: self.tls_client_ca.or(lower.tls_client_ca),
+        }
+    }
+
+    /// Applies defaults and checks every value; the error lists every problem found.
+    pub fn resolve(self) -> anyhow::Result<Effective> {
+        let mut problems = Vec::new();
+        let listen = self
+            .listen
+            .unwrap_or_else(|| crate::DEFAULT_LISTEN.to_string());
+        if listen.is_empty() {
+            problems.push("listen is empty: use HOST:PORT or unix:///PATH".to_string());
+        }
+        let data_dir = match self.data_dir {
+            Some(dir) => dir,
+            None => match dirs::data_dir() {
+                Some(dir) => dir.join("kiln/coordinator"),
+                None => {
+                    problems.push(
+                        "no default data directory ($HOME is not set): set data_dir".to_string(),
+                    );
+                    PathBuf::new()
+                }
+            },
+        };
+        let heartbeat_ttl = self
+            .heartbeat_ttl
+            .unwrap_or(crate::DEFAULT_HEARTBEAT_TTL.as_secs());
+        if heartbeat_ttl == 0 {
+            problems.push("heartbeat_ttl is 0: use at least 1 (seconds)".to_string());
+        }
+        let max_blob_bytes = self.max_blob_bytes.unwrap_or(crate::DEFAULT_MAX_BLOB_BYTES);
+        let log = self.log.unwrap_or_else(|| DEFAULT_LOG.to_string());
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log) {
+            problems.push(format!("log filter `{log}` is invalid: {error}"));
+        }
+        for (key, value) in [
+            ("tls_cert", &self.tls_cert),
+            ("tls_key", &self.tls_key),
+            ("tls_client_ca", &self.tls_client_ca),
+        ] {
+            if let Some(path) = value {
+                problems.push(format!(
+                    "{key} = {} is set, but TLS is not implemented in this version of \
+                     kiln-coordinator (it serves plaintext gRPC): remove it",
+                    path.display()
+                ));
+            }
+        }
+        let advertise_url = match self.advertise_url {
+            Some(url) => url,
+            None => advertise_url_for(&listen),
+        };
+        if let Err(error) = kiln_proto::Address::parse(&advertise_url) {
+            problems.push(format!("advertise_url: {error:#}"));
+        }
+        if !problems.is_empty() {
+            anyhow::bail!(
+                "the coordinator's configuration is invalid:\n  - {}",
+                problems.join("\n  - ")
+            );
+        }
+        Ok(Effective {
+            listen,
+            data_dir,
+            heartbeat_ttl,
+            max_blob_bytes,
+            log,
+            advertise_url,
+        })
+    }
+}
+
+impl Effective {
+    /// The library's [`crate::Config`] for these settings.
+    pub fn coordinator_config(&self) -> crate::Config {
+        let mut config = crate::Config::new(self.data_dir.clone());
+        config.heartbeat_ttl = std::time::Duration::from_secs(self.heartbeat_ttl.max(1));
+        config.max_blob_bytes = self.max_blob_bytes;
+        config
+    }
+
+    /// The configuration as TOML, in the config file's syntax.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the effective configuration serializes to TOML")
+    }
+}
+
+/// Parses a config file's text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Settings> {
+    toml::from_str(text).with_context(|| format!("config file {}", origin.display()))
+}
+
+/// Reads the config file: `explicit` (which must exist) or else [`DEFAULT_CONFIG_PATH`] when it
+/// exists. Returns the path read, if any, and its settings.
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Option<PathBuf>, Settings)> {
+    load_from(explicit, Path::new(DEFAULT_CONFIG_PATH))
+}
+
+fn load_from(
+    explicit: Option<&Path>,
+    default: &Path,
+) -> anyhow::Result<(Option<PathBuf>, Settings)> {
+    let path = match explicit {
+        Some(path) => path,
+        None if default.exists() => default,
+        None => return Ok((None, Settings::default())),
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    Ok((Some(path.to_path_buf()), parse(&text, path)?))
+}
+
+/// What `token create` tells agents to dial when `advertise_url` is not set: the listen
+/// address, with this host's name in place of an unspecified address.
+fn advertise_url_for(listen: &str) -> String {
+    if listen.starts_with("unix://") {
+        return listen.to_string();
+    }
+    let hostport = listen
+        .strip_prefix("http://")
+        .unwrap_or(listen)
+        .trim_end_matches('/');
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "7070"));
+    let host = match host {
+        "0.0.0.0" | "[::]" | "" => host_name(),
+        host => host.to_string(),
+    };
+    format!("http://{host}:{port}")
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Sets up `tracing` to stderr with `filter`. Under systemd (stderr is the journal, as
+/// `$JOURNAL_STREAM` says) lines carry no timestamp and no colours: the journal adds its own.
+pub fn init_logging(filter: &str) {
+    let journal = stderr_is_journal();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(!journal);
+    if journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// True when stderr is the stream systemd connected to the journal (`$JOURNAL_STREAM` is
+/// `DEVICE:INODE` of that stream; a child whose stderr was redirected does not match).
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::MetadataExt as _;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    let Ok(meta) = std::fs::File::from(fd).metadata() else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../packaging/coordinator.toml");
+
+    #[test]
+    fn the_shipped_config_parses_and_resolves() {
+        let settings = parse(EXAMPLE, Path::new("packaging/coordinator.toml")).unwrap();
+        let effective = settings.resolve().unwrap();
+        assert_eq!(effective.data_dir, Path::new("/var/lib/kiln/coordinator"));
+        assert_eq!(effective.listen, crate::DEFAULT_LISTEN);
+    }
+
+    #[test]
+    fn every_commented_key_of_the_shipped_config_is_a_real_key() {
+        // Uncommenting `# key = value` lines must give a file that parses: the example
+        // documents only keys that exist, with values of the right type (TLS keys aside:
+        // they parse but are refused when resolved).
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let settings = parse(&uncommented, Path::new("uncommented")).unwrap();
+        assert!(settings.listen.is_some() && settings.advertise_url.is_some());
+        assert!(settings.tls_cert.is_some());
+        let error = settings.resolve().unwrap_err().to_string();
+        assert!(error.contains("TLS is not implemented"), "{error}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = parse("listen = \"a:1\"\nlisen = \"b\"\n", Path::new("c.toml")).unwrap_err();
+        let message = format!("{error:#}");
+        assert!(
+            message.contains("c.toml") && message.contains("lisen"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn precedence_is_flag_or_env_then_file_then_default() {
+        fn layer(listen: Option<&str>, ttl: Option<u64>) -> Settings {
+            Settings {
+                listen: listen.map(str::to_string),
+                heartbeat_ttl: ttl,
+                data_dir: Some("/d".into()),
+                ..Settings::default()
+            }
+        }
+        // (command line (flag or its environment variable), file) → effective.
+        let cases: &[(Settings, Settings, &str, u64)] = &[
+            (layer(None, None), layer(None, None), "127.0.0.1:7070", 30),
+            (layer(None, None), layer(Some("f:1"), Some(7)), "f:1", 7),
+            (
+                layer(Some("c:2"), None),
+                layer(Some("f:1"), Some(7)),
+                "c:2",
+                7,
+            ),
+            (
+                layer(Some("c:2"), Some(9)),
+                layer(Some("f:1"), Some(7)),
+                "c:2",
+                9,
+            ),
+            (layer(None, Some(9)), layer(None, None), "127.0.0.1:7070", 9),
+        ];
+        for (index, (command_line, file, listen, ttl)) in cases.iter().enumerate() {
+            let effective = command_line.clone().or(file.clone()).resolve().unwrap();
+            assert_eq!(
+                (effective.listen.as_str(), effective.heartbeat_ttl),
+                (*listen, *ttl),
+                "case {index}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let settings = Settings {
+            heartbeat_ttl: Some(0),
+            log: Some("info,=[".into()),
+            tls_key: Some("/k".into()),
+            data_dir: Some("/d".into()),
+            ..Settings::default()
+        };
+        let error = settings.resolve().unwrap_err().to_string();
+        for part in ["heartbeat_ttl", "log filter", "tls_key"] {
+            assert!(error.contains(part), "{part} missing from: {error}");
+        }
+    }
+
+    #[test]
+    fn advertise_url_defaults_from_listen() {
+        fn check(listen: &str, expected: &str) {
+            assert_eq!(advertise_url_for(listen), expected, "listen {listen}");
+        }
+        check("127.0.0.1:7070", "http://127.0.0.1:7070");
+        check("coord.example:9000", "http://coord.example:9000");
+        check("unix:///run/k.sock", "unix:///run/k.sock");
+        assert!(advertise_url_for("0.0.0.0:7070").ends_with(":7070"));
+        assert!(!advertise_url_for("0.0.0.0:7070").contains("0.0.0.0"));
+    }
+
+    #[test]
+    fn the_effective_config_prints_as_a_file_that_parses_back() {
+        let effective = Settings {
+            data_dir: Some("/d".into()),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        let reparsed = parse(&effective.to_toml(), Path::new("printed")).unwrap();
+        assert_eq!(reparsed.resolve().unwrap(), effective);
+    }
+
+    #[test]
+    fn an_explicit_config_must_exist_and_the_default_may_be_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        assert!(load_from(Some(&missing), &missing).is_err());
+        let (path, settings) = load_from(None, &missing).unwrap();
+        assert_eq!((path, settings), (None, Settings::default()));
+        let present = dir.path().join("c.toml");
+        std::fs::write(&present, "heartbeat_ttl = 12\n").unwrap();
+        let (path, settings) = load_from(None, &present).unwrap();
+        assert_eq!(path.as_deref(), Some(present.as_path()));
+        assert_eq!(settings.heartbeat_ttl, Some(12));
+    }
+}
