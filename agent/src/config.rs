@@ -245,6 +245,107 @@ fn load_from(
     Ok((Some(path.to_path_buf()), parse(&text, path)?))
 }
 
+/// The commented default config the package installs; `join` starts from it when the
+/// config file does not exist yet.
+pub const SHIPPED_CONFIG: &str = include_str!("../../packaging/agent.toml");
+
+/// Sets top-level `key = value` lines in a config file's text, keeping everything else: an
+/// existing `key = ...` line is replaced, else a commented-out `# key = ...` line, else the
+/// line is appended. Values are TOML strings. The agent's config has only top-level scalar
+/// keys, so this line-wise edit is sound; [`write_joined`] parses the result to be sure.
+pub fn set_keys(text: &str, keys: &[(&str, &str)]) -> String {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    for (key, value) in keys {
+        let line = format!("{key} = {}", toml::Value::String(value.to_string()));
+        let is_key = |candidate: &str| {
+            candidate
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        };
+        let set = lines.iter().position(|l| is_key(l.trim_start()));
+        let commented = || {
+            lines.iter().position(|l| {
+                l.strip_prefix('#')
+                    .is_some_and(|rest| is_key(rest.trim_start()))
+            })
+        };
+        match set.or_else(commented) {
+            Some(index) => lines[index] = line,
+            None => lines.push(line),
+        }
+    }
+    let mut text = lines.join("\n");
+    text.push('\n');
+    text
+}
+
+/// What `kiln-agent join` writes: the config file at `path` (or the shipped default when
+/// there is none) with `coordinator` and `target` set. The file is replaced atomically,
+/// mode 0640, keeping its owner and group (new files: root and group `kiln` when it exists,
+/// so the service can read it and nobody else can).
+pub fn write_joined(path: &Path, coordinator: &str, target: &str) -> anyhow::Result<Effective> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+    let existing = match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => {
+            return Err(error).with_context(|| format!("read config file {}", path.display()));
+        }
+    };
+    let text = set_keys(
+        existing.as_deref().unwrap_or(SHIPPED_CONFIG),
+        &[("coordinator", coordinator), ("target", target)],
+    );
+    let effective = parse(&text, path)?.resolve()?;
+    anyhow::ensure!(
+        effective.coordinator == coordinator && effective.target == target,
+        "internal error: the edited config file does not say what join meant to write"
+    );
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let (uid, gid) = match std::fs::metadata(path) {
+        Ok(meta) => (Some(meta.uid()), Some(meta.gid())),
+        Err(_) => (
+            None,
+            nix::unistd::Group::from_name("kiln")
+                .ok()
+                .flatten()
+                .map(|group| group.gid.as_raw()),
+        ),
+    };
+    let file_name = path.file_name().context("config path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.join-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&tmp)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::fchown(&file, uid, gid)?;
+        }
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    if let Err(error) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(error).with_context(|| format!("write config file {}", path.display()));
+    }
+    Ok(effective)
+}
+
 /// Sets up `tracing` to stderr with `filter`. Under systemd (stderr is the journal, as
 /// `$JOURNAL_STREAM` says) lines carry no timestamp and no colours: the journal adds its own.
 pub fn init_logging(filter: &str) {
@@ -408,5 +509,57 @@ mod tests {
         assert!(load_from(Some(&missing), &missing).is_err());
         let (path, settings) = load_from(None, &missing).unwrap();
         assert_eq!((path, settings), (None, Settings::default()));
+    }
+
+    #[test]
+    fn join_sets_coordinator_and_target_and_keeps_the_rest() {
+        fn check(before: &str, after: &str) {
+            let edited = set_keys(
+                before,
+                &[("coordinator", "http://c:7070"), ("target", "gpu")],
+            );
+            assert_eq!(edited, after, "from {before:?}");
+        }
+        // Uncomments the documented line in place.
+        check(
+            "# doc\n# coordinator = \"http://127.0.0.1:7070\"\nslots = 2\n# target = \"x\"\n",
+            "# doc\ncoordinator = \"http://c:7070\"\nslots = 2\ntarget = \"gpu\"\n",
+        );
+        // Replaces a set value (not a key that merely starts the same), appends a missing one.
+        check(
+            "target = \"old\"\ntargets_note = 1\n",
+            "target = \"gpu\"\ntargets_note = 1\ncoordinator = \"http://c:7070\"\n",
+        );
+        // The shipped file: only the two lines change.
+        let edited = set_keys(
+            SHIPPED_CONFIG,
+            &[("coordinator", "http://c:7070"), ("target", "gpu")],
+        );
+        assert_eq!(edited.lines().count(), SHIPPED_CONFIG.lines().count());
+        let settings = parse(&edited, Path::new("edited")).unwrap();
+        assert_eq!(settings.target.as_deref(), Some("gpu"));
+        assert_eq!(
+            settings.data_dir.as_deref(),
+            Some(Path::new("/var/lib/kiln/agent"))
+        );
+    }
+
+    #[test]
+    fn write_joined_keeps_other_settings_and_makes_the_file_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etc/agent.toml");
+        let effective = write_joined(&path, "http://c:7070", "gpu").unwrap();
+        assert_eq!(effective.data_dir, Path::new("/var/lib/kiln/agent"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        std::fs::write(&path, "slots = 4\ntarget = \"old\"\n").unwrap();
+        let effective = write_joined(&path, "http://d:7070", "cpu").unwrap();
+        assert_eq!((effective.slots, effective.target.as_str()), (4, "cpu"));
+        assert!(write_joined(&path, "http://d:7070", "Bad_Name").is_err());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("etc")).unwrap().count(),
+            1
+        );
     }
 }

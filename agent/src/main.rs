@@ -1,12 +1,14 @@
 //! `kiln-agent`: parses flags, sets up tracing and signals, and runs the agent.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use kiln_agent::config::{self, Settings};
 use kiln_agent::{Agent, gpu};
+use kiln_common::target::TargetName;
+use kiln_proto::{Address, v1};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -20,11 +22,12 @@ use tracing::info;
 /// Examples:
 ///   kiln-agent --coordinator http://10.0.0.5:7070 --target gpu --slots 2
 ///   kiln-agent --print-config
+///   sudo kiln-agent join --coordinator http://10.0.0.5:7070 --token ID.SECRET --target gpu
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
     /// The TOML config file. [default: /etc/kiln/agent.toml, when it exists]
-    #[arg(long, env = "KILN_AGENT_CONFIG")]
+    #[arg(long, env = "KILN_AGENT_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Print the configuration in force (flags, environment, file and defaults merged) as
     /// TOML, and exit.
@@ -36,11 +39,53 @@ struct Args {
     print_host: bool,
     #[command(flatten)]
     settings: Settings,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join a compute target: present a join token to the coordinator, write `coordinator`
+    /// and `target` into the config file (keeping the rest) and restart kiln-agent.service.
+    ///
+    /// Run it as root on a new agent host; `kiln-coordinator token create` on the coordinator
+    /// host prints the exact command. The token gates `join` only: this version does not
+    /// authenticate agent sessions yet.
+    ///
+    /// Example:
+    ///   sudo kiln-agent join --coordinator http://10.0.0.5:7070 --token ID.SECRET --target gpu
+    #[command(verbatim_doc_comment)]
+    Join {
+        /// The coordinator: http://HOST:PORT or unix:///PATH.
+        #[arg(long)]
+        coordinator: String,
+        /// The join token (ID.SECRET) that `kiln-coordinator token create` printed.
+        #[arg(long, env = "KILN_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The compute target the token was made for.
+        #[arg(long)]
+        target: String,
+        /// Write the config file but do not restart the service.
+        #[arg(long)]
+        no_restart: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     kiln_agent::limit_malloc_arenas();
     let args = Args::parse();
+    if let Some(Command::Join {
+        coordinator,
+        token,
+        target,
+        no_restart,
+    }) = args.command
+    {
+        let path = args
+            .config
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+        return join(&coordinator, &token, &target, &path, no_restart);
+    }
     let (file, file_settings) = config::load(args.config.as_deref())?;
     let settings = args.settings.or(file_settings);
     if args.print_host {
@@ -79,6 +124,95 @@ fn main() -> anyhow::Result<()> {
             tokio::spawn(stop_on_signal(shutdown.clone()));
             Agent::run(config, gpus, shutdown).await
         })
+}
+
+/// `kiln-agent join`: checks what it can before spending a use of the token, asks the
+/// coordinator, writes the config file, restarts the service.
+fn join(
+    coordinator: &str,
+    token: &str,
+    target: &str,
+    path: &Path,
+    no_restart: bool,
+) -> anyhow::Result<()> {
+    let address = Address::parse(coordinator)?;
+    let target_name = TargetName::new(target)?;
+    let dir = path
+        .parent()
+        .filter(|dir| !dir.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if dir.exists() && nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_err() {
+        anyhow::bail!(
+            "cannot write {} (permission denied): run `kiln-agent join` as root, e.g. with sudo",
+            path.display()
+        );
+    }
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .unwrap_or_default();
+    let request = v1::JoinRequest {
+        token: token.trim().to_string(),
+        target: target_name.as_str().to_string(),
+        hostname,
+    };
+    let reply = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?
+        .block_on(async {
+            let channel = kiln_proto::connect(&address).await?;
+            let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
+            match client.join(request).await {
+                Ok(reply) => Ok(reply.into_inner()),
+                Err(status) if status.code() == tonic::Code::Unimplemented => anyhow::bail!(
+                    "the coordinator at {address} does not accept joins: upgrade kiln-coordinator \
+                     to {} or later",
+                    kiln_common::VERSION
+                ),
+                Err(status) => {
+                    anyhow::bail!(
+                        "the coordinator at {address} refused to join: {}",
+                        status.message()
+                    )
+                }
+            }
+        })?;
+    config::write_joined(path, &address.to_string(), target_name.as_str())?;
+    eprintln!(
+        "Joined target `{}` at {address} (coordinator {}); wrote {}.",
+        reply.target,
+        reply.coordinator_version,
+        path.display()
+    );
+    if no_restart {
+        eprintln!(
+            "Not restarting (--no-restart): start the agent with `kiln-agent --config {}`.",
+            path.display()
+        );
+        return Ok(());
+    }
+    if !Path::new("/run/systemd/system").exists() {
+        eprintln!(
+            "systemd is not running on this host: start the agent yourself, e.g. \
+             `runuser -u kiln -- kiln-agent --config {}`.",
+            path.display()
+        );
+        return Ok(());
+    }
+    for action in ["enable", "restart"] {
+        let status = std::process::Command::new("systemctl")
+            .args([action, "kiln-agent.service"])
+            .status()
+            .with_context(|| format!("run systemctl {action} kiln-agent.service"))?;
+        anyhow::ensure!(
+            status.success(),
+            "systemctl {action} kiln-agent.service failed ({status}): see `journalctl -u kiln-agent`"
+        );
+    }
+    eprintln!(
+        "kiln-agent.service enabled and restarted; follow it with `journalctl -u kiln-agent -f`."
+    );
+    Ok(())
 }
 
 fn host_json(host: &kiln_proto::v1::HostInfo, samples: &[gpu::GpuSample]) -> serde_json::Value {

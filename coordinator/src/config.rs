@@ -29,7 +29,7 @@ pub struct Settings {
 
     /// Directory for the SQLite database (kiln.db) and the blob store (blobs/).
     /// [default: $XDG_DATA_HOME/kiln/coordinator; the package's file sets /var/lib/kiln/coordinator]
-    #[arg(long, env = "KILN_DATA_DIR")]
+    #[arg(long, env = "KILN_DATA_DIR", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
 
@@ -52,7 +52,7 @@ pub struct Settings {
 
     /// The URL agents and users reach this coordinator at, printed by `token create` in the
     /// join command. [default: derived from `listen`, with this host's name for 0.0.0.0]
-    #[arg(long, env = "KILN_ADVERTISE_URL")]
+    #[arg(long, env = "KILN_ADVERTISE_URL", global = true)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_url: Option<String>,
 

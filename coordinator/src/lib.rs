@@ -4,6 +4,7 @@
 
 pub mod blobs;
 pub mod config;
+pub mod join;
 pub mod scheduler;
 mod service;
 pub mod store;

@@ -1,10 +1,14 @@
 //! `kiln-coordinator`: parses flags, sets up tracing and signals, and runs the coordinator.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use kiln_common::target::TargetName;
 use kiln_coordinator::config::{self, Settings};
+use kiln_coordinator::join;
+use kiln_coordinator::store::Store;
 use kiln_coordinator::{Coordinator, Listener};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -19,6 +23,7 @@ use tracing::info;
 /// Examples:
 ///   kiln-coordinator --listen 127.0.0.1:7070 --data-dir /var/lib/kiln/coordinator
 ///   kiln-coordinator --config /etc/kiln/coordinator.toml --print-config
+///   sudo kiln-coordinator token create --target gpu
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -34,6 +39,47 @@ struct Args {
     address_file: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join tokens for new agent hosts. `token create` prints the `kiln-agent join` command
+    /// to run on them. These commands open the coordinator's database directly (the service
+    /// may be running); as root they act as the owner of the data directory.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a join token for a target and print the command that joins a host with it.
+    ///
+    /// The command goes to stdout, the details to stderr. The token gates `kiln-agent join`
+    /// only: this version does not authenticate agent sessions yet.
+    ///
+    /// Example:
+    ///   sudo kiln-coordinator token create --target gpu --ttl 2h --uses 10
+    #[command(verbatim_doc_comment)]
+    Create {
+        /// The compute target that hosts joining with this token serve.
+        #[arg(long)]
+        target: String,
+        /// How long the token stays valid: 30m, 2h, 7d, ...
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many hosts may join with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List join tokens: id, target, uses left, expiry (secrets are never shown again).
+    List,
+    /// Revoke a join token by its id (the part of the token before the dot).
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +93,9 @@ fn main() -> anyhow::Result<()> {
         }
         print!("{}", effective.to_toml());
         return Ok(());
+    }
+    if let Some(Command::Token(command)) = args.command {
+        return token(command, &effective);
     }
     config::init_logging(&effective.log);
     tokio::runtime::Builder::new_multi_thread()
@@ -84,6 +133,127 @@ async fn serve(
     coordinator.stopped().await;
     info!("Coordinator stopped.");
     Ok(())
+}
+
+/// `kiln-coordinator token ...`: opens the database next to the running service (WAL lets
+/// both write) and works on join tokens.
+fn token(command: TokenCommand, effective: &config::Effective) -> anyhow::Result<()> {
+    let data_dir = &effective.data_dir;
+    act_as_data_dir_owner(data_dir)?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    let store = Store::open(&data_dir.join("kiln.db"))?;
+    match command {
+        TokenCommand::Create { target, ttl, uses } => {
+            let target = TargetName::new(&target)?;
+            let now = kiln_coordinator::now_ms();
+            let created = join::create_token(&store, &target, ttl, uses, now)?;
+            let url = &effective.advertise_url;
+            eprintln!(
+                "Created join token {} for target `{target}`: {uses} use{}, valid until {} ({}).",
+                created.id,
+                if uses == 1 { "" } else { "s" },
+                format_ms(created.expires_ms),
+                humantime::format_duration(ttl),
+            );
+            if is_loopback(url) {
+                eprintln!(
+                    "warning: {url} is a loopback address, which agents on other hosts cannot \
+                     reach: set advertise_url (or listen) in the coordinator's config file."
+                );
+            }
+            eprintln!(
+                "As root on each new agent host, with the kiln-agent package installed, run:"
+            );
+            println!(
+                "kiln-agent join --coordinator {url} --token {} --target {target}",
+                created.token
+            );
+        }
+        TokenCommand::List => {
+            let tokens = store.list_join_tokens()?;
+            if tokens.is_empty() {
+                eprintln!(
+                    "No join tokens. Create one with `kiln-coordinator token create --target NAME`."
+                );
+            } else {
+                println!(
+                    "{:<16}  {:<16}  {:>9}  {:<20}  {:<20}",
+                    "ID", "TARGET", "USES LEFT", "VALID UNTIL", "LAST USED"
+                );
+            }
+            for token in tokens {
+                println!(
+                    "{:<16}  {:<16}  {:>9}  {:<20}  {:<20}",
+                    token.id,
+                    token.target,
+                    token.uses_left,
+                    format_ms(token.expires_ms),
+                    token
+                        .last_used_ms
+                        .map(format_ms)
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            anyhow::ensure!(
+                store.revoke_join_token(&id)?,
+                "no join token has id `{id}`: see `kiln-coordinator token list`"
+            );
+            eprintln!("Revoked join token {id}.");
+        }
+    }
+    Ok(())
+}
+
+/// As root, switches to the owner of the data directory (the `kiln` user when installed from
+/// the package), so that files SQLite creates there stay the service's.
+fn act_as_data_dir_owner(data_dir: &Path) -> anyhow::Result<()> {
+    use nix::unistd::{Gid, Uid, geteuid, setgid, setgroups, setuid};
+    use std::os::unix::fs::MetadataExt as _;
+    if !geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = match std::fs::metadata(data_dir) {
+        Ok(meta) => meta,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "data directory {} does not exist: start the coordinator once first \
+             (systemctl start kiln-coordinator), or set data_dir",
+            data_dir.display()
+        ),
+        Err(error) => {
+            return Err(error).with_context(|| format!("inspect {}", data_dir.display()));
+        }
+    };
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    setgroups(&[]).context("drop supplementary groups")?;
+    setgid(Gid::from_raw(meta.gid())).context("switch to the data directory's group")?;
+    setuid(Uid::from_raw(meta.uid())).context("switch to the data directory's owner")?;
+    Ok(())
+}
+
+fn format_ms(ms: i64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(
+        time.min(SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)),
+    )
+    .to_string()
+}
+
+fn is_loopback(url: &str) -> bool {
+    let host = url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .split([':', '/'])
+        .next()
+        .unwrap_or("");
+    host == "localhost"
+        || host.starts_with("127.")
+        || url.starts_with("unix://")
+        || url.contains("[::1]")
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

@@ -14,7 +14,8 @@ use kiln_proto::v1;
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE targets (
     name TEXT PRIMARY KEY,
     created_ms INTEGER NOT NULL
@@ -70,7 +71,19 @@ CREATE TABLE metrics (
     UNIQUE (run_id, attempt, seq)
 );
 CREATE INDEX metrics_by_run_name ON metrics(run_id, name, id);
-"#];
+"#,
+    r#"
+CREATE TABLE join_tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 BLOB NOT NULL,
+    target TEXT NOT NULL,
+    uses_left INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    last_used_ms INTEGER
+);
+"#,
+];
 
 pub struct Store {
     conn: Connection,
@@ -561,6 +574,157 @@ impl Store {
             .collect::<Result<_, _>>()?;
         Ok(summaries)
     }
+
+    // ---- join tokens ----
+    // A join token is "ID.SECRET"; only the SHA-256 of the secret is stored, and it is
+    // compared in constant time. `kiln-agent join` consumes one use (see `join.rs`).
+
+    pub fn insert_join_token(&self, token: &NewJoinToken) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT INTO join_tokens (id, secret_sha256, target, uses_left, expires_ms, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                token.id,
+                &token.secret_sha256[..],
+                token.target,
+                token.uses,
+                token.expires_ms,
+                token.now_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Checks a presented token and, if it is good for `target`, consumes one use; the check
+    /// and the update are one (immediate) transaction, so two joins never share a last use.
+    /// An unknown id and a wrong secret are the same error.
+    pub fn consume_join_token(
+        &mut self,
+        id: &str,
+        secret_sha256: &[u8; 32],
+        target: &str,
+        now_ms: i64,
+    ) -> Result<JoinTokenRow, JoinTokenError> {
+        use subtle::ConstantTimeEq as _;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(anyhow::Error::from)?;
+        let found = tx
+            .query_row(
+                "SELECT secret_sha256, target, uses_left, expires_ms, created_ms, last_used_ms
+                 FROM join_tokens WHERE id = ?1",
+                [id],
+                |row| {
+                    Ok((
+                        row.get::<_, Vec<u8>>(0)?,
+                        JoinTokenRow {
+                            id: id.to_string(),
+                            target: row.get(1)?,
+                            uses_left: row.get(2)?,
+                            expires_ms: row.get(3)?,
+                            created_ms: row.get(4)?,
+                            last_used_ms: row.get(5)?,
+                        },
+                    ))
+                },
+            )
+            .optional()
+            .map_err(anyhow::Error::from)?;
+        let Some((stored, mut row)) = found else {
+            return Err(JoinTokenError::Unknown);
+        };
+        if !bool::from(stored.as_slice().ct_eq(&secret_sha256[..])) {
+            return Err(JoinTokenError::Unknown);
+        }
+        if row.expires_ms <= now_ms {
+            return Err(JoinTokenError::Expired);
+        }
+        if row.uses_left == 0 {
+            return Err(JoinTokenError::UsedUp);
+        }
+        if row.target != target {
+            return Err(JoinTokenError::OtherTarget(row.target));
+        }
+        tx.execute(
+            "UPDATE join_tokens SET uses_left = uses_left - 1, last_used_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
+        )
+        .map_err(anyhow::Error::from)?;
+        tx.commit().map_err(anyhow::Error::from)?;
+        row.uses_left -= 1;
+        row.last_used_ms = Some(now_ms);
+        Ok(row)
+    }
+
+    /// Every join token, newest first (secrets are never read back).
+    pub fn list_join_tokens(&self) -> anyhow::Result<Vec<JoinTokenRow>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, target, uses_left, expires_ms, created_ms, last_used_ms
+             FROM join_tokens ORDER BY created_ms DESC, id",
+        )?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok(JoinTokenRow {
+                    id: row.get(0)?,
+                    target: row.get(1)?,
+                    uses_left: row.get(2)?,
+                    expires_ms: row.get(3)?,
+                    created_ms: row.get(4)?,
+                    last_used_ms: row.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Deletes a join token; false when there was none with that id.
+    pub fn revoke_join_token(&self, id: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM join_tokens WHERE id = ?1", [id])?
+            > 0)
+    }
+}
+
+// ---- join tokens ----
+
+/// A join token as `token create` stores it.
+pub struct NewJoinToken<'a> {
+    pub id: &'a str,
+    pub secret_sha256: [u8; 32],
+    pub target: &'a str,
+    pub uses: u32,
+    pub expires_ms: i64,
+    pub now_ms: i64,
+}
+
+/// A stored join token, without its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRow {
+    pub id: String,
+    pub target: String,
+    pub uses_left: u32,
+    pub expires_ms: i64,
+    pub created_ms: i64,
+    pub last_used_ms: Option<i64>,
+}
+
+/// Why a presented join token was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinTokenError {
+    #[error("the join token is not valid (unknown, revoked or mistyped)")]
+    Unknown,
+    #[error("the join token has expired: create a new one with `kiln-coordinator token create`")]
+    Expired,
+    #[error(
+        "the join token has no uses left: create a new one with `kiln-coordinator token create`"
+    )]
+    UsedUp,
+    #[error("the join token is for target `{0}`, not this one")]
+    OtherTarget(String),
+    #[error(transparent)]
+    Db(#[from] anyhow::Error),
 }
 
 #[cfg(test)]
@@ -694,5 +858,78 @@ mod tests {
             ),
             (0.4, Some(3), 2)
         );
+    }
+}
+
+#[cfg(test)]
+mod join_token_tests {
+    use super::*;
+
+    fn store_with_token(uses: u32) -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        store
+            .insert_join_token(&NewJoinToken {
+                id: "t1",
+                secret_sha256: [7; 32],
+                target: "gpu",
+                uses,
+                expires_ms: 1_000,
+                now_ms: 10,
+            })
+            .unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn a_token_is_good_for_its_uses_its_target_and_its_lifetime_only() {
+        let (_dir, mut store) = store_with_token(2);
+        let row = store.consume_join_token("t1", &[7; 32], "gpu", 20).unwrap();
+        assert_eq!((row.uses_left, row.last_used_ms), (1, Some(20)));
+        let check = |result: Result<JoinTokenRow, JoinTokenError>, expected: &str| {
+            let error = result.unwrap_err();
+            assert_eq!(format!("{error:?}"), expected, "{error}");
+        };
+        check(
+            store.consume_join_token("t1", &[8; 32], "gpu", 30),
+            "Unknown",
+        );
+        check(
+            store.consume_join_token("t2", &[7; 32], "gpu", 30),
+            "Unknown",
+        );
+        check(
+            store.consume_join_token("t1", &[7; 32], "cpu", 30),
+            "OtherTarget(\"gpu\")",
+        );
+        check(
+            store.consume_join_token("t1", &[7; 32], "gpu", 1_000),
+            "Expired",
+        );
+        // Refusals consumed nothing: the second use is still there, and then none.
+        assert_eq!(
+            store
+                .consume_join_token("t1", &[7; 32], "gpu", 40)
+                .unwrap()
+                .uses_left,
+            0
+        );
+        check(
+            store.consume_join_token("t1", &[7; 32], "gpu", 50),
+            "UsedUp",
+        );
+        assert_eq!(store.list_join_tokens().unwrap()[0].last_used_ms, Some(40));
+    }
+
+    #[test]
+    fn a_revoked_token_is_unknown() {
+        let (_dir, mut store) = store_with_token(5);
+        assert!(store.revoke_join_token("t1").unwrap());
+        assert!(!store.revoke_join_token("t1").unwrap());
+        assert!(matches!(
+            store.consume_join_token("t1", &[7; 32], "gpu", 20),
+            Err(JoinTokenError::Unknown)
+        ));
+        assert!(store.list_join_tokens().unwrap().is_empty());
     }
 }
