@@ -2,14 +2,16 @@
 //! it is assigned until the shutdown token is cancelled; `main.rs` and the `kiln` CLI's local
 //! mode only build a [`Config`].
 //!
-//! Shutdown versus kill: cancelling the agent's token *stops the agent*, which in this version
-//! also stops its runs (reported as failed, "agent stopped"); a coordinator `CancelRun` kills
-//! one run (reported as cancelled).
+//! Shutdown versus kill: cancelling the agent's token *stops the agent* and leaves its runs
+//! running under their supervisors (the next agent process attaches to them again); a
+//! coordinator `CancelRun` kills one run (reported as cancelled).
 
 pub mod config;
 pub mod gpu;
 pub mod runner;
 mod session;
+pub mod spool;
+pub mod supervisor;
 pub mod telemetry;
 
 use std::collections::HashMap;
@@ -48,6 +50,8 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// Reported host name; default: the system's.
     pub hostname: Option<String>,
+    /// The executable that runs `__supervise` (kiln-agent itself, or kiln in the local target).
+    pub supervisor_program: PathBuf,
 }
 
 impl Config {
@@ -61,33 +65,29 @@ impl Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             metrics_interval: DEFAULT_METRICS_INTERVAL,
             hostname: None,
+            supervisor_program: std::env::current_exe()
+                .unwrap_or_else(|_| PathBuf::from("kiln-agent")),
         }
     }
 }
 
-/// Why a run is being stopped by the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// A user cancelled it.
-    Cancelled,
-    /// The agent is shutting down.
-    AgentStopping,
-}
-
 struct RunHandle {
-    stop: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
+    cancel: CancellationToken,
+    acks: tokio::sync::watch::Sender<runner::AckState>,
 }
 
 pub struct Agent {
     config: Config,
     agent_id: String,
     host: v1::HostInfo,
-    gpus: Arc<dyn gpu::GpuProbe>,
     /// Messages for the coordinator; the session forwards them while connected.
     uplink: mpsc::Sender<v1::AgentMessage>,
     runs: Mutex<HashMap<(i64, u32), RunHandle>>,
     run_tasks: TaskTracker,
+    /// Counts sessions: a run resends what is unacknowledged whenever it changes.
+    session_generation: tokio::sync::watch::Sender<u64>,
+    /// Cancelled when the agent process stops: run tasks end, runs go on.
+    detach: CancellationToken,
     /// The channel of the current session, for blob transfers.
     channel: tokio::sync::watch::Sender<Option<tonic::transport::Channel>>,
     python_dir: PathBuf,
@@ -125,26 +125,26 @@ impl Agent {
             config,
             agent_id,
             host,
-            gpus,
             uplink,
             runs: Mutex::new(HashMap::new()),
             run_tasks: TaskTracker::new(),
+            session_generation: tokio::sync::watch::channel(0).0,
+            detach: CancellationToken::new(),
             channel,
             python_dir,
         });
+        agent.reattach_runs();
         let session_stop = CancellationToken::new();
         let session = tokio::spawn(session::run(agent.clone(), uplink_rx, session_stop.clone()));
 
         shutdown.cancelled().await;
-        info!("Agent stopping: stopping runs.");
-        agent.stop_all_runs(StopReason::AgentStopping);
+        info!(
+            runs = agent.runs().len(),
+            "Agent stopping; its runs go on under their supervisors."
+        );
+        agent.detach.cancel();
         agent.run_tasks.close();
-        if tokio::time::timeout(Duration::from_secs(20), agent.run_tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("Some runs did not stop within 20 s.");
-        }
+        agent.run_tasks.wait().await;
         session_stop.cancel();
         let _ = session.await;
         info!("Agent stopped.");
@@ -168,48 +168,98 @@ impl Agent {
 
     fn start_run(self: &Arc<Self>, assignment: v1::Assignment) {
         let key = (assignment.run_id, assignment.attempt);
-        let stop = CancellationToken::new();
-        let reason = Arc::new(Mutex::new(None));
-        {
-            let mut runs = self.runs();
-            if runs.contains_key(&key) {
-                return;
-            }
-            runs.insert(
-                key,
-                RunHandle {
-                    stop: stop.clone(),
-                    reason: reason.clone(),
-                },
-            );
-        }
+        let Some(control) = self.register_run(key) else {
+            return;
+        };
         let agent = self.clone();
         self.run_tasks.spawn(async move {
-            runner::execute(agent.clone(), assignment, stop, reason).await;
-            agent.runs().remove(&key);
-            release_free_memory();
+            runner::execute(agent.clone(), assignment, control).await;
+            agent.run_ended(key);
         });
     }
 
-    fn stop_run(&self, run_id: i64, attempt: u32, why: StopReason) {
-        if let Some(handle) = self.runs().get(&(run_id, attempt)) {
-            handle
-                .reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(why);
-            handle.stop.cancel();
+    /// Adds a run to the table; `None` if it is already there.
+    fn register_run(&self, key: (i64, u32)) -> Option<runner::RunControl> {
+        let mut runs = self.runs();
+        if runs.contains_key(&key) {
+            return None;
+        }
+        let cancel = CancellationToken::new();
+        let (acks, acks_rx) = tokio::sync::watch::channel(runner::AckState::default());
+        runs.insert(
+            key,
+            RunHandle {
+                cancel: cancel.clone(),
+                acks,
+            },
+        );
+        Some(runner::RunControl {
+            cancel,
+            detach: self.detach.clone(),
+            acks: acks_rx,
+        })
+    }
+
+    fn run_ended(&self, key: (i64, u32)) {
+        self.runs().remove(&key);
+        release_free_memory();
+    }
+
+    /// Finds the runs a previous agent process left in `runs/` and follows them again.
+    fn reattach_runs(self: &Arc<Self>) {
+        let Ok(entries) = std::fs::read_dir(self.config.data_dir.join("runs")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let root = entry.path();
+            let state = spool::StateDir(root.join("state"));
+            let spec: Option<spool::Spec> = spool::read_json(&state.spec()).ok().flatten();
+            let Some(spec) = spec else {
+                // Interrupted before the script was set up: nothing runs; the coordinator
+                // requeues the attempt when this agent says hello without it.
+                let has_exit = state.exit().exists();
+                if !has_exit {
+                    let _ = std::fs::remove_dir_all(&root);
+                    continue;
+                }
+                if let Some((run_id, attempt)) = parse_run_dir(&root) {
+                    self.spawn_attach(run_id, attempt, root);
+                }
+                continue;
+            };
+            self.spawn_attach(spec.run_id, spec.attempt, root);
         }
     }
 
-    fn stop_all_runs(&self, why: StopReason) {
-        for handle in self.runs().values() {
-            handle
-                .reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_or_insert(why);
-            handle.stop.cancel();
+    fn spawn_attach(self: &Arc<Self>, run_id: i64, attempt: u32, root: PathBuf) {
+        let key = (run_id, attempt);
+        let Some(control) = self.register_run(key) else {
+            return;
+        };
+        info!(
+            run_id,
+            attempt, "Attaching to a run left by the previous agent process."
+        );
+        let agent = self.clone();
+        self.run_tasks.spawn(async move {
+            runner::attach(agent.clone(), run_id, attempt, root, control).await;
+            agent.run_ended(key);
+        });
+    }
+
+    fn cancel_run(&self, run_id: i64, attempt: u32) {
+        if let Some(handle) = self.runs().get(&(run_id, attempt)) {
+            handle.cancel.cancel();
+        }
+    }
+
+    fn acknowledge(&self, ack: &v1::Ack) {
+        if let Some(handle) = self.runs().get(&(ack.run_id, ack.attempt)) {
+            handle.acks.send_modify(|state| {
+                state.log_seq = state.log_seq.max(ack.log_seq);
+                state.metric_seq = state.metric_seq.max(ack.metric_seq);
+                state.finished |= ack.finished;
+            });
         }
     }
 
@@ -226,6 +276,13 @@ impl Agent {
             }
         }
     }
+}
+
+/// `runs/<run>.<attempt>` → (run, attempt).
+fn parse_run_dir(root: &std::path::Path) -> Option<(i64, u32)> {
+    let name = root.file_name()?.to_str()?;
+    let (run, attempt) = name.split_once('.')?;
+    Some((run.parse().ok()?, attempt.parse().ok()?))
 }
 
 /// Caps glibc's malloc arenas: by default every thread that allocates may get its own arena

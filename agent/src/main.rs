@@ -72,6 +72,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    kiln_agent::supervisor::run_if_requested();
     kiln_agent::limit_malloc_arenas();
     let args = Args::parse();
     if let Some(Command::Join {
@@ -86,7 +87,8 @@ fn main() -> anyhow::Result<()> {
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
         return join(&coordinator, &token, &target, &path, no_restart);
     }
-    let (file, file_settings) = config::load(args.config.as_deref())?;
+    let (file, file_settings) =
+        config::load(args.config.as_deref()).unwrap_or_else(|error| exit_config_error(error));
     let settings = args.settings.or(file_settings);
     if args.print_host {
         let gpus = gpu::NvmlProbe::new();
@@ -97,7 +99,9 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let effective = settings.resolve()?;
+    let effective = settings
+        .resolve()
+        .unwrap_or_else(|error| exit_config_error(error));
     if args.print_config {
         match &file {
             Some(path) => println!("# config file: {}", path.display()),
@@ -233,6 +237,15 @@ fn host_json(host: &kiln_proto::v1::HostInfo, samples: &[gpu::GpuSample]) -> ser
             "power_watts": s.power_watts,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// Exit status for an invalid configuration (EX_CONFIG from sysexits.h); the systemd unit
+/// does not restart on it (`RestartPreventExitStatus=78`).
+const EXIT_CONFIG: i32 = 78;
+
+fn exit_config_error(error: anyhow::Error) -> ! {
+    eprintln!("Error: {error:#}");
+    std::process::exit(EXIT_CONFIG)
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

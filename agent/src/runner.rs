@@ -1,52 +1,73 @@
-//! One run on this agent, in fixed phases: fetch snapshot → unpack → start → stream logs and
-//! metrics while waiting → upload outputs → report. Cleanup (process group, socket, run
-//! directory) always runs. Every log line and metric point gets the next per-attempt
-//! sequence number here, so the coordinator can store them idempotently.
+//! One run attempt on this agent. Preparation, in order: fetch the snapshot (cache by
+//! digest, verified) → unpack into a fresh `work/` directory → check the script → write
+//! `spec.json` → start the run's supervisor (see `supervisor.rs`), which starts the script.
+//! Then [`attach`] follows the attempt's spool until the script has ended: it sends every
+//! log line and metric point, keeps what the coordinator has not acknowledged and sends it
+//! again on every new session, uploads `outputs/`, reports `Finished` and waits for its ack.
+//! Only then is the run directory removed.
+//!
+//! Stopping the agent leaves supervisors and scripts running; the next agent process finds
+//! them in `runs/` and attaches again ([`Agent::reattach_runs`](crate::Agent)). A cancel
+//! from the coordinator stops the script's whole process group (SIGTERM, SIGKILL after
+//! [`STOP_GRACE`]).
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use kiln_common::snapshot::{self, DIGEST_PREFIX, PackOptions, UnpackLimits};
 use kiln_proto::v1::{self, agent_message::Kind as Up};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, BufReader};
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info, info_span, warn};
 
+use crate::Agent;
 use crate::session::up;
-use crate::{Agent, StopReason};
+use crate::spool::{self, Acked, Exit, LogRecord, MetricRecord, ProcessRecord, Spec, StateDir};
 
 /// Time a cancelled run gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// Longest log line sent as one line; longer output is split.
-const MAX_LINE_BYTES: usize = 64 * 1024;
+/// How often the spool is checked for new lines while a run is active.
+const POLL: Duration = Duration::from_millis(5);
+/// Most unacknowledged lines (or points) held in memory; the rest waits in the spool file.
+const MAX_UNACKED: usize = 50_000;
+/// Largest batch sent in one message.
+const MAX_BATCH: usize = 1000;
 
-/// What a run phase returns when the run cannot go on: the status and message to report.
-struct Fail {
-    message: String,
+/// What the coordinator has acknowledged for one attempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AckState {
+    pub log_seq: u64,
+    pub metric_seq: u64,
+    pub finished: bool,
 }
 
-impl<E: std::fmt::Display> From<E> for Fail {
-    fn from(error: E) -> Fail {
-        Fail {
-            message: error.to_string(),
-        }
-    }
+/// How the agent talks to one run's task.
+pub(crate) struct RunControl {
+    /// Cancelled when the coordinator cancels the attempt.
+    pub cancel: CancellationToken,
+    /// Cancelled when the agent process stops: the task ends, the run goes on.
+    pub detach: CancellationToken,
+    pub acks: watch::Receiver<AckState>,
 }
 
-pub(crate) async fn execute(
-    agent: Arc<Agent>,
-    assignment: v1::Assignment,
-    stop: CancellationToken,
-    reason: Arc<Mutex<Option<StopReason>>>,
-) {
+/// Where an attempt lives on disk: `runs/<run>.<attempt>/{state,work}`.
+pub(crate) fn run_root(agent: &Agent, run_id: i64, attempt: u32) -> PathBuf {
+    agent
+        .config
+        .data_dir
+        .join("runs")
+        .join(format!("{run_id}.{attempt}"))
+}
+
+/// Prepares and starts a newly assigned attempt, then follows it.
+pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, control: RunControl) {
     let span = info_span!(
         "run",
         run_id = assignment.run_id,
@@ -54,306 +75,626 @@ pub(crate) async fn execute(
     );
     async move {
         info!(script = %assignment.script, snapshot = %assignment.snapshot_digest, "Run assigned.");
-        let run_dir = agent
-            .config
-            .data_dir
-            .join("runs")
-            .join(format!("{}.{}", assignment.run_id, assignment.attempt));
-        let socket = agent
-            .config
-            .data_dir
-            .join("sock")
-            .join(format!("{}.{}.sock", assignment.run_id, assignment.attempt));
-        let reporter = Reporter::new(&agent, &assignment);
-        let finished = run_phases(
-            &agent,
-            &assignment,
-            &run_dir,
-            &socket,
-            &reporter,
-            &stop,
-            &reason,
-        )
-        .await;
-        reporter.close().await;
-        let status = finished.status();
-        let _ = agent
-            .uplink
-            .send(up(Up::RunEvent(v1::RunEvent {
-                run_id: assignment.run_id,
-                attempt: assignment.attempt,
-                kind: Some(v1::run_event::Kind::Finished(finished)),
-            })))
-            .await;
-        let _ = std::fs::remove_file(&socket);
-        if let Err(error) = std::fs::remove_dir_all(&run_dir)
-            && error.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(error = %error, "Could not remove the run directory.");
+        let root = run_root(&agent, assignment.run_id, assignment.attempt);
+        let state = StateDir(root.join("state"));
+        if let Err(error) = prepare(&agent, &assignment, &root, &state, &control).await {
+            // Nothing started: record why, and report it like any other end.
+            let message = format!("{error:#}");
+            warn!(error = %message, "Run could not start.");
+            let mut spool_logs = SystemLines::new(&state);
+            spool_logs.line(&message);
+            let exit = Exit {
+                exit_code: None,
+                description: message.clone(),
+                start_error: Some(message),
+            };
+            if let Err(error) = spool::write_json(&state.exit(), &exit) {
+                warn!(error = %error, "Could not record the failed start; dropping the run.");
+                let _ = std::fs::remove_dir_all(&root);
+                return;
+            }
         }
-        info!(status = ?status, "Run done.");
+        attach(agent, assignment.run_id, assignment.attempt, root, control).await;
     }
     .instrument(span)
     .await
 }
 
-async fn run_phases(
+/// Lines Kiln itself writes into the log spool before the supervisor starts.
+struct SystemLines {
+    path: PathBuf,
+}
+
+impl SystemLines {
+    fn new(state: &StateDir) -> SystemLines {
+        SystemLines { path: state.logs() }
+    }
+
+    fn line(&mut self, text: &str) {
+        let write = || -> std::io::Result<()> {
+            let seq = spool::last_seq(&self.path)? + 1;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            let record = LogRecord {
+                seq,
+                stream: v1::LogStream::System as i32,
+                time_ms: now_ms(),
+                text: text.to_string(),
+            };
+            spool::append(&mut file, &record)
+        };
+        if let Err(error) = write() {
+            warn!(error = %error, "Could not spool a system line.");
+        }
+    }
+}
+
+async fn prepare(
     agent: &Arc<Agent>,
     assignment: &v1::Assignment,
-    run_dir: &Path,
-    socket: &Path,
-    reporter: &Reporter,
-    stop: &CancellationToken,
-    reason: &Mutex<Option<StopReason>>,
-) -> v1::Finished {
-    let failed = |message: String| v1::Finished {
-        status: v1::RunStatus::Failed as i32,
-        exit_code: None,
-        message,
-        outputs_digest: String::new(),
-    };
-    // Fetch and unpack.
+    root: &Path,
+    state: &StateDir,
+    control: &RunControl,
+) -> anyhow::Result<()> {
+    if root.exists() {
+        std::fs::remove_dir_all(root).with_context(|| format!("clear {}", root.display()))?;
+    }
+    std::fs::create_dir_all(&state.0).with_context(|| format!("create {}", state.0.display()))?;
+    let mut system = SystemLines::new(state);
     let archive = tokio::select! {
-        _ = stop.cancelled() => return stopped_before_start(reason),
-        archive = fetch_snapshot(agent, &assignment.snapshot_digest, reporter) => archive,
-    };
-    let archive = match archive {
-        Ok(archive) => archive,
-        Err(fail) => return failed(format!("could not fetch snapshot: {}", fail.message)),
-    };
-    if let Err(fail) = unpack(&archive, run_dir).await {
-        reporter.system(format!("Snapshot could not be unpacked: {}", fail.message));
-        return failed(format!("snapshot could not be unpacked: {}", fail.message));
-    }
-    let script_path = run_dir.join(&assignment.script);
-    if !script_path.is_file() {
-        let message = format!(
-            "script `{}` does not exist in the snapshot",
-            assignment.script
-        );
-        reporter.system(message.clone());
-        return failed(message);
-    }
-    let outputs = run_dir.join("outputs");
-    if let Err(error) = std::fs::create_dir_all(&outputs) {
-        return failed(format!("could not create outputs/: {error}"));
-    }
-
-    // Start.
-    let metrics_listener = match bind_metrics_socket(socket) {
-        Ok(listener) => listener,
-        Err(error) => return failed(format!("could not open the metrics socket: {error:#}")),
-    };
-    let mut command = match build_command(agent, assignment, &script_path) {
-        Ok(command) => command,
-        Err(fail) => {
-            reporter.system(fail.message.clone());
-            return failed(fail.message);
+        _ = control.cancel.cancelled() => anyhow::bail!("cancelled before the run started"),
+        archive = fetch_snapshot(agent, &assignment.snapshot_digest, &mut system) => {
+            archive.context("could not fetch the snapshot")?
         }
     };
-    command
-        .current_dir(run_dir)
-        .env("PYTHONPATH", python_path(&agent.python_dir))
-        .env("PYTHONUNBUFFERED", "1")
-        .env("KILN_RUN_ID", assignment.run_id.to_string())
-        .env("KILN_ATTEMPT", assignment.attempt.to_string())
-        .env("KILN_TARGET", agent.config.target.as_str())
-        .env("KILN_OUTPUTS_DIR", &outputs)
-        .env("KILN_METRICS_SOCKET", socket)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so that stopping the run reaches every process it started.
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(error) => {
-            let message = format!("could not start `{}`: {error}", assignment.script);
-            reporter.system(message.clone());
-            return failed(message);
-        }
-    };
-    let pid = child.id().unwrap_or(0);
-    info!(pid, "Script started.");
-    let _ = agent
-        .uplink
-        .send(up(Up::RunEvent(v1::RunEvent {
-            run_id: assignment.run_id,
-            attempt: assignment.attempt,
-            kind: Some(v1::run_event::Kind::Started(v1::Started { pid })),
-        })))
-        .await;
-
-    let stdout = tokio::spawn(read_lines(
-        child.stdout.take().expect("piped"),
-        v1::LogStream::Stdout,
-        reporter.lines.clone(),
-    ));
-    let stderr = tokio::spawn(read_lines(
-        child.stderr.take().expect("piped"),
-        v1::LogStream::Stderr,
-        reporter.lines.clone(),
-    ));
-    let metrics_done = CancellationToken::new();
-    let user_metrics = tokio::spawn(accept_metrics(
-        metrics_listener,
-        reporter.points.clone(),
-        metrics_done.clone(),
-    ));
-    let system_metrics = tokio::spawn(sample_system_metrics(
-        pid,
-        agent.gpus.clone(),
-        agent.config.metrics_interval,
-        reporter.points.clone(),
-        metrics_done.clone(),
-    ));
-
-    // Wait.
-    let (status, stop_reason) = tokio::select! {
-        status = child.wait() => (status, None),
-        _ = stop.cancelled() => {
-            let why = reason.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(StopReason::Cancelled);
-            reporter.system(match why {
-                StopReason::Cancelled => "Run cancelled: stopping its processes.".to_string(),
-                StopReason::AgentStopping => "The agent is stopping: stopping the run's processes.".to_string(),
-            });
-            (terminate(pid, &mut child).await, Some(why))
-        }
-    };
-    // Whatever the script left behind in its group goes too, so the pipes close.
-    let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
-    for reader in [stdout, stderr] {
-        if tokio::time::timeout(Duration::from_secs(5), reader)
-            .await
-            .is_err()
-        {
-            warn!("A log pipe stayed open after the run's processes ended.");
-        }
-    }
-    metrics_done.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), user_metrics).await;
-    let _ = system_metrics.await;
-
-    let (exit_code, exit_text) = match &status {
-        Ok(status) => describe_exit(status),
-        Err(error) => (None, format!("could not wait for the script: {error}")),
-    };
-
-    // Upload outputs.
-    let outputs_digest = match upload_outputs(agent, &outputs).await {
-        Ok(digest) => digest,
-        Err(error) => {
-            reporter.system(format!("Outputs could not be uploaded: {error:#}"));
-            String::new()
-        }
-    };
-    let (status, message) = match stop_reason {
-        Some(StopReason::Cancelled) => (v1::RunStatus::Cancelled, "cancelled by user".to_string()),
-        Some(StopReason::AgentStopping) => (
-            v1::RunStatus::Failed,
-            "the agent stopped while the run was in progress".to_string(),
+    let work = root.join("work");
+    unpack(&archive, &work)
+        .await
+        .context("the snapshot could not be unpacked")?;
+    let script = work.join(&assignment.script);
+    anyhow::ensure!(
+        script.is_file(),
+        "script `{}` does not exist in the snapshot",
+        assignment.script
+    );
+    let outputs = work.join("outputs");
+    std::fs::create_dir_all(&outputs).context("create outputs/")?;
+    let (program, args) = command_line(agent, assignment, &script)?;
+    let socket = agent
+        .config
+        .data_dir
+        .join("sock")
+        .join(format!("{}.{}.sock", assignment.run_id, assignment.attempt));
+    let env = vec![
+        ("PYTHONPATH".to_string(), python_path(&agent.python_dir)),
+        ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
+        ("KILN_RUN_ID".to_string(), assignment.run_id.to_string()),
+        ("KILN_ATTEMPT".to_string(), assignment.attempt.to_string()),
+        ("KILN_TARGET".to_string(), agent.config.target.to_string()),
+        (
+            "KILN_OUTPUTS_DIR".to_string(),
+            outputs.to_string_lossy().into_owned(),
         ),
-        None if exit_code == Some(0) => (v1::RunStatus::Succeeded, String::new()),
-        None => (v1::RunStatus::Failed, exit_text),
+        (
+            "KILN_METRICS_SOCKET".to_string(),
+            socket.to_string_lossy().into_owned(),
+        ),
+    ];
+    let spec = Spec {
+        run_id: assignment.run_id,
+        attempt: assignment.attempt,
+        program,
+        args,
+        cwd: work,
+        env,
+        metrics_socket: socket,
+        metrics_interval_ms: agent.config.metrics_interval.as_millis() as u64,
+    };
+    spool::write_json(&state.spec(), &spec).context("write spec.json")?;
+    anyhow::ensure!(
+        !control.cancel.is_cancelled(),
+        "cancelled before the run started"
+    );
+    start_supervisor(agent, state)
+}
+
+/// Starts the supervisor in its own process group; a task reaps it when it exits.
+fn start_supervisor(agent: &Agent, state: &StateDir) -> anyhow::Result<()> {
+    let log =
+        std::fs::File::create(state.0.join("supervisor.log")).context("create supervisor.log")?;
+    let mut child = tokio::process::Command::new(&agent.config.supervisor_program)
+        .arg(crate::supervisor::SUBCOMMAND)
+        .arg(&state.0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "start the run supervisor {}",
+                agent.config.supervisor_program.display()
+            )
+        })?;
+    tokio::spawn(async move {
+        let _ = child.wait().await;
+    });
+    Ok(())
+}
+
+/// Follows an attempt's spool to its end and reports it. Used for new runs and for runs found
+/// again after an agent restart.
+pub(crate) async fn attach(
+    agent: Arc<Agent>,
+    run_id: i64,
+    attempt: u32,
+    root: PathBuf,
+    mut control: RunControl,
+) {
+    let state = StateDir(root.join("state"));
+    let mut follower = Follower::new(&agent, run_id, attempt, &state);
+    let mut sessions = agent.session_generation.subscribe();
+    sessions.mark_changed();
+    let mut stopping: Option<Instant> = None;
+    let mut killed = false;
+    let exit = loop {
+        let progressed = follower.read_spool().await;
+        follower.send_new().await;
+        if !progressed {
+            if let Some(exit) = follower.exit() {
+                break exit;
+            }
+            if let Some(exit) = follower.supervisor_vanished() {
+                break exit;
+            }
+        }
+        if let Some(since) = stopping
+            && !killed
+            && since.elapsed() > STOP_GRACE
+        {
+            follower.signal_group(Signal::SIGKILL);
+            killed = true;
+        }
+        tokio::select! {
+            _ = control.detach.cancelled() => return,
+            _ = control.cancel.cancelled(), if stopping.is_none() => {
+                info!("Cancel: stopping the run's processes.");
+                follower.signal_group(Signal::SIGTERM);
+                stopping = Some(Instant::now());
+            }
+            changed = control.acks.changed() => {
+                if changed.is_ok() {
+                    follower.acknowledged(*control.acks.borrow_and_update());
+                }
+            }
+            changed = sessions.changed() => {
+                if changed.is_ok() {
+                    follower.resend().await;
+                }
+            }
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    };
+    let cancelled = control.cancel.is_cancelled();
+
+    // Every line and point must be stored before the run is reported as ended, so that a
+    // follower that sees the end has seen everything. A cancelled attempt may be fenced off
+    // (the coordinator drops its messages), so it waits only briefly.
+    let deadline = cancelled.then(|| Instant::now() + Duration::from_secs(5));
+    while !follower.all_acknowledged() && deadline.is_none_or(|d| Instant::now() < d) {
+        tokio::select! {
+            _ = control.detach.cancelled() => return,
+            changed = control.acks.changed() => {
+                if changed.is_ok() {
+                    follower.acknowledged(*control.acks.borrow_and_update());
+                }
+            }
+            changed = sessions.changed() => {
+                if changed.is_ok() {
+                    follower.resend().await;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    follower.persist_acks();
+
+    let finished = match spool::read_json::<FinishedRecord>(&state.finished()) {
+        Ok(Some(record)) => record.into_wire(),
+        _ => {
+            let finished = finish(&agent, &root, &exit, cancelled).await;
+            if let Err(error) =
+                spool::write_json(&state.finished(), &FinishedRecord::from_wire(&finished))
+            {
+                warn!(error = %error, "Could not persist the final report.");
+            }
+            finished
+        }
+    };
+    info!(status = ?finished.status(), exit_code = ?finished.exit_code, "Run ended; reporting.");
+    let report = up(Up::RunEvent(v1::RunEvent {
+        run_id,
+        attempt,
+        kind: Some(v1::run_event::Kind::Finished(finished)),
+    }));
+    let _ = agent.uplink.send(report.clone()).await;
+    let deadline = cancelled.then(|| Instant::now() + Duration::from_secs(5));
+    while !control.acks.borrow().finished && deadline.is_none_or(|d| Instant::now() < d) {
+        tokio::select! {
+            _ = control.detach.cancelled() => return,
+            changed = control.acks.changed() => { if changed.is_err() { break; } }
+            changed = sessions.changed() => {
+                if changed.is_ok() {
+                    let _ = agent.uplink.send(report.clone()).await;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    let _ = std::fs::remove_file(
+        agent
+            .config
+            .data_dir
+            .join("sock")
+            .join(format!("{run_id}.{attempt}.sock")),
+    );
+    if let Err(error) = std::fs::remove_dir_all(&root)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(error = %error, "Could not remove the run directory.");
+    }
+}
+
+/// The final report for an attempt whose script has ended (or never started).
+async fn finish(agent: &Agent, root: &Path, exit: &Exit, cancelled: bool) -> v1::Finished {
+    let outputs = root.join("work/outputs");
+    let outputs_digest = if exit.start_error.is_none() && outputs.is_dir() {
+        match upload_outputs(agent, &outputs).await {
+            Ok(digest) => digest,
+            Err(error) => {
+                warn!(error = %format!("{error:#}"), "Outputs could not be uploaded.");
+                String::new()
+            }
+        }
+    } else {
+        String::new()
+    };
+    let (status, message) = if cancelled {
+        (v1::RunStatus::Cancelled, "cancelled by user".to_string())
+    } else if let Some(error) = &exit.start_error {
+        (v1::RunStatus::Failed, error.clone())
+    } else if exit.exit_code == Some(0) {
+        (v1::RunStatus::Succeeded, String::new())
+    } else {
+        (v1::RunStatus::Failed, exit.description.clone())
     };
     v1::Finished {
         status: status as i32,
-        exit_code,
+        exit_code: exit.exit_code,
         message,
         outputs_digest,
     }
 }
 
-fn stopped_before_start(reason: &Mutex<Option<StopReason>>) -> v1::Finished {
-    let why = reason
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .unwrap_or(StopReason::Cancelled);
-    let (status, message) = match why {
-        StopReason::Cancelled => (v1::RunStatus::Cancelled, "cancelled by user"),
-        StopReason::AgentStopping => (
-            v1::RunStatus::Failed,
-            "the agent stopped before the run started",
-        ),
-    };
-    v1::Finished {
-        status: status as i32,
-        exit_code: None,
-        message: message.to_string(),
-        outputs_digest: String::new(),
-    }
+/// `finished.json`: the final report as the agent first computed it, so that a restarted
+/// agent reports the same outcome and outputs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FinishedRecord {
+    status: i32,
+    exit_code: Option<i32>,
+    message: String,
+    outputs_digest: String,
 }
 
-/// (exit code, description). A run killed by a signal exits with 128 + the signal number,
-/// as a shell would report it.
-fn describe_exit(status: &std::process::ExitStatus) -> (Option<i32>, String) {
-    use std::os::unix::process::ExitStatusExt as _;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => (Some(code), format!("exited with code {code}")),
-        (None, Some(signal)) => (Some(128 + signal), format!("killed by signal {signal}")),
-        (None, None) => (None, "ended without an exit status".to_string()),
+impl FinishedRecord {
+    fn from_wire(f: &v1::Finished) -> Self {
+        FinishedRecord {
+            status: f.status,
+            exit_code: f.exit_code,
+            message: f.message.clone(),
+            outputs_digest: f.outputs_digest.clone(),
+        }
     }
-}
-
-/// SIGTERM to the whole group, then SIGKILL after the grace period.
-async fn terminate(
-    pid: u32,
-    child: &mut tokio::process::Child,
-) -> std::io::Result<std::process::ExitStatus> {
-    let group = Pid::from_raw(pid as i32);
-    let _ = killpg(group, Signal::SIGTERM);
-    match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-        Ok(status) => status,
-        Err(_) => {
-            let _ = killpg(group, Signal::SIGKILL);
-            child.wait().await
+    fn into_wire(self) -> v1::Finished {
+        v1::Finished {
+            status: self.status,
+            exit_code: self.exit_code,
+            message: self.message,
+            outputs_digest: self.outputs_digest,
         }
     }
 }
 
-fn build_command(
+/// Reads one attempt's spool and keeps what is not yet acknowledged.
+struct Follower {
+    agent: Arc<Agent>,
+    run_id: i64,
+    attempt: u32,
+    state: StateDir,
+    logs: spool::Tail,
+    metrics: spool::Tail,
+    acked: Acked,
+    acked_persisted: Acked,
+    acked_persisted_at: Instant,
+    unacked_logs: VecDeque<v1::LogLine>,
+    unacked_metrics: VecDeque<v1::MetricPoint>,
+    /// How many of the unacknowledged items have been sent on the current session.
+    sent_logs: usize,
+    sent_metrics: usize,
+    child: Option<ProcessRecord>,
+    started_sent: bool,
+}
+
+impl Follower {
+    fn new(agent: &Arc<Agent>, run_id: i64, attempt: u32, state: &StateDir) -> Follower {
+        let acked = spool::read_json::<Acked>(&state.acked())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        Follower {
+            agent: agent.clone(),
+            run_id,
+            attempt,
+            state: state.clone(),
+            logs: spool::Tail::new(state.logs()),
+            metrics: spool::Tail::new(state.metrics()),
+            acked,
+            acked_persisted: acked,
+            acked_persisted_at: Instant::now(),
+            unacked_logs: VecDeque::new(),
+            unacked_metrics: VecDeque::new(),
+            sent_logs: 0,
+            sent_metrics: 0,
+            child: None,
+            started_sent: false,
+        }
+    }
+
+    /// Reads new spool records; returns whether anything new was read.
+    async fn read_spool(&mut self) -> bool {
+        let mut progressed = false;
+        if self.unacked_logs.len() < MAX_UNACKED {
+            match self.logs.read::<LogRecord>(4 << 20) {
+                Ok(records) => {
+                    progressed |= !records.is_empty();
+                    let acked = self.acked.log_seq;
+                    self.unacked_logs
+                        .extend(records.into_iter().filter(|r| r.seq > acked).map(|r| {
+                            v1::LogLine {
+                                seq: r.seq,
+                                stream: r.stream,
+                                text: r.text,
+                                time_unix_ms: r.time_ms,
+                                cursor: 0,
+                                attempt: self.attempt,
+                            }
+                        }));
+                }
+                Err(error) => warn!(error = %error, "Could not read the log spool."),
+            }
+        }
+        if self.unacked_metrics.len() < MAX_UNACKED {
+            match self.metrics.read::<MetricRecord>(4 << 20) {
+                Ok(records) => {
+                    progressed |= !records.is_empty();
+                    let acked = self.acked.metric_seq;
+                    self.unacked_metrics
+                        .extend(records.into_iter().filter(|r| r.seq > acked).map(|r| {
+                            v1::MetricPoint {
+                                seq: r.seq,
+                                name: r.name,
+                                value: r.value,
+                                step: r.step,
+                                time_unix_ms: r.time_ms,
+                            }
+                        }));
+                }
+                Err(error) => warn!(error = %error, "Could not read the metric spool."),
+            }
+        }
+        if self.child.is_none() {
+            self.child = spool::read_json(&self.state.child()).ok().flatten();
+        }
+        progressed
+    }
+
+    /// Sends what has not been sent on this session yet.
+    async fn send_new(&mut self) {
+        if !self.started_sent
+            && let Some(child) = &self.child
+        {
+            let started = up(Up::RunEvent(v1::RunEvent {
+                run_id: self.run_id,
+                attempt: self.attempt,
+                kind: Some(v1::run_event::Kind::Started(v1::Started {
+                    pid: child.pid as u32,
+                })),
+            }));
+            if self.agent.uplink.send(started).await.is_ok() {
+                self.started_sent = true;
+            }
+        }
+        while self.sent_logs < self.unacked_logs.len() {
+            let end = (self.sent_logs + MAX_BATCH).min(self.unacked_logs.len());
+            let lines: Vec<_> = self
+                .unacked_logs
+                .range(self.sent_logs..end)
+                .cloned()
+                .collect();
+            let batch = up(Up::Logs(v1::LogBatch {
+                run_id: self.run_id,
+                attempt: self.attempt,
+                lines,
+            }));
+            if self.agent.uplink.send(batch).await.is_err() {
+                return;
+            }
+            self.sent_logs = end;
+        }
+        while self.sent_metrics < self.unacked_metrics.len() {
+            let end = (self.sent_metrics + MAX_BATCH).min(self.unacked_metrics.len());
+            let points: Vec<_> = self
+                .unacked_metrics
+                .range(self.sent_metrics..end)
+                .cloned()
+                .collect();
+            let batch = up(Up::Metrics(v1::MetricBatch {
+                run_id: self.run_id,
+                attempt: self.attempt,
+                points,
+            }));
+            if self.agent.uplink.send(batch).await.is_err() {
+                return;
+            }
+            self.sent_metrics = end;
+        }
+    }
+
+    /// A new session: everything unacknowledged goes again (the coordinator ignores repeats).
+    async fn resend(&mut self) {
+        self.sent_logs = 0;
+        self.sent_metrics = 0;
+        self.started_sent = false;
+        self.send_new().await;
+    }
+
+    fn acknowledged(&mut self, ack: AckState) {
+        self.acked.log_seq = self.acked.log_seq.max(ack.log_seq);
+        self.acked.metric_seq = self.acked.metric_seq.max(ack.metric_seq);
+        while self
+            .unacked_logs
+            .front()
+            .is_some_and(|l| l.seq <= self.acked.log_seq)
+        {
+            self.unacked_logs.pop_front();
+            self.sent_logs = self.sent_logs.saturating_sub(1);
+        }
+        while self
+            .unacked_metrics
+            .front()
+            .is_some_and(|p| p.seq <= self.acked.metric_seq)
+        {
+            self.unacked_metrics.pop_front();
+            self.sent_metrics = self.sent_metrics.saturating_sub(1);
+        }
+        if self.acked_persisted_at.elapsed() > Duration::from_secs(1) {
+            self.persist_acks();
+        }
+    }
+
+    fn persist_acks(&mut self) {
+        if self.acked != self.acked_persisted {
+            if let Err(error) = spool::write_json(&self.state.acked(), &self.acked) {
+                warn!(error = %error, "Could not persist acknowledgements.");
+            }
+            self.acked_persisted = self.acked;
+        }
+        self.acked_persisted_at = Instant::now();
+    }
+
+    fn all_acknowledged(&self) -> bool {
+        self.unacked_logs.is_empty() && self.unacked_metrics.is_empty()
+    }
+
+    fn exit(&self) -> Option<Exit> {
+        spool::read_json(&self.state.exit()).ok().flatten()
+    }
+
+    /// An `Exit` when the supervisor is gone without writing one (killed, or the machine
+    /// rebooted): the script cannot be followed any more.
+    fn supervisor_vanished(&self) -> Option<Exit> {
+        let record: ProcessRecord = match spool::read_json(&self.state.supervisor()) {
+            Ok(Some(record)) => record,
+            // Not written yet: the supervisor is starting.
+            _ => return None,
+        };
+        let alive = record.boot_id == spool::boot_id() && process_alive(record.pid);
+        if alive {
+            return None;
+        }
+        // It may have written exit.json just before exiting.
+        if let Some(exit) = self.exit() {
+            return Some(exit);
+        }
+        if let Some(child) = &self.child
+            && child.boot_id == spool::boot_id()
+        {
+            let _ = killpg(Pid::from_raw(child.pid), Signal::SIGKILL);
+        }
+        let message =
+            "the run's supervisor process is gone (killed, or the machine restarted)".to_string();
+        Some(Exit {
+            exit_code: None,
+            description: message.clone(),
+            start_error: Some(message),
+        })
+    }
+
+    fn signal_group(&self, signal: Signal) {
+        if let Some(child) = &self.child {
+            let _ = killpg(Pid::from_raw(child.pid), signal);
+        }
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie counts as gone: it has exited and only waits to be reaped.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn command_line(
     agent: &Agent,
     assignment: &v1::Assignment,
     script: &Path,
-) -> Result<tokio::process::Command, Fail> {
+) -> anyhow::Result<(PathBuf, Vec<String>)> {
     use std::os::unix::fs::PermissionsExt as _;
     if assignment.script.ends_with(".py") {
-        let mut command = tokio::process::Command::new(&agent.config.python);
-        command.arg(&assignment.script).args(&assignment.args);
-        return Ok(command);
+        let mut args = vec![assignment.script.clone()];
+        args.extend(assignment.args.iter().cloned());
+        return Ok((PathBuf::from(&agent.config.python), args));
     }
     let mode = std::fs::metadata(script)?.permissions().mode();
-    if mode & 0o111 == 0 {
-        return Err(Fail {
-            message: format!(
-                "script `{}` is neither a .py file nor executable: `chmod +x {}` before submitting",
-                assignment.script, assignment.script
-            ),
-        });
-    }
-    let mut command = tokio::process::Command::new(script);
-    command.args(&assignment.args);
-    Ok(command)
+    anyhow::ensure!(
+        mode & 0o111 != 0,
+        "script `{}` is neither a .py file nor executable: `chmod +x {}` before submitting",
+        assignment.script,
+        assignment.script
+    );
+    Ok((script.to_path_buf(), assignment.args.clone()))
 }
 
-fn python_path(kiln_module_dir: &Path) -> std::ffi::OsString {
+fn python_path(kiln_module_dir: &Path) -> String {
     let mut paths = vec![kiln_module_dir.to_path_buf()];
     if let Some(existing) = std::env::var_os("PYTHONPATH") {
         paths.extend(std::env::split_paths(&existing));
     }
-    std::env::join_paths(paths).unwrap_or_else(|_| kiln_module_dir.as_os_str().to_owned())
+    std::env::join_paths(paths)
+        .unwrap_or_else(|_| kiln_module_dir.as_os_str().to_owned())
+        .to_string_lossy()
+        .into_owned()
 }
 
 // ---- snapshot ----
 
 /// The snapshot archive in the local cache, downloading it first if needed.
-async fn fetch_snapshot(agent: &Agent, digest: &str, reporter: &Reporter) -> Result<PathBuf, Fail> {
-    if !snapshot::is_valid_digest(digest) {
-        return Err(Fail {
-            message: format!("invalid snapshot digest `{digest}`"),
-        });
-    }
+async fn fetch_snapshot(
+    agent: &Agent,
+    digest: &str,
+    system: &mut SystemLines,
+) -> anyhow::Result<PathBuf> {
+    anyhow::ensure!(
+        snapshot::is_valid_digest(digest),
+        "invalid snapshot digest `{digest}`"
+    );
     let hex = &digest[DIGEST_PREFIX.len()..];
     let cached = agent
         .config
@@ -361,7 +702,7 @@ async fn fetch_snapshot(agent: &Agent, digest: &str, reporter: &Reporter) -> Res
         .join("snapshots")
         .join(format!("{hex}.tar.zst"));
     if cached.is_file() {
-        reporter.system(format!(
+        system.line(&format!(
             "Snapshot {} found in the agent's cache.",
             short(digest)
         ));
@@ -375,16 +716,12 @@ async fn fetch_snapshot(agent: &Agent, digest: &str, reporter: &Reporter) -> Res
             digest: digest.to_string(),
         })
         .await
-        .map_err(|s| Fail {
-            message: s.message().to_string(),
-        })?
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
     let mut file = tokio::fs::File::from_std(temp.reopen()?);
     let mut bytes = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| Fail {
-            message: s.message().to_string(),
-        })?;
+        let chunk = chunk.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
         bytes += chunk.data.len() as u64;
         tokio::io::AsyncWriteExt::write_all(&mut file, &chunk.data).await?;
     }
@@ -392,13 +729,12 @@ async fn fetch_snapshot(agent: &Agent, digest: &str, reporter: &Reporter) -> Res
     drop(file);
     let path = temp.path().to_path_buf();
     let actual = tokio::task::spawn_blocking(move || snapshot::digest_file(&path)).await??;
-    if actual != digest {
-        return Err(Fail {
-            message: format!("downloaded snapshot hashes to {actual}, expected {digest}"),
-        });
-    }
+    anyhow::ensure!(
+        actual == digest,
+        "downloaded snapshot hashes to {actual}, expected {digest}"
+    );
     temp.persist(&cached).map_err(|e| e.error)?;
-    reporter.system(format!(
+    system.line(&format!(
         "Snapshot {} fetched ({bytes} bytes).",
         short(digest)
     ));
@@ -410,16 +746,13 @@ fn short(digest: &str) -> &str {
     &digest[..end]
 }
 
-async fn unpack(archive: &Path, run_dir: &Path) -> Result<(), Fail> {
+async fn unpack(archive: &Path, work: &Path) -> anyhow::Result<()> {
     let archive = archive.to_path_buf();
-    let run_dir = run_dir.to_path_buf();
-    tokio::task::spawn_blocking(move || -> Result<(), Fail> {
-        if run_dir.exists() {
-            std::fs::remove_dir_all(&run_dir)?;
-        }
-        std::fs::create_dir_all(&run_dir)?;
+    let work = work.to_path_buf();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        std::fs::create_dir_all(&work)?;
         let mut file = std::io::BufReader::new(std::fs::File::open(&archive)?);
-        snapshot::unpack(&mut file, &run_dir, &UnpackLimits::default())?;
+        snapshot::unpack(&mut file, &work, &UnpackLimits::default())?;
         Ok(())
     })
     .await?
@@ -451,246 +784,6 @@ async fn upload_outputs(agent: &Agent, outputs: &Path) -> anyhow::Result<String>
         client.upload_blob(chunks).await.context("upload outputs")?;
     }
     Ok(packed.digest)
-}
-
-// ---- logs and metrics ----
-
-/// Numbers and batches a run's log lines and metric points and hands them to the uplink.
-struct Reporter {
-    lines: mpsc::Sender<(v1::LogStream, String)>,
-    points: mpsc::Sender<(String, f64, Option<i64>)>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Reporter {
-    fn new(agent: &Arc<Agent>, assignment: &v1::Assignment) -> Reporter {
-        let (lines, lines_rx) = mpsc::channel(4096);
-        let (points, points_rx) = mpsc::channel(4096);
-        let (run_id, attempt) = (assignment.run_id, assignment.attempt);
-        let log_seq = Arc::new(AtomicU64::new(0));
-        let metric_seq = Arc::new(AtomicU64::new(0));
-        let uplink = agent.uplink.clone();
-        let log_task = tokio::spawn(batch(lines_rx, {
-            let uplink = uplink.clone();
-            move |items: Vec<(v1::LogStream, String)>| {
-                let now = now_ms();
-                let lines = items
-                    .into_iter()
-                    .map(|(stream, text)| v1::LogLine {
-                        seq: log_seq.fetch_add(1, Ordering::Relaxed) + 1,
-                        stream: stream as i32,
-                        text,
-                        time_unix_ms: now,
-                        cursor: 0,
-                        attempt,
-                    })
-                    .collect();
-                let uplink = uplink.clone();
-                async move {
-                    let _ = uplink
-                        .send(up(Up::Logs(v1::LogBatch {
-                            run_id,
-                            attempt,
-                            lines,
-                        })))
-                        .await;
-                }
-            }
-        }));
-        let metric_task = tokio::spawn(batch(
-            points_rx,
-            move |items: Vec<(String, f64, Option<i64>)>| {
-                let now = now_ms();
-                let points = items
-                    .into_iter()
-                    .map(|(name, value, step)| v1::MetricPoint {
-                        seq: metric_seq.fetch_add(1, Ordering::Relaxed) + 1,
-                        name,
-                        value,
-                        step,
-                        time_unix_ms: now,
-                    })
-                    .collect();
-                let uplink = uplink.clone();
-                async move {
-                    let _ = uplink
-                        .send(up(Up::Metrics(v1::MetricBatch {
-                            run_id,
-                            attempt,
-                            points,
-                        })))
-                        .await;
-                }
-            },
-        ));
-        Reporter {
-            lines,
-            points,
-            tasks: vec![log_task, metric_task],
-        }
-    }
-
-    /// A line from Kiln itself about the run.
-    fn system(&self, text: String) {
-        let _ = self.lines.try_send((v1::LogStream::System, text));
-    }
-
-    /// Flushes everything reported so far into the uplink.
-    async fn close(self) {
-        drop(self.lines);
-        drop(self.points);
-        for task in self.tasks {
-            let _ = task.await;
-        }
-    }
-}
-
-/// Sends items as soon as they arrive, together with whatever else is already waiting:
-/// no added latency when idle, large batches under load.
-async fn batch<T, F, Fut>(mut rx: mpsc::Receiver<T>, mut send: F)
-where
-    F: FnMut(Vec<T>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    const MAX_BATCH: usize = 1000;
-    while let Some(first) = rx.recv().await {
-        let mut items = vec![first];
-        while items.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(item) => items.push(item),
-                Err(_) => break,
-            }
-        }
-        send(items).await;
-    }
-}
-
-async fn read_lines(
-    pipe: impl AsyncRead + Unpin,
-    stream: v1::LogStream,
-    lines: mpsc::Sender<(v1::LogStream, String)>,
-) {
-    let mut reader = BufReader::with_capacity(64 * 1024, pipe);
-    let mut buffer = Vec::new();
-    loop {
-        buffer.clear();
-        let n = match (&mut reader)
-            .take(MAX_LINE_BYTES as u64)
-            .read_until(b'\n', &mut buffer)
-            .await
-        {
-            Ok(n) => n,
-            Err(_) => return,
-        };
-        if n == 0 {
-            return;
-        }
-        if buffer.last() == Some(&b'\n') {
-            buffer.pop();
-            if buffer.last() == Some(&b'\r') {
-                buffer.pop();
-            }
-        }
-        let text = String::from_utf8_lossy(&buffer).into_owned();
-        if lines.send((stream, text)).await.is_err() {
-            return;
-        }
-    }
-}
-
-fn bind_metrics_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
-    let _ = std::fs::remove_file(path);
-    tokio::net::UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))
-}
-
-#[derive(serde::Deserialize)]
-struct UserPoint {
-    name: String,
-    value: f64,
-    step: Option<i64>,
-}
-
-/// Accepts the script's metric connections (one per process that logs) until `done`; each
-/// connection is read to its end, so nothing the script sent before exiting is lost.
-async fn accept_metrics(
-    listener: tokio::net::UnixListener,
-    points: mpsc::Sender<(String, f64, Option<i64>)>,
-    done: CancellationToken,
-) {
-    let readers = tokio_util::task::TaskTracker::new();
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => break,
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { break };
-                let points = points.clone();
-                readers.spawn(async move {
-                    let mut lines = BufReader::new(stream).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        match serde_json::from_str::<UserPoint>(&line) {
-                            Ok(p) if p.value.is_finite() && !p.name.is_empty() => {
-                                if points.send((p.name, p.value, p.step)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            _ => warn!(line = %line, "Ignoring a malformed metric point."),
-                        }
-                    }
-                });
-            }
-        }
-    }
-    readers.close();
-    readers.wait().await;
-}
-
-async fn sample_system_metrics(
-    pid: u32,
-    gpus: Arc<dyn crate::gpu::GpuProbe>,
-    interval: Duration,
-    points: mpsc::Sender<(String, f64, Option<i64>)>,
-    done: CancellationToken,
-) {
-    let mut sampler = crate::telemetry::TreeSampler::new(pid);
-    // The first sample comes soon, so that even a short run has one with a CPU reading.
-    let first = tokio::time::Instant::now() + interval.min(Duration::from_millis(500));
-    let mut ticker = tokio::time::interval_at(first, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let (sample, sampler_back, gpu_samples) = {
-            let gpus = gpus.clone();
-            match tokio::task::spawn_blocking(move || {
-                let sample = sampler.sample();
-                (sample, sampler, gpus.sample())
-            })
-            .await
-            {
-                Ok(result) => result,
-                Err(_) => return,
-            }
-        };
-        sampler = sampler_back;
-        if sample.n_processes == 0 {
-            continue;
-        }
-        let mut batch = vec![
-            ("system/cpu_percent".to_string(), sample.cpu_percent),
-            (
-                "system/memory_rss_bytes".to_string(),
-                sample.memory_rss_bytes as f64,
-            ),
-        ];
-        batch.extend(crate::gpu::sample_points(&gpu_samples));
-        for (name, value) in batch {
-            if points.send((name, value, None)).await.is_err() {
-                return;
-            }
-        }
-    }
 }
 
 fn now_ms() -> i64 {

@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{Agent, StopReason};
+use crate::Agent;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -75,6 +75,10 @@ async fn connected(
         _ => anyhow::bail!("the coordinator did not welcome this agent"),
     }
     agent.channel.send_replace(Some(channel));
+    // Every run resends what the coordinator has not acknowledged.
+    agent
+        .session_generation
+        .send_modify(|generation| *generation += 1);
 
     let mut heartbeat = tokio::time::interval(agent.config.heartbeat_interval);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -119,10 +123,10 @@ fn handle(agent: &Arc<Agent>, kind: Down) {
                 attempt = cancel.attempt,
                 "Cancel requested."
             );
-            agent.stop_run(cancel.run_id, cancel.attempt, StopReason::Cancelled);
+            agent.cancel_run(cancel.run_id, cancel.attempt);
         }
-        // Acks will drive the on-disk spool; today delivery rides on the live session.
-        Down::Ack(_) | Down::Welcome(_) => {}
+        Down::Ack(ack) => agent.acknowledge(&ack),
+        Down::Welcome(_) => {}
     }
 }
 

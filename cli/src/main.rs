@@ -122,6 +122,7 @@ enum Command {
 }
 
 fn main() {
+    kiln_agent::supervisor::run_if_requested();
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::LocalDaemon)) {
         // The daemon embeds an agent: same allocator setting as kiln-agent.

@@ -471,7 +471,7 @@ impl Coordinator {
                     .call(move |s| s.append_logs(run_id, attempt, &batch.lines))
                     .await?;
                 self.run_changed(run_id);
-                Ok(Some(ack(run_id, attempt, log_seq, 0)))
+                Ok(Some(ack(run_id, attempt, log_seq, 0, false)))
             }
             Kind::Metrics(batch) => {
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
@@ -483,12 +483,9 @@ impl Coordinator {
                     .call(move |s| s.append_metrics(run_id, attempt, &batch.points))
                     .await?;
                 self.run_changed(run_id);
-                Ok(Some(ack(run_id, attempt, 0, metric_seq)))
+                Ok(Some(ack(run_id, attempt, 0, metric_seq, false)))
             }
-            Kind::RunEvent(event) => {
-                self.run_event(agent_id, event).await?;
-                Ok(None)
-            }
+            Kind::RunEvent(event) => self.run_event(agent_id, event).await,
         }
     }
 
@@ -506,11 +503,18 @@ impl Coordinator {
         Ok(owns)
     }
 
-    async fn run_event(&self, agent_id: &str, event: v1::RunEvent) -> anyhow::Result<()> {
+    /// Applies a run event; a `Finished` is acknowledged once stored (or already stored), so
+    /// the agent may forget the attempt.
+    async fn run_event(
+        &self,
+        agent_id: &str,
+        event: v1::RunEvent,
+    ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
         let (run_id, attempt) = (event.run_id, event.attempt);
         if !self.owns_attempt(agent_id, run_id, attempt).await? {
-            return Ok(());
+            return Ok(None);
         }
+        let is_finish = matches!(event.kind, Some(v1::run_event::Kind::Finished(_)));
         let result = match event.kind {
             Some(v1::run_event::Kind::Started(started)) => {
                 info!(run_id, attempt, pid = started.pid, "Run started.");
@@ -559,7 +563,7 @@ impl Coordinator {
                     })
                     .await
             }
-            None => return Ok(()),
+            None => return Ok(None),
         };
         match result {
             Ok(_) | Err(TransitionError::Invalid(_)) => {}
@@ -567,7 +571,7 @@ impl Coordinator {
         }
         self.run_changed(run_id);
         self.kick_scheduler();
-        Ok(())
+        Ok(is_finish.then(|| ack(run_id, attempt, 0, 0, true)))
     }
 
     // ---- user API ----
@@ -633,13 +637,20 @@ fn cancel_message(run_id: i64, attempt: u32) -> v1::CoordinatorMessage {
     }
 }
 
-fn ack(run_id: i64, attempt: u32, log_seq: u64, metric_seq: u64) -> v1::CoordinatorMessage {
+fn ack(
+    run_id: i64,
+    attempt: u32,
+    log_seq: u64,
+    metric_seq: u64,
+    finished: bool,
+) -> v1::CoordinatorMessage {
     v1::CoordinatorMessage {
         kind: Some(v1::coordinator_message::Kind::Ack(v1::Ack {
             run_id,
             attempt,
             log_seq,
             metric_seq,
+            finished,
         })),
     }
 }

@@ -463,8 +463,11 @@ impl Store {
 
     // ---- logs and metrics ----
 
-    /// Stores log lines, ignoring any (run, attempt, seq) already stored. Returns the highest
-    /// sequence number now stored for the attempt.
+    /// Stores log lines in sequence order. Lines already stored are ignored; a batch that does
+    /// not continue the stored sequence (a gap: an earlier batch was lost with a connection)
+    /// is not stored at all, so an attempt's stored lines are always 1..=N with no hole and
+    /// in cursor order. Returns N, the highest sequence number stored for the attempt: the
+    /// agent resends everything after it.
     pub fn append_logs(
         &mut self,
         run_id: i64,
@@ -472,6 +475,10 @@ impl Store {
         lines: &[v1::LogLine],
     ) -> anyhow::Result<u64> {
         let tx = self.conn.transaction()?;
+        let stored = max_seq(&tx, "logs", run_id, attempt)?;
+        let Some(lines) = continuing(lines, stored, |l| l.seq) else {
+            return Ok(stored);
+        };
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT OR IGNORE INTO logs (run_id, attempt, seq, stream, time_ms, text)
@@ -488,13 +495,9 @@ impl Store {
                 ])?;
             }
         }
-        let max: Option<i64> = tx.query_row(
-            "SELECT max(seq) FROM logs WHERE run_id = ?1 AND attempt = ?2",
-            params![run_id, attempt],
-            |row| row.get(0),
-        )?;
+        let max = max_seq(&tx, "logs", run_id, attempt)?;
         tx.commit()?;
-        Ok(max.unwrap_or(0) as u64)
+        Ok(max)
     }
 
     pub fn read_logs(
@@ -522,6 +525,7 @@ impl Store {
         Ok(lines)
     }
 
+    /// Stores metric points with the same sequence rules as [`Store::append_logs`].
     pub fn append_metrics(
         &mut self,
         run_id: i64,
@@ -529,6 +533,10 @@ impl Store {
         points: &[v1::MetricPoint],
     ) -> anyhow::Result<u64> {
         let tx = self.conn.transaction()?;
+        let stored = max_seq(&tx, "metrics", run_id, attempt)?;
+        let Some(points) = continuing(points, stored, |p| p.seq) else {
+            return Ok(stored);
+        };
         {
             let mut stmt = tx.prepare_cached(
                 "INSERT OR IGNORE INTO metrics (run_id, attempt, seq, name, value, step, time_ms)
@@ -546,13 +554,9 @@ impl Store {
                 ])?;
             }
         }
-        let max: Option<i64> = tx.query_row(
-            "SELECT max(seq) FROM metrics WHERE run_id = ?1 AND attempt = ?2",
-            params![run_id, attempt],
-            |row| row.get(0),
-        )?;
+        let max = max_seq(&tx, "metrics", run_id, attempt)?;
         tx.commit()?;
-        Ok(max.unwrap_or(0) as u64)
+        Ok(max)
     }
 
     /// One row per metric name: the last value and step (by arrival), and the point count.
@@ -727,6 +731,31 @@ pub enum JoinTokenError {
     Db(#[from] anyhow::Error),
 }
 
+/// The highest sequence number stored in `table` ("logs" or "metrics") for an attempt.
+fn max_seq(
+    tx: &rusqlite::Transaction,
+    table: &str,
+    run_id: i64,
+    attempt: u32,
+) -> anyhow::Result<u64> {
+    let sql = format!("SELECT max(seq) FROM {table} WHERE run_id = ?1 AND attempt = ?2");
+    let max: Option<i64> = tx.query_row(&sql, params![run_id, attempt], |row| row.get(0))?;
+    Ok(max.unwrap_or(0) as u64)
+}
+
+/// The part of a batch (in sequence order) that continues a stored sequence ending at
+/// `stored`: items already stored are skipped; `None` if the rest does not start at
+/// `stored + 1` or is not contiguous (storing it would leave a hole).
+fn continuing<T>(items: &[T], stored: u64, seq: impl Fn(&T) -> u64) -> Option<&[T]> {
+    let start = items.iter().position(|item| seq(item) > stored)?;
+    let rest = &items[start..];
+    let contiguous = rest
+        .iter()
+        .enumerate()
+        .all(|(i, item)| seq(item) == stored + 1 + i as u64);
+    contiguous.then_some(rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -823,6 +852,39 @@ mod tests {
             .map(|l| l.text)
             .collect();
         assert_eq!(texts, ["line 1", "line 2", "line 3"]);
+    }
+
+    #[test]
+    fn a_batch_after_a_gap_is_refused_until_the_gap_is_filled() {
+        let (_dir, mut store) = store();
+        let run = submit(&store);
+        let line = |seq: u64| v1::LogLine {
+            seq,
+            text: format!("line {seq}"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store.append_logs(run.id, 1, &[line(1), line(2)]).unwrap(),
+            2
+        );
+        // Lines 3-4 were lost with a connection; 5-6 arrive first and are refused.
+        assert_eq!(
+            store.append_logs(run.id, 1, &[line(5), line(6)]).unwrap(),
+            2
+        );
+        // The agent resends from 3 (with 2 again, already stored): all is stored in order.
+        let resent: Vec<_> = (2..=6).map(line).collect();
+        assert_eq!(store.append_logs(run.id, 1, &resent).unwrap(), 6);
+        let texts: Vec<_> = store
+            .read_logs(run.id, 0, 100)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        assert_eq!(
+            texts,
+            (1..=6).map(|i| format!("line {i}")).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -59,7 +59,12 @@ pub struct Daemon {
 
 impl Daemon {
     fn spawn(name: &str, mut command: Command, log: PathBuf) -> Daemon {
-        let file = std::fs::File::create(&log).expect("create daemon log");
+        // Append: a restarted daemon keeps the log of its previous process.
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open daemon log");
         command.stdout(Stdio::null()).stderr(file);
         let child = command
             .spawn()
@@ -127,6 +132,7 @@ pub struct Cluster {
     pub coordinator: Daemon,
     pub address: String,
     pub agents: Vec<Daemon>,
+    specs: Vec<AgentSpec>,
 }
 
 #[derive(Clone)]
@@ -164,6 +170,7 @@ impl Cluster {
             coordinator,
             address,
             agents: Vec::new(),
+            specs: Vec::new(),
         };
         for spec in agents {
             cluster.add_agent(spec.clone());
@@ -191,6 +198,16 @@ impl Cluster {
             "coordinator did not stop cleanly:\n{}",
             self.coordinator.log_text()
         );
+        self.start_coordinator_again();
+    }
+
+    /// SIGKILLs the coordinator (no chance to flush anything) and starts it again.
+    pub fn crash_coordinator(&mut self) {
+        self.coordinator.kill();
+        self.start_coordinator_again();
+    }
+
+    fn start_coordinator_again(&mut self) {
         let listen = self.address.trim_start_matches("http://").to_string();
         let mut command = Command::new(bin("kiln-coordinator"));
         command
@@ -199,12 +216,36 @@ impl Cluster {
         self.coordinator = Daemon::spawn(
             "coordinator",
             command,
-            self.dir.path().join("coordinator2.log"),
+            self.dir.path().join("coordinator.log"),
+        );
+        wait_for(
+            "the coordinator to listen again",
+            Duration::from_secs(20),
+            || std::net::TcpStream::connect(&listen).ok(),
         );
     }
 
     pub fn add_agent(&mut self, spec: AgentSpec) -> usize {
         let index = self.agents.len();
+        let daemon = self.spawn_agent(index, &spec);
+        self.agents.push(daemon);
+        self.specs.push(spec);
+        index
+    }
+
+    /// SIGKILLs agent `index` and starts it again on the same data directory.
+    pub fn crash_and_restart_agent(&mut self, index: usize) {
+        self.agents[index].kill();
+        self.restart_agent(index);
+    }
+
+    /// Starts agent `index` again (after it was killed) on the same data directory.
+    pub fn restart_agent(&mut self, index: usize) {
+        let spec = self.specs[index].clone();
+        self.agents[index] = self.spawn_agent(index, &spec);
+    }
+
+    fn spawn_agent(&self, index: usize, spec: &AgentSpec) -> Daemon {
         let data = self.dir.path().join(format!("agent{index}"));
         let mut command = Command::new(bin("kiln-agent"));
         command
@@ -216,9 +257,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&data);
         let log = self.dir.path().join(format!("agent{index}.log"));
-        self.agents
-            .push(Daemon::spawn(&format!("agent{index}"), command, log));
-        index
+        Daemon::spawn(&format!("agent{index}"), command, log)
     }
 
     /// `kiln ARGS` against this cluster's coordinator.

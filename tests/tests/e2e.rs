@@ -580,7 +580,7 @@ fn an_agent_that_vanishes_loses_its_run_after_the_heartbeat_ttl() {
     let mut cluster = Cluster::start(TWO_TARGETS);
     let src = source_dir(&[(
         "wait.py",
-        "import time\nprint('up', flush=True)\ntime.sleep(1000)\n",
+        "import os, time\nprint(f'up {os.getpid()}', flush=True)\ntime.sleep(1000)\n",
     )]);
     let mut submit = cluster
         .kiln_command(&[
@@ -600,7 +600,7 @@ fn an_agent_that_vanishes_loses_its_run_after_the_heartbeat_ttl() {
         &mut first,
     )
     .unwrap();
-    assert_eq!(first, "up\n");
+    let pid: i32 = first.strip_prefix("up ").unwrap().trim().parse().unwrap();
     cluster.agents[0].kill();
     // The coordinator runs with a 5 s TTL in tests; the follower learns the run was lost.
     let output = submit.wait_with_output().unwrap();
@@ -620,7 +620,16 @@ fn an_agent_that_vanishes_loses_its_run_after_the_heartbeat_ttl() {
         .find(|a| a["hostname"] == "host0")
         .unwrap();
     assert_eq!(lost["state"], "lost");
-    cluster.agents.remove(0);
+    // Only the agent process died; its run went on. When the agent comes back, the
+    // coordinator fences the lost attempt off and the agent stops it.
+    assert!(process_alive(pid));
+    cluster.restart_agent(0);
+    wait_for(
+        "the fenced-off run to stop",
+        Duration::from_secs(30),
+        || (!process_alive(pid)).then_some(()),
+    );
+    assert_eq!(run["status"], "lost");
     cluster.stop();
 }
 
@@ -666,5 +675,92 @@ fn a_coordinator_restart_keeps_history_and_running_runs_finish() {
     let run_id = submitted_run_id(&output.stderr);
     assert_eq!(cluster.run(run_id)["status"], "succeeded");
     assert_eq!(cluster.run(before_id)["status"], "succeeded");
+    cluster.stop();
+}
+
+#[test]
+fn killing_the_agent_repeatedly_never_restarts_or_loses_the_run() {
+    let mut cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "ticks.py",
+        "import os, time, kiln\nfor i in range(40):\n    print(f'tick {i} pid {os.getpid()}', flush=True)\n    kiln.log('i', i, step=i)\n    time.sleep(0.1)\n",
+    )]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--detach",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "ticks.py",
+    ]);
+    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
+    cluster.wait_status(run_id, "running");
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(600));
+        cluster.crash_and_restart_agent(0);
+    }
+    let run = cluster.wait_status(run_id, "succeeded");
+    assert_eq!(run["attempt"], 1, "the run was never retried");
+    let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
+    let lines: Vec<&str> = logs.lines().collect();
+    assert_eq!(lines.len(), 40, "{logs}");
+    let pid = lines[0].split_whitespace().last().unwrap();
+    for (i, line) in lines.iter().enumerate() {
+        // Every tick once, in order, from the same process: it was never restarted.
+        assert_eq!(*line, format!("tick {i} pid {pid}"));
+    }
+    let metrics = cluster.json(&["metrics", &run_id.to_string(), "--json"]);
+    let i = metrics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "i")
+        .unwrap();
+    assert_eq!(
+        (i["count"].as_u64(), i["last_value"].as_f64()),
+        (Some(40), Some(39.0))
+    );
+    cluster.stop();
+}
+
+#[test]
+fn a_crashed_coordinator_loses_no_log_line_or_metric_point() {
+    let mut cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "stream.py",
+        "import time, kiln\nfor i in range(300):\n    print(f'line {i}', flush=True)\n    kiln.log('n', i, step=i)\n    time.sleep(0.01)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let ids: Vec<i64> = ["alpha", "beta"]
+        .iter()
+        .map(|target| {
+            let output =
+                cluster.kiln(&["submit", "--detach", "--target", target, dir, "stream.py"]);
+            text(&output.stdout).trim().parse().unwrap()
+        })
+        .collect();
+    for &id in &ids {
+        cluster.wait_status(id, "running");
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    cluster.crash_coordinator();
+    let expected: Vec<String> = (0..300).map(|i| format!("line {i}")).collect();
+    for &id in &ids {
+        cluster.wait_status(id, "succeeded");
+        let logs = text(&cluster.kiln(&["logs", &id.to_string()]).stdout);
+        assert_eq!(
+            logs.lines().collect::<Vec<_>>(),
+            expected,
+            "run {id}: a gap or a duplicate"
+        );
+        let metrics = cluster.json(&["metrics", &id.to_string(), "--json"]);
+        let n = metrics
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "n")
+            .unwrap();
+        assert_eq!(n["count"], 300, "run {id}");
+    }
     cluster.stop();
 }

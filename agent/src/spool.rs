@@ -1,0 +1,267 @@
+//! The on-disk spool of one run attempt: its log lines and metric points as JSON lines with
+//! per-attempt sequence numbers, written by the run's supervisor process and read by the
+//! agent. Because the spool is a file, nothing the script printed is lost when the agent
+//! restarts or the coordinator is away: the agent re-reads it and resends what the
+//! coordinator has not acknowledged.
+//!
+//! Files in a run's state directory:
+//! - `spec.json` — what to run ([`Spec`]), written by the agent before starting the supervisor.
+//! - `supervisor.json` — the supervisor's pid and the boot id it started under.
+//! - `child.json` — the script's pid (also its process group id), once started.
+//! - `logs.spool`, `metrics.spool` — [`LogRecord`]s and [`MetricRecord`]s, one per line.
+//! - `exit.json` — how the script ended ([`Exit`]), written once everything was spooled.
+//! - `acked.json` — the highest sequence numbers the coordinator acknowledged.
+//! - `finished.json` — the final report, kept until the coordinator acknowledges it.
+
+use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+/// What the supervisor runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spec {
+    pub run_id: i64,
+    pub attempt: u32,
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub metrics_socket: PathBuf,
+    pub metrics_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub seq: u64,
+    /// The wire `LogStream` value: 1 stdout, 2 stderr, 3 Kiln itself.
+    pub stream: i32,
+    pub time_ms: i64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricRecord {
+    pub seq: u64,
+    pub name: String,
+    pub value: f64,
+    pub step: Option<i64>,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exit {
+    /// The exit code, or 128 + the signal number when a signal ended the script.
+    pub exit_code: Option<i32>,
+    pub description: String,
+    /// Set when the script could not be started at all.
+    pub start_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Acked {
+    pub log_seq: u64,
+    pub metric_seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub pid: i32,
+    pub boot_id: String,
+}
+
+/// Paths of one attempt's state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    pub fn spec(&self) -> PathBuf {
+        self.0.join("spec.json")
+    }
+    pub fn supervisor(&self) -> PathBuf {
+        self.0.join("supervisor.json")
+    }
+    pub fn child(&self) -> PathBuf {
+        self.0.join("child.json")
+    }
+    pub fn logs(&self) -> PathBuf {
+        self.0.join("logs.spool")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.0.join("metrics.spool")
+    }
+    pub fn exit(&self) -> PathBuf {
+        self.0.join("exit.json")
+    }
+    pub fn acked(&self) -> PathBuf {
+        self.0.join("acked.json")
+    }
+    pub fn finished(&self) -> PathBuf {
+        self.0.join("finished.json")
+    }
+}
+
+/// Writes `value` as JSON to `path` atomically (temporary file, rename): a reader sees the
+/// old or the new content, never a mix, whenever a *process* dies. There is no fsync: these
+/// files describe processes, which a machine crash ends anyway.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temp)?;
+    file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&temp, path)
+}
+
+/// Reads a JSON file; `Ok(None)` when it does not exist.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// This boot's id: a pid recorded under another boot id names a process that is gone.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Appends one record as a JSON line. The line is written with one `write` call so a reader
+/// never sees half of it unless the writer died mid-call (then the reader ignores the tail).
+pub fn append<T: Serialize>(file: &mut std::fs::File, record: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    file.write_all(&line)
+}
+
+/// Reads complete records appended to a spool file since the last call.
+pub struct Tail {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Tail {
+    pub fn new(path: PathBuf) -> Tail {
+        Tail {
+            path,
+            offset: 0,
+            partial: Vec::new(),
+        }
+    }
+
+    /// New complete records, at most about `max_bytes` of them per call. A missing file reads
+    /// as empty; an unreadable line is skipped (it can only be the torn tail of a crash).
+    pub fn read<T: DeserializeOwned>(&mut self, max_bytes: usize) -> std::io::Result<Vec<T>> {
+        let mut file = match std::fs::File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut buffer = Vec::new();
+        let n = file.take(max_bytes as u64).read_to_end(&mut buffer)?;
+        self.offset += n as u64;
+        self.partial.extend_from_slice(&buffer);
+        let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        let complete: Vec<u8> = self.partial.drain(..=last_newline).collect();
+        Ok(complete
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .filter_map(|line| serde_json::from_slice(line).ok())
+            .collect())
+    }
+}
+
+/// The highest sequence number in a spool file (0 when empty or missing).
+pub fn last_seq(path: &Path) -> std::io::Result<u64> {
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    let mut tail = Tail::new(path.to_path_buf());
+    let mut last = 0;
+    loop {
+        let records: Vec<Seq> = tail.read(1 << 20)?;
+        if records.is_empty() {
+            return Ok(last);
+        }
+        last = records
+            .iter()
+            .map(|r| r.seq)
+            .max()
+            .unwrap_or(last)
+            .max(last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_returns_only_complete_records_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs.spool");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let record = |seq| LogRecord {
+            seq,
+            stream: 1,
+            time_ms: 0,
+            text: format!("line {seq}\nwith newline"),
+        };
+        append(&mut file, &record(1)).unwrap();
+        // A torn write: half a record.
+        file.write_all(br#"{"seq":2,"stream":1,"#).unwrap();
+        let mut tail = Tail::new(path.clone());
+        assert_eq!(tail.read::<LogRecord>(1 << 20).unwrap(), vec![record(1)]);
+        file.write_all(b"\"time_ms\":0,\"text\":\"x\"}\n").unwrap();
+        append(&mut file, &record(3)).unwrap();
+        let got: Vec<LogRecord> = tail.read(1 << 20).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 3]);
+        assert!(tail.read::<LogRecord>(1 << 20).unwrap().is_empty());
+        assert_eq!(last_seq(&path).unwrap(), 3);
+    }
+
+    #[test]
+    fn json_files_are_replaced_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acked.json");
+        assert_eq!(read_json::<Acked>(&path).unwrap(), None);
+        write_json(
+            &path,
+            &Acked {
+                log_seq: 5,
+                metric_seq: 2,
+            },
+        )
+        .unwrap();
+        write_json(
+            &path,
+            &Acked {
+                log_seq: 9,
+                metric_seq: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            read_json::<Acked>(&path).unwrap(),
+            Some(Acked {
+                log_seq: 9,
+                metric_seq: 2
+            })
+        );
+    }
+}

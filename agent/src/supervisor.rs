@@ -1,0 +1,369 @@
+//! The per-run supervisor: a small process (`kiln-agent __supervise STATE_DIR`, or the same
+//! subcommand of `kiln` in the local target) that owns one run's script. It starts the script
+//! in its own process group, appends every output line and metric point to the run's spool
+//! with sequence numbers, samples system metrics, and writes `exit.json` when the script has
+//! ended and everything is spooled. It runs in its own session, so the agent can stop,
+//! restart or be upgraded while the run goes on; the restarted agent reads the spool again.
+//!
+//! The supervisor never talks to the network and never signals anything but the leftovers
+//! of its own script's process group after the script exits.
+
+use std::io::{BufRead as _, BufReader, Read, Write as _};
+use std::os::unix::process::CommandExt as _;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use crate::gpu::GpuProbe as _;
+use crate::spool::{self, Exit, LogRecord, MetricRecord, ProcessRecord, Spec, StateDir};
+
+/// The hidden subcommand that runs a supervisor.
+pub const SUBCOMMAND: &str = "__supervise";
+
+/// Longest log line spooled as one line; longer output is split.
+const MAX_LINE_BYTES: u64 = 64 * 1024;
+
+/// If this process was started as a supervisor (`EXE __supervise STATE_DIR`), runs it and
+/// exits; otherwise returns. Call first thing in `main` of every binary that embeds an agent.
+pub fn run_if_requested() {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(SUBCOMMAND)) {
+        let state_dir = args
+            .next()
+            .map(std::path::PathBuf::from)
+            .unwrap_or_default();
+        main(&state_dir);
+    }
+}
+
+/// Runs the supervisor for `state_dir` and exits the process.
+pub fn main(state_dir: &Path) -> ! {
+    let code = match supervise(&StateDir(state_dir.to_path_buf())) {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("kiln supervisor: {error:#}");
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+enum Record {
+    Log(i32, String),
+    Metric(String, f64, Option<i64>),
+}
+
+fn supervise(state: &StateDir) -> anyhow::Result<()> {
+    // Its own session: no signal meant for the agent (or a terminal) reaches it.
+    let _ = nix::unistd::setsid();
+    spool::write_json(
+        &state.supervisor(),
+        &ProcessRecord {
+            pid: std::process::id() as i32,
+            boot_id: spool::boot_id(),
+        },
+    )?;
+    let spec: Spec = spool::read_json(&state.spec())?.context("spec.json is missing")?;
+    // The agent may have spooled lines before the script started (snapshot fetch, ...).
+    let log_seq = spool::last_seq(&state.logs())?;
+    let metric_seq = spool::last_seq(&state.metrics())?;
+    let open = |path: std::path::PathBuf| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))
+    };
+    let logs = open(state.logs())?;
+    let metrics_file = open(state.metrics())?;
+
+    let _ = std::fs::remove_file(&spec.metrics_socket);
+    let listener = std::os::unix::net::UnixListener::bind(&spec.metrics_socket)
+        .with_context(|| format!("bind {}", spec.metrics_socket.display()))?;
+
+    let mut command = Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .current_dir(&spec.cwd)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(error) => {
+            let message = format!("could not start `{}`: {error}", spec.program.display());
+            spool::write_json(
+                &state.exit(),
+                &Exit {
+                    exit_code: None,
+                    description: message.clone(),
+                    start_error: Some(message),
+                },
+            )?;
+            return Ok(());
+        }
+    };
+    let pid = child.id() as i32;
+    spool::write_json(
+        &state.child(),
+        &ProcessRecord {
+            pid,
+            boot_id: spool::boot_id(),
+        },
+    )?;
+
+    let (records, records_rx) = mpsc::sync_channel::<Record>(8192);
+    let writer = std::thread::spawn(move || {
+        write_records(records_rx, logs, metrics_file, log_seq, metric_seq)
+    });
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let readers = [
+        spawn_reader(stdout, 1, records.clone()),
+        spawn_reader(stderr, 2, records.clone()),
+    ];
+    let done = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let (records, done) = (records.clone(), done.clone());
+        std::thread::spawn(move || accept_metrics(listener, records, done))
+    };
+    // Dropping `stop_sampling` wakes the sampler at once.
+    let (stop_sampling, sampling_stopped) = mpsc::channel::<()>();
+    let sampler = {
+        let records = records.clone();
+        let interval = Duration::from_millis(spec.metrics_interval_ms.max(50));
+        std::thread::spawn(move || sample(pid as u32, interval, records, sampling_stopped))
+    };
+    drop(records);
+
+    let status = child.wait().context("wait for the script")?;
+    // Whatever the script left behind in its group goes too, so the pipes close.
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    for reader in readers {
+        let _ = reader.join();
+    }
+    done.store(true, Ordering::SeqCst);
+    drop(stop_sampling);
+    // Wake the blocking accept so that the acceptor sees `done`.
+    let _ = std::os::unix::net::UnixStream::connect(&spec.metrics_socket);
+    let _ = acceptor.join();
+    let _ = sampler.join();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("spool writer panicked"))??;
+    let _ = std::fs::remove_file(&spec.metrics_socket);
+
+    let (exit_code, description) = describe_exit(&status);
+    spool::write_json(
+        &state.exit(),
+        &Exit {
+            exit_code,
+            description,
+            start_error: None,
+        },
+    )?;
+    Ok(())
+}
+
+/// Numbers records and appends them, several per write when they arrive together.
+fn write_records(
+    records: mpsc::Receiver<Record>,
+    mut logs: std::fs::File,
+    mut metrics: std::fs::File,
+    mut log_seq: u64,
+    mut metric_seq: u64,
+) -> anyhow::Result<()> {
+    let mut log_buffer = Vec::new();
+    let mut metric_buffer = Vec::new();
+    while let Ok(first) = records.recv() {
+        let mut next = Some(first);
+        while let Some(record) = next.take() {
+            let time_ms = now_ms();
+            match record {
+                Record::Log(stream, text) => {
+                    log_seq += 1;
+                    serde_json::to_writer(
+                        &mut log_buffer,
+                        &LogRecord {
+                            seq: log_seq,
+                            stream,
+                            time_ms,
+                            text,
+                        },
+                    )?;
+                    log_buffer.push(b'\n');
+                }
+                Record::Metric(name, value, step) => {
+                    metric_seq += 1;
+                    serde_json::to_writer(
+                        &mut metric_buffer,
+                        &MetricRecord {
+                            seq: metric_seq,
+                            name,
+                            value,
+                            step,
+                            time_ms,
+                        },
+                    )?;
+                    metric_buffer.push(b'\n');
+                }
+            }
+            if log_buffer.len() + metric_buffer.len() < (1 << 20) {
+                next = records.try_recv().ok();
+            }
+        }
+        if !log_buffer.is_empty() {
+            logs.write_all(&log_buffer)
+                .context("append to the log spool")?;
+            log_buffer.clear();
+        }
+        if !metric_buffer.is_empty() {
+            metrics
+                .write_all(&metric_buffer)
+                .context("append to the metric spool")?;
+            metric_buffer.clear();
+        }
+    }
+    Ok(())
+}
+
+fn spawn_reader(
+    pipe: impl Read + Send + 'static,
+    stream: i32,
+    records: mpsc::SyncSender<Record>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::with_capacity(64 * 1024, pipe);
+        let mut buffer = Vec::new();
+        loop {
+            buffer.clear();
+            match (&mut reader)
+                .take(MAX_LINE_BYTES)
+                .read_until(b'\n', &mut buffer)
+            {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if buffer.last() == Some(&b'\n') {
+                buffer.pop();
+                if buffer.last() == Some(&b'\r') {
+                    buffer.pop();
+                }
+            }
+            let text = String::from_utf8_lossy(&buffer).into_owned();
+            if records.send(Record::Log(stream, text)).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct UserPoint {
+    name: String,
+    value: f64,
+    step: Option<i64>,
+}
+
+/// Accepts the script's metric connections until `done` (set, then woken by a connection
+/// of the supervisor's own); each connection is read to its end.
+fn accept_metrics(
+    listener: std::os::unix::net::UnixListener,
+    records: mpsc::SyncSender<Record>,
+    done: Arc<AtomicBool>,
+) {
+    let mut connections = Vec::new();
+    loop {
+        let accepted = listener.accept();
+        if done.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok((stream, _)) = accepted else {
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        };
+        let records = records.clone();
+        connections.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { return };
+                if let Ok(point) = serde_json::from_str::<UserPoint>(&line)
+                    && point.value.is_finite()
+                    && !point.name.is_empty()
+                    && records
+                        .send(Record::Metric(point.name, point.value, point.step))
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        }));
+    }
+    // The script's processes are gone, so every connection is at its end.
+    for connection in connections {
+        let _ = connection.join();
+    }
+}
+
+/// Samples the script's process tree (and GPUs) every `interval` until `stop` is dropped.
+fn sample(
+    pid: u32,
+    interval: Duration,
+    records: mpsc::SyncSender<Record>,
+    stop: mpsc::Receiver<()>,
+) {
+    // The first sample comes soon, so that even a short run has one with a CPU reading.
+    let mut wait = interval.min(Duration::from_millis(500));
+    let mut gpus = None;
+    let mut sampler = crate::telemetry::TreeSampler::new(pid);
+    loop {
+        if let Err(mpsc::RecvTimeoutError::Disconnected) = stop.recv_timeout(wait) {
+            return;
+        }
+        wait = interval;
+        let sample = sampler.sample();
+        if sample.n_processes == 0 {
+            continue;
+        }
+        // NVML is opened on first use: a short run does not pay for loading it.
+        let gpus = gpus.get_or_insert_with(crate::gpu::NvmlProbe::new);
+        let mut points = vec![
+            ("system/cpu_percent".to_string(), sample.cpu_percent),
+            (
+                "system/memory_rss_bytes".to_string(),
+                sample.memory_rss_bytes as f64,
+            ),
+        ];
+        points.extend(crate::gpu::sample_points(&gpus.sample()));
+        for (name, value) in points {
+            if records.send(Record::Metric(name, value, None)).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// (exit code, description). A script killed by a signal exits with 128 + the signal
+/// number, as a shell would report it.
+pub fn describe_exit(status: &std::process::ExitStatus) -> (Option<i32>, String) {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => (Some(code), format!("exited with code {code}")),
+        (None, Some(signal)) => (Some(128 + signal), format!("killed by signal {signal}")),
+        (None, None) => (None, "ended without an exit status".to_string()),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
