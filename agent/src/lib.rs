@@ -73,7 +73,20 @@ impl Config {
 
 struct RunHandle {
     cancel: CancellationToken,
+    fence: CancellationToken,
+    /// Within the run's retry budget: the coordinator would place it again if this agent
+    /// were lost, so the agent stops it when it loses the coordinator (fencing).
+    fenceable: bool,
     acks: tokio::sync::watch::Sender<runner::AckState>,
+}
+
+/// What the agent knows of its link to the coordinator, for fencing.
+struct Link {
+    /// When the coordinator last said anything (welcome, ack, heartbeat answer).
+    last_contact: Option<std::time::Instant>,
+    /// Fence attempts off after this long without contact: two thirds of the coordinator's
+    /// heartbeat TTL, learnt from its welcome.
+    fence_after: Option<Duration>,
 }
 
 pub struct Agent {
@@ -84,6 +97,7 @@ pub struct Agent {
     uplink: mpsc::Sender<v1::AgentMessage>,
     runs: Mutex<HashMap<(i64, u32), RunHandle>>,
     run_tasks: TaskTracker,
+    link: Mutex<Link>,
     /// Counts sessions: a run resends what is unacknowledged whenever it changes.
     session_generation: tokio::sync::watch::Sender<u64>,
     /// Cancelled when the agent process stops: run tasks end, runs go on.
@@ -128,12 +142,17 @@ impl Agent {
             uplink,
             runs: Mutex::new(HashMap::new()),
             run_tasks: TaskTracker::new(),
+            link: Mutex::new(Link {
+                last_contact: None,
+                fence_after: None,
+            }),
             session_generation: tokio::sync::watch::channel(0).0,
             detach: CancellationToken::new(),
             channel,
             python_dir,
         });
         agent.reattach_runs();
+        tokio::spawn(agent.clone().fence_watchdog());
         let session_stop = CancellationToken::new();
         let session = tokio::spawn(session::run(agent.clone(), uplink_rx, session_stop.clone()));
 
@@ -168,7 +187,8 @@ impl Agent {
 
     fn start_run(self: &Arc<Self>, assignment: v1::Assignment) {
         let key = (assignment.run_id, assignment.attempt);
-        let Some(control) = self.register_run(key) else {
+        let fenceable = assignment.attempt <= assignment.max_retries;
+        let Some(control) = self.register_run(key, fenceable) else {
             return;
         };
         let agent = self.clone();
@@ -179,25 +199,71 @@ impl Agent {
     }
 
     /// Adds a run to the table; `None` if it is already there.
-    fn register_run(&self, key: (i64, u32)) -> Option<runner::RunControl> {
+    fn register_run(&self, key: (i64, u32), fenceable: bool) -> Option<runner::RunControl> {
         let mut runs = self.runs();
         if runs.contains_key(&key) {
             return None;
         }
         let cancel = CancellationToken::new();
+        let fence = CancellationToken::new();
         let (acks, acks_rx) = tokio::sync::watch::channel(runner::AckState::default());
         runs.insert(
             key,
             RunHandle {
                 cancel: cancel.clone(),
+                fence: fence.clone(),
+                fenceable,
                 acks,
             },
         );
         Some(runner::RunControl {
             cancel,
+            fence,
             detach: self.detach.clone(),
             acks: acks_rx,
         })
+    }
+
+    /// Records that the coordinator spoke; a welcome also tells its heartbeat TTL.
+    fn coordinator_contact(&self, heartbeat_ttl: Option<Duration>) {
+        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        link.last_contact = Some(std::time::Instant::now());
+        if let Some(ttl) = heartbeat_ttl.filter(|ttl| !ttl.is_zero()) {
+            link.fence_after = Some(ttl * 2 / 3);
+        }
+    }
+
+    /// Stops attempts the coordinator would retry elsewhere once this agent has been out of
+    /// touch for two thirds of the coordinator's TTL, so two copies of an attempt never run
+    /// (and write checkpoints) at once. Runs without a retry budget keep running: nobody
+    /// would replace them, and they report when the link is back.
+    async fn fence_watchdog(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = self.detach.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let overdue = {
+                let link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+                match (link.last_contact, link.fence_after) {
+                    (Some(last), Some(after)) => last.elapsed() > after,
+                    _ => false,
+                }
+            };
+            if overdue {
+                for (&(run_id, attempt), handle) in self.runs().iter() {
+                    if handle.fenceable && !handle.fence.is_cancelled() {
+                        tracing::warn!(
+                            run_id,
+                            attempt,
+                            "Coordinator out of reach: fencing the attempt off."
+                        );
+                        handle.fence.cancel();
+                    }
+                }
+            }
+        }
     }
 
     fn run_ended(&self, key: (i64, u32)) {
@@ -223,17 +289,18 @@ impl Agent {
                     continue;
                 }
                 if let Some((run_id, attempt)) = parse_run_dir(&root) {
-                    self.spawn_attach(run_id, attempt, root);
+                    self.spawn_attach(run_id, attempt, false, root);
                 }
                 continue;
             };
-            self.spawn_attach(spec.run_id, spec.attempt, root);
+            let fenceable = spec.attempt <= spec.max_retries;
+            self.spawn_attach(spec.run_id, spec.attempt, fenceable, root);
         }
     }
 
-    fn spawn_attach(self: &Arc<Self>, run_id: i64, attempt: u32, root: PathBuf) {
+    fn spawn_attach(self: &Arc<Self>, run_id: i64, attempt: u32, fenceable: bool, root: PathBuf) {
         let key = (run_id, attempt);
-        let Some(control) = self.register_run(key) else {
+        let Some(control) = self.register_run(key, fenceable) else {
             return;
         };
         info!(

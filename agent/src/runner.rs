@@ -52,6 +52,8 @@ pub struct AckState {
 pub(crate) struct RunControl {
     /// Cancelled when the coordinator cancels the attempt.
     pub cancel: CancellationToken,
+    /// Cancelled when the agent fences the attempt off (no coordinator for too long).
+    pub fence: CancellationToken,
     /// Cancelled when the agent process stops: the task ends, the run goes on.
     pub detach: CancellationToken,
     pub acks: watch::Receiver<AckState>,
@@ -191,6 +193,7 @@ async fn prepare(
         env,
         metrics_socket: socket,
         metrics_interval_ms: agent.config.metrics_interval.as_millis() as u64,
+        max_retries: assignment.max_retries,
     };
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(
@@ -265,6 +268,11 @@ pub(crate) async fn attach(
                 follower.signal_group(Signal::SIGTERM);
                 stopping = Some(Instant::now());
             }
+            _ = control.fence.cancelled(), if stopping.is_none() => {
+                warn!("No coordinator for too long: fencing the attempt off, stopping its processes.");
+                follower.signal_group(Signal::SIGTERM);
+                stopping = Some(Instant::now());
+            }
             changed = control.acks.changed() => {
                 if changed.is_ok() {
                     follower.acknowledged(*control.acks.borrow_and_update());
@@ -279,11 +287,15 @@ pub(crate) async fn attach(
         }
     };
     let cancelled = control.cancel.is_cancelled();
+    let fenced = control.fence.is_cancelled() && !cancelled;
+    // The coordinator may have given a cancelled or fenced attempt up already and will drop
+    // its messages: wait for acknowledgements only briefly.
+    let given_up = cancelled || fenced;
 
     // Every line and point must be stored before the run is reported as ended, so that a
     // follower that sees the end has seen everything. A cancelled attempt may be fenced off
     // (the coordinator drops its messages), so it waits only briefly.
-    let deadline = cancelled.then(|| Instant::now() + Duration::from_secs(5));
+    let deadline = given_up.then(|| Instant::now() + Duration::from_secs(5));
     while !follower.all_acknowledged() && deadline.is_none_or(|d| Instant::now() < d) {
         tokio::select! {
             _ = control.detach.cancelled() => return,
@@ -305,7 +317,7 @@ pub(crate) async fn attach(
     let finished = match spool::read_json::<FinishedRecord>(&state.finished()) {
         Ok(Some(record)) => record.into_wire(),
         _ => {
-            let finished = finish(&agent, &root, &exit, cancelled).await;
+            let finished = finish(&agent, &root, &exit, cancelled, fenced).await;
             if let Err(error) =
                 spool::write_json(&state.finished(), &FinishedRecord::from_wire(&finished))
             {
@@ -321,7 +333,7 @@ pub(crate) async fn attach(
         kind: Some(v1::run_event::Kind::Finished(finished)),
     }));
     let _ = agent.uplink.send(report.clone()).await;
-    let deadline = cancelled.then(|| Instant::now() + Duration::from_secs(5));
+    let deadline = given_up.then(|| Instant::now() + Duration::from_secs(5));
     while !control.acks.borrow().finished && deadline.is_none_or(|d| Instant::now() < d) {
         tokio::select! {
             _ = control.detach.cancelled() => return,
@@ -349,7 +361,13 @@ pub(crate) async fn attach(
 }
 
 /// The final report for an attempt whose script has ended (or never started).
-async fn finish(agent: &Agent, root: &Path, exit: &Exit, cancelled: bool) -> v1::Finished {
+async fn finish(
+    agent: &Agent,
+    root: &Path,
+    exit: &Exit,
+    cancelled: bool,
+    fenced: bool,
+) -> v1::Finished {
     let outputs = root.join("work/outputs");
     let outputs_digest = if exit.start_error.is_none() && outputs.is_dir() {
         match upload_outputs(agent, &outputs).await {
@@ -364,6 +382,12 @@ async fn finish(agent: &Agent, root: &Path, exit: &Exit, cancelled: bool) -> v1:
     };
     let (status, message) = if cancelled {
         (v1::RunStatus::Cancelled, "cancelled by user".to_string())
+    } else if fenced {
+        (
+            v1::RunStatus::Failed,
+            "fenced: the agent lost the coordinator for too long and stopped the attempt"
+                .to_string(),
+        )
     } else if let Some(error) = &exit.start_error {
         (v1::RunStatus::Failed, error.clone())
     } else if exit.exit_code == Some(0) {
@@ -376,6 +400,7 @@ async fn finish(agent: &Agent, root: &Path, exit: &Exit, cancelled: bool) -> v1:
         exit_code: exit.exit_code,
         message,
         outputs_digest,
+        fenced,
     }
 }
 
@@ -387,6 +412,8 @@ struct FinishedRecord {
     exit_code: Option<i32>,
     message: String,
     outputs_digest: String,
+    #[serde(default)]
+    fenced: bool,
 }
 
 impl FinishedRecord {
@@ -396,6 +423,7 @@ impl FinishedRecord {
             exit_code: f.exit_code,
             message: f.message.clone(),
             outputs_digest: f.outputs_digest.clone(),
+            fenced: f.fenced,
         }
     }
     fn into_wire(self) -> v1::Finished {
@@ -404,6 +432,7 @@ impl FinishedRecord {
             exit_code: self.exit_code,
             message: self.message,
             outputs_digest: self.outputs_digest,
+            fenced: self.fenced,
         }
     }
 }

@@ -70,6 +70,7 @@ async fn connected(
         Some(v1::CoordinatorMessage {
             kind: Some(Down::Welcome(welcome)),
         }) => {
+            agent.coordinator_contact(Some(Duration::from_millis(welcome.heartbeat_ttl_ms)));
             info!(coordinator_version = %welcome.coordinator_version, "Connected to the coordinator.");
         }
         _ => anyhow::bail!("the coordinator did not welcome this agent"),
@@ -100,7 +101,10 @@ async fn connected(
                 return Ok(());
             }
             message = inbound.message() => match message? {
-                Some(v1::CoordinatorMessage { kind: Some(kind) }) => handle(agent, kind),
+                Some(v1::CoordinatorMessage { kind: Some(kind) }) => {
+                    agent.coordinator_contact(None);
+                    handle(agent, kind);
+                }
                 Some(_) => {}
                 None => anyhow::bail!("the coordinator closed the session"),
             },

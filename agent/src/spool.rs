@@ -29,6 +29,9 @@ pub struct Spec {
     pub env: Vec<(String, String)>,
     pub metrics_socket: PathBuf,
     pub metrics_interval_ms: u64,
+    /// The run's retry budget: an attempt within it may be fenced off (see `Agent::fence`).
+    #[serde(default)]
+    pub max_retries: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -39,6 +39,7 @@ pub fn run_json(run: &v1::Run) -> Value {
         "script": run.script,
         "args": run.args,
         "attempt": run.attempt,
+        "max_retries": run.max_retries,
         "snapshot_digest": run.snapshot_digest,
         "outputs_digest": if run.outputs_digest.is_empty() { Value::Null } else { Value::String(run.outputs_digest.clone()) },
         "created_at": time(run.created_unix_ms),
@@ -131,7 +132,10 @@ pub fn show(run: &v1::Run, as_json: bool) {
     }
     field("target", run.target.clone());
     field("agent", dash(&run.agent_id));
-    field("attempt", run.attempt.to_string());
+    field(
+        "attempt",
+        format!("{} (max retries {})", run.attempt, run.max_retries),
+    );
     field(
         "script",
         format!("{} {}", run.script, run.args.join(" "))

@@ -45,6 +45,9 @@ pub struct SubmitArgs {
     /// Return once submitted; print the run id on stdout.
     #[arg(long)]
     detach: bool,
+    /// Place the run again, up to this many times, when its agent is lost.
+    #[arg(long, default_value_t = 0)]
+    max_retries: u32,
     /// Plan and pack the snapshot and print what would be submitted; contact no coordinator.
     #[arg(long)]
     dry_run: bool,
@@ -197,6 +200,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
             snapshot_digest: packed.digest,
             script,
             args: args.args,
+            max_retries: args.max_retries,
         })
         .await
         .map_err(status_error)?

@@ -8,8 +8,11 @@
 //!     │  │   requeue    │  └──finish───────┼─────────────▶ failed (did not start)
 //!     └──┼──────────────┘                  │
 //!        │ cancel (from queued, assigned or running)        ──▶ cancelled
-//!        │ lost   (from assigned or running: agent gone)    ──▶ lost
+//!        │ lose   (from assigned or running: agent gone)    ──▶ lost
+//!        │ retry  (from assigned or running: agent gone, retry budget left) ──▶ queued
 //! ```
+//! Each assignment is a new *attempt* (numbered from 1); a retry does not change the number
+//! until the run is assigned again.
 //! Terminal states (succeeded, failed, cancelled, lost) never change again.
 
 use std::fmt;
@@ -40,6 +43,8 @@ pub enum RunEvent {
     Cancel,
     /// The agent holding the run was lost.
     Lose,
+    /// The agent holding the run was lost and the run may be tried again.
+    Retry,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +76,7 @@ pub fn next(from: RunStatus, event: RunEvent) -> Result<RunStatus, InvalidTransi
         },
         (S::Queued | S::Assigned | S::Running, E::Cancel) => S::Cancelled,
         (S::Assigned | S::Running, E::Lose) => S::Lost,
+        (S::Assigned | S::Running, E::Retry) => S::Queued,
         _ => return Err(InvalidTransition { from, event }),
     };
     Ok(to)
@@ -166,6 +172,8 @@ mod tests {
                 Some(S::Cancelled),
             ),
             (S::Running, E::Lose, Some(S::Lost)),
+            (S::Running, E::Retry, Some(S::Queued)),
+            (S::Queued, E::Retry, None),
             (S::Running, E::Requeue, None),
             (S::Queued, E::Lose, None),
         ];
@@ -183,6 +191,7 @@ mod tests {
             E::Finish(Outcome::Succeeded),
             E::Cancel,
             E::Lose,
+            E::Retry,
         ];
         for from in S::ALL.into_iter().filter(|s| s.is_terminal()) {
             for event in events {

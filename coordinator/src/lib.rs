@@ -245,6 +245,7 @@ impl Coordinator {
                     snapshot_digest: run.snapshot_digest.clone(),
                     script: run.script.clone(),
                     args: run.args.clone(),
+                    max_retries: run.max_retries,
                 })),
             };
             let sent = self.send_to_agent(&agent_id, message);
@@ -459,7 +460,8 @@ impl Coordinator {
                 self.db
                     .call(move |s| s.heartbeat(&agent_id, now_ms()))
                     .await?;
-                Ok(None)
+                // An empty ack answers the heartbeat: the agent knows the coordinator hears it.
+                Ok(Some(ack(0, 0, 0, 0, false)))
             }
             Kind::Logs(batch) => {
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
@@ -538,6 +540,13 @@ impl Coordinator {
                     v1::RunStatus::Cancelled => Outcome::Cancelled,
                     _ => Outcome::Failed,
                 };
+                // A self-fenced attempt is like a lost one: retried while the budget lasts.
+                let event = match self.db.call(move |s| s.get_run(run_id)).await? {
+                    Some(run) if finished.fenced && run.attempt <= run.max_retries => {
+                        RunEvent::Retry
+                    }
+                    _ => RunEvent::Finish(outcome),
+                };
                 info!(run_id, attempt, exit_code = ?finished.exit_code, outcome = ?outcome, "Run finished.");
                 self.db
                     .call(move |s| {
@@ -548,8 +557,7 @@ impl Coordinator {
                             now_ms: now_ms(),
                             ..Default::default()
                         };
-                        let result =
-                            s.transition(run_id, Some(attempt), RunEvent::Finish(outcome), &fields);
+                        let result = s.transition(run_id, Some(attempt), event, &fields);
                         if let Err(TransitionError::Invalid(_)) = result {
                             // Ended here already (cancelled): keep what the agent measured.
                             s.record_late_result(
@@ -615,10 +623,14 @@ impl Coordinator {
 }
 
 /// Takes a run away from an agent that no longer has it: a run that never started goes back
-/// to the queue (nothing of it ran), a running one is lost. Returns the run id if it changed.
+/// to the queue (nothing of it ran); a running one is queued again for a new attempt while
+/// its retry budget (`max_retries`) lasts, and is lost after that. Returns the run id if it
+/// changed.
 fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option<i64> {
     let event = if run.status() == v1::RunStatus::Assigned {
         RunEvent::Requeue
+    } else if run.attempt <= run.max_retries {
+        RunEvent::Retry
     } else {
         RunEvent::Lose
     };

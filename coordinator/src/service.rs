@@ -213,6 +213,7 @@ impl Kiln for Api {
                     snapshot_digest: &request.snapshot_digest,
                     script: &request.script,
                     args: &request.args,
+                    max_retries: request.max_retries,
                     now_ms: now_ms(),
                 })
             })
@@ -446,6 +447,7 @@ impl AgentApi for Api {
         tx.try_send(Ok(v1::CoordinatorMessage {
             kind: Some(v1::coordinator_message::Kind::Welcome(v1::Welcome {
                 coordinator_version: kiln_common::VERSION.to_string(),
+                heartbeat_ttl_ms: self.0.config.heartbeat_ttl.as_millis() as u64,
             })),
         }))
         .expect("a new channel has room");

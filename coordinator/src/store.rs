@@ -83,6 +83,9 @@ CREATE TABLE join_tokens (
     last_used_ms INTEGER
 );
 "#,
+    r#"
+ALTER TABLE runs ADD COLUMN max_retries INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub struct Store {
@@ -96,6 +99,7 @@ pub struct NewRun<'a> {
     pub snapshot_digest: &'a str,
     pub script: &'a str,
     pub args: &'a [String],
+    pub max_retries: u32,
     pub now_ms: i64,
 }
 
@@ -300,15 +304,17 @@ impl Store {
     pub fn insert_run(&self, new: &NewRun) -> anyhow::Result<v1::Run> {
         let args = serde_json::to_string(new.args).expect("strings serialise");
         self.conn.execute(
-            "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6)",
+            "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms,
+                max_retries)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7)",
             params![
                 new.name,
                 new.target,
                 new.snapshot_digest,
                 new.script,
                 args,
-                new.now_ms
+                new.now_ms,
+                new.max_retries
             ],
         )?;
         let id = self.conn.last_insert_rowid();
@@ -346,7 +352,8 @@ impl Store {
     ) -> anyhow::Result<Vec<v1::Run>> {
         let sql = format!(
             "SELECT id, name, target, status, agent_id, attempt, exit_code, message, snapshot_digest,
-                script, args, created_ms, started_ms, finished_ms, outputs_digest FROM runs {clause}"
+                script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries
+             FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let runs = stmt
@@ -369,6 +376,7 @@ impl Store {
                     started_unix_ms: row.get(12)?,
                     finished_unix_ms: row.get(13)?,
                     outputs_digest: row.get(14)?,
+                    max_retries: row.get(15)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -415,6 +423,11 @@ impl Store {
             RunEvent::Requeue => update(
                 "UPDATE runs SET status = ?2, agent_id = '' WHERE id = ?1",
                 &[&run_id, &to.as_str()],
+            )?,
+            RunEvent::Retry => update(
+                "UPDATE runs SET status = ?2, agent_id = '', started_ms = NULL,
+                    message = coalesce(?3, message) WHERE id = ?1",
+                &[&run_id, &to.as_str(), &fields.message],
             )?,
             RunEvent::Start => update(
                 "UPDATE runs SET status = ?2, started_ms = ?3 WHERE id = ?1",
@@ -776,6 +789,7 @@ mod tests {
                 snapshot_digest: "sha256:00",
                 script: "train.py",
                 args: &["--lr".into(), "0.1".into()],
+                max_retries: 0,
                 now_ms: 1,
             })
             .unwrap()

@@ -110,6 +110,16 @@ impl Daemon {
         }
     }
 
+    /// SIGSTOP / SIGCONT: the process freezes (holding its sockets open) and thaws.
+    pub fn pause(&self, paused: bool) {
+        let signal = if paused {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signal");
+    }
+
     /// Whether it has exited (with its code).
     pub fn try_exit(&mut self) -> Option<Option<i32>> {
         let child = self.child.as_mut()?;
@@ -133,6 +143,7 @@ pub struct Cluster {
     pub address: String,
     pub agents: Vec<Daemon>,
     specs: Vec<AgentSpec>,
+    ttl: String,
 }
 
 #[derive(Clone)]
@@ -144,15 +155,21 @@ pub struct AgentSpec {
 impl Cluster {
     /// A coordinator plus one agent per spec; returns when every agent is online.
     pub fn start(agents: &[AgentSpec]) -> Cluster {
+        Cluster::start_with_ttl(agents, 5)
+    }
+
+    /// Like [`Cluster::start`], with the coordinator's heartbeat TTL in seconds.
+    pub fn start_with_ttl(agents: &[AgentSpec], ttl_s: u32) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
+        let ttl = ttl_s.to_string();
         command
             .args([
                 "--listen",
                 "127.0.0.1:0",
                 "--heartbeat-ttl",
-                "5",
+                &ttl,
                 "--data-dir",
             ])
             .arg(dir.path().join("coordinator"))
@@ -171,6 +188,7 @@ impl Cluster {
             address,
             agents: Vec::new(),
             specs: Vec::new(),
+            ttl,
         };
         for spec in agents {
             cluster.add_agent(spec.clone());
@@ -211,7 +229,13 @@ impl Cluster {
         let listen = self.address.trim_start_matches("http://").to_string();
         let mut command = Command::new(bin("kiln-coordinator"));
         command
-            .args(["--listen", &listen, "--heartbeat-ttl", "5", "--data-dir"])
+            .args([
+                "--listen",
+                &listen,
+                "--heartbeat-ttl",
+                &self.ttl,
+                "--data-dir",
+            ])
             .arg(self.dir.path().join("coordinator"));
         self.coordinator = Daemon::spawn(
             "coordinator",

@@ -764,3 +764,129 @@ fn a_crashed_coordinator_loses_no_log_line_or_metric_point() {
     }
     cluster.stop();
 }
+
+/// Index of the agent (in `cluster.agents`) that holds a run.
+fn agent_index_of(cluster: &Cluster, run: &serde_json::Value) -> usize {
+    (0..cluster.agents.len())
+        .find(|&i| run["agent"] == cluster.agent_id(i))
+        .expect("the run's agent is one of the cluster's")
+}
+
+const TWO_ON_ALPHA: &[AgentSpec] = &[
+    AgentSpec {
+        target: "alpha",
+        slots: 1,
+    },
+    AgentSpec {
+        target: "alpha",
+        slots: 1,
+    },
+];
+
+#[test]
+fn a_lost_agents_run_is_retried_elsewhere_and_its_old_attempt_fenced_off() {
+    let mut cluster = Cluster::start(TWO_ON_ALPHA);
+    let src = source_dir(&[(
+        "job.py",
+        "import os, time\nprint(f'attempt {os.environ[\"KILN_ATTEMPT\"]} pid {os.getpid()}', flush=True)\ntime.sleep(2 if os.environ['KILN_ATTEMPT'] != '1' else 1000)\nprint('done', flush=True)\n",
+    )]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--detach",
+        "--max-retries",
+        "1",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "job.py",
+    ]);
+    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
+    let run = cluster.wait_status(run_id, "running");
+    let first = agent_index_of(&cluster, &run);
+    let pid: i32 = wait_for("attempt 1's pid", Duration::from_secs(20), || {
+        let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
+        logs.lines()
+            .find_map(|l| l.strip_prefix("attempt 1 pid ")?.parse().ok())
+    });
+    cluster.agents[first].kill();
+    // After the TTL the run is queued again and placed on the other agent.
+    let run = wait_for("attempt 2 to succeed", Duration::from_secs(40), || {
+        let run = cluster.run(run_id);
+        (run["status"] == "succeeded").then_some(run)
+    });
+    assert_eq!(run["attempt"], 2);
+    assert_eq!(agent_index_of(&cluster, &run), 1 - first);
+    let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
+    assert!(
+        logs.lines().any(|l| l.starts_with("attempt 2 pid ")),
+        "{logs}"
+    );
+    assert!(logs.ends_with("done\n"), "{logs}");
+    // The first agent comes back: the coordinator fences attempt 1 off, and it is stopped.
+    assert!(process_alive(pid));
+    cluster.restart_agent(first);
+    wait_for("attempt 1 to be stopped", Duration::from_secs(30), || {
+        (!process_alive(pid)).then_some(())
+    });
+    assert_eq!(cluster.run(run_id)["status"], "succeeded");
+    cluster.stop();
+}
+
+#[test]
+fn an_agent_cut_off_from_the_coordinator_stops_only_runs_that_will_be_retried() {
+    // TTL 9 s: agents fence retryable attempts off after 6 s without the coordinator.
+    let cluster = Cluster::start_with_ttl(TWO_TARGETS, 9);
+    let src = source_dir(&[(
+        "job.py",
+        "import os, time\nprint(f'attempt {os.environ[\"KILN_ATTEMPT\"]} pid {os.getpid()}', flush=True)\ntime.sleep(12 if os.environ['KILN_ATTEMPT'] == '1' else 1)\nprint('done', flush=True)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let submit = |target: &str, retries: &str| -> i64 {
+        let output = cluster.kiln(&[
+            "submit",
+            "--detach",
+            "--max-retries",
+            retries,
+            "--target",
+            target,
+            dir,
+            "job.py",
+        ]);
+        text(&output.stdout).trim().parse().unwrap()
+    };
+    let retryable = submit("alpha", "1");
+    let not_retryable = submit("beta", "0");
+    let pid_of = |run_id: i64| -> i32 {
+        wait_for("the run's pid", Duration::from_secs(20), || {
+            let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
+            logs.lines()
+                .find_map(|l| l.strip_prefix("attempt 1 pid ")?.parse().ok())
+        })
+    };
+    let (pid_retryable, pid_kept) = (pid_of(retryable), pid_of(not_retryable));
+    // A frozen coordinator: connections stay open, nothing answers.
+    cluster.coordinator.pause(true);
+    let fenced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_for(
+            "the retryable attempt to be fenced off",
+            Duration::from_secs(8),
+            || (!process_alive(pid_retryable)).then_some(()),
+        )
+    }));
+    let kept = process_alive(pid_kept);
+    cluster.coordinator.pause(false);
+    assert!(
+        fenced.is_ok(),
+        "the agent did not fence the attempt off in time"
+    );
+    assert!(kept, "a run without a retry budget must keep running");
+    // The fenced attempt is retried; the other run finishes its first attempt.
+    let run = wait_for("the retry to succeed", Duration::from_secs(40), || {
+        let run = cluster.run(retryable);
+        (run["status"] == "succeeded").then_some(run)
+    });
+    assert_eq!(run["attempt"], 2);
+    let run = cluster.wait_status(not_retryable, "succeeded");
+    assert_eq!(run["attempt"], 1);
+    cluster.stop();
+}
