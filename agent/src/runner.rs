@@ -169,7 +169,7 @@ async fn prepare(
         .data_dir
         .join("sock")
         .join(format!("{}.{}.sock", assignment.run_id, assignment.attempt));
-    let env = vec![
+    let mut env = vec![
         ("PYTHONPATH".to_string(), python_path(&agent.python_dir)),
         ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
         ("KILN_RUN_ID".to_string(), assignment.run_id.to_string()),
@@ -184,6 +184,23 @@ async fn prepare(
             socket.to_string_lossy().into_owned(),
         ),
     ];
+    let checkpoint_dir = (assignment.checkpoint_interval_s > 0).then(|| root.join("checkpoint"));
+    if let Some(dir) = &checkpoint_dir {
+        std::fs::create_dir_all(dir).context("create the checkpoint directory")?;
+        if !assignment.checkpoint_digest.is_empty() {
+            let n_files = restore_checkpoint(agent, &assignment.checkpoint_digest, dir)
+                .await
+                .context("could not restore the last checkpoint")?;
+            system.line(&format!(
+                "Checkpoint {} restored ({n_files} files).",
+                short(&assignment.checkpoint_digest)
+            ));
+        }
+        env.push((
+            "KILN_CHECKPOINT_DIR".to_string(),
+            dir.to_string_lossy().into_owned(),
+        ));
+    }
     let spec = Spec {
         run_id: assignment.run_id,
         attempt: assignment.attempt,
@@ -194,6 +211,8 @@ async fn prepare(
         metrics_socket: socket,
         metrics_interval_ms: agent.config.metrics_interval.as_millis() as u64,
         max_retries: assignment.max_retries,
+        checkpoint_dir,
+        checkpoint_interval_ms: u64::from(assignment.checkpoint_interval_s) * 1000,
     };
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(
@@ -243,7 +262,10 @@ pub(crate) async fn attach(
     sessions.mark_changed();
     let mut stopping: Option<Instant> = None;
     let mut killed = false;
+    let spec: Option<Spec> = spool::read_json(&state.spec()).ok().flatten();
+    let mut checkpoints = Checkpoints::new(&agent, run_id, attempt, spec.as_ref());
     let exit = loop {
+        checkpoints.maybe_start();
         let progressed = follower.read_spool().await;
         follower.send_new().await;
         if !progressed {
@@ -286,6 +308,8 @@ pub(crate) async fn attach(
             _ = tokio::time::sleep(POLL) => {}
         }
     };
+    // The script has ended: its last checkpoint goes up before the run is reported.
+    checkpoints.finish().await;
     let cancelled = control.cancel.is_cancelled();
     let fenced = control.fence.is_cancelled() && !cancelled;
     // The coordinator may have given a cancelled or fenced attempt up already and will drop
@@ -370,7 +394,7 @@ async fn finish(
 ) -> v1::Finished {
     let outputs = root.join("work/outputs");
     let outputs_digest = if exit.start_error.is_none() && outputs.is_dir() {
-        match upload_outputs(agent, &outputs).await {
+        match upload_dir(agent, &outputs).await {
             Ok(digest) => digest,
             Err(error) => {
                 warn!(error = %format!("{error:#}"), "Outputs could not be uploaded.");
@@ -434,6 +458,90 @@ impl FinishedRecord {
             outputs_digest: self.outputs_digest,
             fenced: self.fenced,
         }
+    }
+}
+
+/// Uploads an attempt's checkpoint directory every interval (one upload at a time) and once
+/// more when the script has ended.
+struct Checkpoints {
+    agent: Arc<Agent>,
+    run_id: i64,
+    attempt: u32,
+    dir: Option<PathBuf>,
+    interval: Duration,
+    next: Instant,
+    last: Option<String>,
+    running: Option<tokio::task::JoinHandle<anyhow::Result<Option<String>>>>,
+}
+
+impl Checkpoints {
+    fn new(agent: &Arc<Agent>, run_id: i64, attempt: u32, spec: Option<&Spec>) -> Checkpoints {
+        let interval = Duration::from_millis(spec.map_or(0, |s| s.checkpoint_interval_ms));
+        Checkpoints {
+            agent: agent.clone(),
+            run_id,
+            attempt,
+            dir: spec.and_then(|s| s.checkpoint_dir.clone()),
+            interval,
+            next: Instant::now() + interval,
+            last: None,
+            running: None,
+        }
+    }
+
+    fn maybe_start(&mut self) {
+        let Some(dir) = self.dir.clone() else { return };
+        if let Some(running) = &self.running {
+            if !running.is_finished() {
+                return;
+            }
+            let running = self.running.take().expect("checked above");
+            self.record(futures::FutureExt::now_or_never(running));
+        }
+        if Instant::now() < self.next {
+            return;
+        }
+        self.next = Instant::now() + self.interval;
+        let task = upload_checkpoint(
+            self.agent.clone(),
+            self.run_id,
+            self.attempt,
+            dir,
+            self.last.clone(),
+        );
+        self.running = Some(tokio::spawn(task));
+    }
+
+    fn record(
+        &mut self,
+        result: Option<Result<anyhow::Result<Option<String>>, tokio::task::JoinError>>,
+    ) {
+        match result {
+            Some(Ok(Ok(Some(digest)))) => {
+                info!(digest = %digest, "Checkpoint uploaded.");
+                self.last = Some(digest);
+            }
+            Some(Ok(Err(error))) => {
+                warn!(error = %format!("{error:#}"), "Checkpoint upload failed.")
+            }
+            _ => {}
+        }
+    }
+
+    async fn finish(&mut self) {
+        let Some(dir) = self.dir.clone() else { return };
+        if let Some(running) = self.running.take() {
+            self.record(Some(running.await));
+        }
+        let result = upload_checkpoint(
+            self.agent.clone(),
+            self.run_id,
+            self.attempt,
+            dir,
+            self.last.clone(),
+        )
+        .await;
+        self.record(Some(Ok(result)));
     }
 }
 
@@ -737,6 +845,20 @@ async fn fetch_snapshot(
         ));
         return Ok(cached);
     }
+    let (temp, bytes) = download_blob(agent, digest).await?;
+    temp.persist(&cached).map_err(|e| e.error)?;
+    system.line(&format!(
+        "Snapshot {} fetched ({bytes} bytes).",
+        short(digest)
+    ));
+    Ok(cached)
+}
+
+/// Downloads a blob into a temporary file and checks that it hashes to its digest.
+async fn download_blob(
+    agent: &Agent,
+    digest: &str,
+) -> anyhow::Result<(tempfile::NamedTempFile, u64)> {
     let temp = tempfile::NamedTempFile::new_in(agent.config.data_dir.join("snapshots/tmp"))?;
     let channel = agent.coordinator_channel().await;
     let mut client = kiln_proto::clients::blobs(channel);
@@ -760,14 +882,49 @@ async fn fetch_snapshot(
     let actual = tokio::task::spawn_blocking(move || snapshot::digest_file(&path)).await??;
     anyhow::ensure!(
         actual == digest,
-        "downloaded snapshot hashes to {actual}, expected {digest}"
+        "downloaded blob hashes to {actual}, expected {digest}"
     );
-    temp.persist(&cached).map_err(|e| e.error)?;
-    system.line(&format!(
-        "Snapshot {} fetched ({bytes} bytes).",
-        short(digest)
-    ));
-    Ok(cached)
+    Ok((temp, bytes))
+}
+
+/// Restores a checkpoint blob into `dir` (empty).
+async fn restore_checkpoint(agent: &Agent, digest: &str, dir: &Path) -> anyhow::Result<u64> {
+    let (archive, _) = download_blob(agent, digest).await?;
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let mut file = std::io::BufReader::new(std::fs::File::open(archive.path())?);
+        Ok(snapshot::unpack(&mut file, &dir, &UnpackLimits::default())?.n_files)
+    })
+    .await?
+}
+
+/// Packs `dir` and, if it differs from `last`, uploads it and tells the coordinator.
+/// Returns the new digest.
+async fn upload_checkpoint(
+    agent: Arc<Agent>,
+    run_id: i64,
+    attempt: u32,
+    dir: PathBuf,
+    last: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let digest = upload_dir(&agent, &dir)
+        .await
+        .context("upload the checkpoint")?;
+    if last.as_deref() == Some(digest.as_str()) {
+        return Ok(None);
+    }
+    let event = up(Up::RunEvent(v1::RunEvent {
+        run_id,
+        attempt,
+        kind: Some(v1::run_event::Kind::Checkpointed(v1::Checkpointed {
+            digest: digest.clone(),
+        })),
+    }));
+    let _ = agent.uplink.send(event).await;
+    Ok(Some(digest))
 }
 
 fn short(digest: &str) -> &str {
@@ -787,7 +944,8 @@ async fn unpack(archive: &Path, work: &Path) -> anyhow::Result<()> {
     .await?
 }
 
-async fn upload_outputs(agent: &Agent, outputs: &Path) -> anyhow::Result<String> {
+/// Packs a directory (no ignore rules) and uploads it unless the coordinator has it.
+async fn upload_dir(agent: &Agent, outputs: &Path) -> anyhow::Result<String> {
     let temp = tempfile::NamedTempFile::new_in(agent.config.data_dir.join("snapshots/tmp"))?;
     let (dir, dest) = (outputs.to_path_buf(), temp.path().to_path_buf());
     let packed = tokio::task::spawn_blocking(move || {

@@ -32,6 +32,11 @@ pub struct Spec {
     /// The run's retry budget: an attempt within it may be fenced off (see `Agent::fence`).
     #[serde(default)]
     pub max_retries: u32,
+    /// `$KILN_CHECKPOINT_DIR` and how often to upload it (0: checkpoints are off).
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub checkpoint_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -40,6 +40,7 @@ pub fn run_json(run: &v1::Run) -> Value {
         "args": run.args,
         "attempt": run.attempt,
         "max_retries": run.max_retries,
+        "checkpoint_digest": if run.checkpoint_digest.is_empty() { Value::Null } else { Value::String(run.checkpoint_digest.clone()) },
         "snapshot_digest": run.snapshot_digest,
         "outputs_digest": if run.outputs_digest.is_empty() { Value::Null } else { Value::String(run.outputs_digest.clone()) },
         "created_at": time(run.created_unix_ms),
@@ -165,6 +166,16 @@ pub fn show(run: &v1::Run, as_json: bool) {
     );
     field("snapshot", run.snapshot_digest.clone());
     field("outputs", dash(&run.outputs_digest));
+    if run.checkpoint_interval_s > 0 {
+        field(
+            "checkpoint",
+            format!(
+                "{} (every {}s)",
+                dash(&run.checkpoint_digest),
+                run.checkpoint_interval_s
+            ),
+        );
+    }
 }
 
 pub fn metrics(metrics: &[v1::MetricSummary], as_json: bool) {

@@ -48,6 +48,10 @@ pub struct SubmitArgs {
     /// Place the run again, up to this many times, when its agent is lost.
     #[arg(long, default_value_t = 0)]
     max_retries: u32,
+    /// Upload $KILN_CHECKPOINT_DIR every this many seconds (and when the script ends), and
+    /// restore the last upload when the run is retried (see --max-retries). 0: off.
+    #[arg(long, default_value_t = 0)]
+    checkpoint_interval: u32,
     /// Plan and pack the snapshot and print what would be submitted; contact no coordinator.
     #[arg(long)]
     dry_run: bool,
@@ -201,6 +205,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
             script,
             args: args.args,
             max_retries: args.max_retries,
+            checkpoint_interval_s: args.checkpoint_interval,
         })
         .await
         .map_err(status_error)?

@@ -246,6 +246,8 @@ impl Coordinator {
                     script: run.script.clone(),
                     args: run.args.clone(),
                     max_retries: run.max_retries,
+                    checkpoint_interval_s: run.checkpoint_interval_s,
+                    checkpoint_digest: run.checkpoint_digest.clone(),
                 })),
             };
             let sent = self.send_to_agent(&agent_id, message);
@@ -570,6 +572,19 @@ impl Coordinator {
                         result
                     })
                     .await
+            }
+            Some(v1::run_event::Kind::Checkpointed(checkpoint)) => {
+                if !kiln_common::snapshot::is_valid_digest(&checkpoint.digest)
+                    || self.blobs.size(&checkpoint.digest).await?.is_none()
+                {
+                    warn!(run_id, attempt, digest = %checkpoint.digest, "Ignoring a checkpoint that is not stored.");
+                    return Ok(None);
+                }
+                info!(run_id, attempt, digest = %checkpoint.digest, "Checkpoint stored.");
+                self.db
+                    .call(move |s| s.set_checkpoint(run_id, attempt, &checkpoint.digest))
+                    .await?;
+                return Ok(None);
             }
             None => return Ok(None),
         };

@@ -214,6 +214,7 @@ impl Kiln for Api {
                     script: &request.script,
                     args: &request.args,
                     max_retries: request.max_retries,
+                    checkpoint_interval_s: request.checkpoint_interval_s,
                     now_ms: now_ms(),
                 })
             })

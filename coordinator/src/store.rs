@@ -86,6 +86,10 @@ CREATE TABLE join_tokens (
     r#"
 ALTER TABLE runs ADD COLUMN max_retries INTEGER NOT NULL DEFAULT 0;
 "#,
+    r#"
+ALTER TABLE runs ADD COLUMN checkpoint_interval_s INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN checkpoint_digest TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 pub struct Store {
@@ -100,6 +104,7 @@ pub struct NewRun<'a> {
     pub script: &'a str,
     pub args: &'a [String],
     pub max_retries: u32,
+    pub checkpoint_interval_s: u32,
     pub now_ms: i64,
 }
 
@@ -305,8 +310,8 @@ impl Store {
         let args = serde_json::to_string(new.args).expect("strings serialise");
         self.conn.execute(
             "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms,
-                max_retries)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7)",
+                max_retries, checkpoint_interval_s)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 new.name,
                 new.target,
@@ -314,7 +319,8 @@ impl Store {
                 new.script,
                 args,
                 new.now_ms,
-                new.max_retries
+                new.max_retries,
+                new.checkpoint_interval_s
             ],
         )?;
         let id = self.conn.last_insert_rowid();
@@ -352,7 +358,8 @@ impl Store {
     ) -> anyhow::Result<Vec<v1::Run>> {
         let sql = format!(
             "SELECT id, name, target, status, agent_id, attempt, exit_code, message, snapshot_digest,
-                script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries
+                script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
+                checkpoint_interval_s, checkpoint_digest
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -377,6 +384,8 @@ impl Store {
                     finished_unix_ms: row.get(13)?,
                     outputs_digest: row.get(14)?,
                     max_retries: row.get(15)?,
+                    checkpoint_interval_s: row.get(16)?,
+                    checkpoint_digest: row.get(17)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -470,6 +479,15 @@ impl Store {
                 outputs_digest = CASE WHEN outputs_digest = '' THEN ?4 ELSE outputs_digest END
              WHERE id = ?1 AND attempt = ?2",
             params![run_id, attempt, exit_code, outputs_digest],
+        )?;
+        Ok(())
+    }
+
+    /// Records the latest checkpoint of a run's current attempt.
+    pub fn set_checkpoint(&self, run_id: i64, attempt: u32, digest: &str) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE runs SET checkpoint_digest = ?3 WHERE id = ?1 AND attempt = ?2",
+            params![run_id, attempt, digest],
         )?;
         Ok(())
     }
@@ -790,6 +808,7 @@ mod tests {
                 script: "train.py",
                 args: &["--lr".into(), "0.1".into()],
                 max_retries: 0,
+                checkpoint_interval_s: 0,
                 now_ms: 1,
             })
             .unwrap()

@@ -265,8 +265,21 @@ impl Cluster {
 
     /// Starts agent `index` again (after it was killed) on the same data directory.
     pub fn restart_agent(&mut self, index: usize) {
+        let connected = |daemon: &Daemon| {
+            daemon
+                .log_text()
+                .matches("Connected to the coordinator")
+                .count()
+        };
+        let before = connected(&self.agents[index]);
         let spec = self.specs[index].clone();
         self.agents[index] = self.spawn_agent(index, &spec);
+        let agent = &self.agents[index];
+        wait_for(
+            "the restarted agent to connect",
+            Duration::from_secs(20),
+            || (connected(agent) > before).then_some(()),
+        );
     }
 
     fn spawn_agent(&self, index: usize, spec: &AgentSpec) -> Daemon {

@@ -890,3 +890,65 @@ fn an_agent_cut_off_from_the_coordinator_stops_only_runs_that_will_be_retried() 
     assert_eq!(run["attempt"], 1);
     cluster.stop();
 }
+
+#[test]
+fn a_retried_run_resumes_from_its_last_checkpoint() {
+    let mut cluster = Cluster::start(TWO_ON_ALPHA);
+    let src = source_dir(&[(
+        "train.py",
+        r#"
+import os, time
+path = os.path.join(os.environ["KILN_CHECKPOINT_DIR"], "step")
+start = int(open(path).read()) if os.path.exists(path) else 0
+attempt = os.environ["KILN_ATTEMPT"]
+print(f"attempt {attempt} resumes at {start}", flush=True)
+for step in range(start, 40):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(step + 1))
+    os.replace(path + ".tmp", path)
+    time.sleep(0.2 if attempt == "1" else 0.01)
+print("done", flush=True)
+"#,
+    )]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--detach",
+        "--max-retries",
+        "1",
+        "--checkpoint-interval",
+        "1",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "train.py",
+    ]);
+    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
+    let run = cluster.wait_status(run_id, "running");
+    let first = agent_index_of(&cluster, &run);
+    // Let a few checkpoints reach the coordinator, then lose the node.
+    wait_for("a checkpoint", Duration::from_secs(20), || {
+        cluster.run(run_id)["checkpoint_digest"]
+            .as_str()
+            .map(|_| ())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.agents[first].kill();
+    let run = wait_for("the retry to succeed", Duration::from_secs(40), || {
+        let run = cluster.run(run_id);
+        (run["status"] == "succeeded").then_some(run)
+    });
+    assert_eq!(run["attempt"], 2);
+    let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
+    let resumed: u32 = logs
+        .lines()
+        .find_map(|l| l.strip_prefix("attempt 2 resumes at ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no resume line in {logs}"));
+    assert!(
+        resumed >= 5,
+        "attempt 2 should resume from a checkpoint, resumed at {resumed}:\n{logs}"
+    );
+    assert!(logs.ends_with("done\n"), "{logs}");
+    // The first agent comes back and stops what is left of attempt 1.
+    cluster.restart_agent(first);
+    cluster.stop();
+}
