@@ -274,24 +274,18 @@ struct UserPoint {
 }
 
 /// Accepts the script's metric connections until `done` (set, then woken by a connection
-/// of the supervisor's own); each connection is read to its end.
+/// of the supervisor's own); each connection is read to its end. Connections still queued
+/// when `done` is seen are accepted and read too: a script that logged a point just before
+/// exiting may not have been accepted yet.
 fn accept_metrics(
     listener: std::os::unix::net::UnixListener,
     records: mpsc::SyncSender<Record>,
     done: Arc<AtomicBool>,
 ) {
-    let mut connections = Vec::new();
-    loop {
-        let accepted = listener.accept();
-        if done.load(Ordering::SeqCst) {
-            break;
-        }
-        let Ok((stream, _)) = accepted else {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        };
+    let read = |stream: std::os::unix::net::UnixStream| {
         let records = records.clone();
-        connections.push(std::thread::spawn(move || {
+        let _ = stream.set_nonblocking(false);
+        std::thread::spawn(move || {
             for line in BufReader::new(stream).lines() {
                 let Ok(line) = line else { return };
                 if let Ok(point) = serde_json::from_str::<UserPoint>(&line)
@@ -304,7 +298,24 @@ fn accept_metrics(
                     return;
                 }
             }
-        }));
+        })
+    };
+    let mut connections = Vec::new();
+    loop {
+        let accepted = listener.accept();
+        let finished = done.load(Ordering::SeqCst);
+        match accepted {
+            Ok((stream, _)) => connections.push(read(stream)),
+            Err(_) if !finished => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) => {}
+        }
+        if finished {
+            let _ = listener.set_nonblocking(true);
+            while let Ok((stream, _)) = listener.accept() {
+                connections.push(read(stream));
+            }
+            break;
+        }
     }
     // The script's processes are gone, so every connection is at its end.
     for connection in connections {

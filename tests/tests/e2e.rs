@@ -952,3 +952,41 @@ print("done", flush=True)
     cluster.restart_agent(first);
     cluster.stop();
 }
+
+#[test]
+fn a_soak_with_coordinator_crashes_accounts_for_every_run_once() {
+    let mut cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "hello.py",
+        "import os, kiln\nprint(f\"hello {os.environ['KILN_RUN_ID']}\", flush=True)\nkiln.log('one', 1)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let mut ids = Vec::new();
+    for round in 0..4 {
+        for i in 0..8 {
+            let target = if i % 2 == 0 { "alpha" } else { "beta" };
+            let output = cluster.kiln(&["submit", "--detach", "--target", target, dir, "hello.py"]);
+            assert!(output.status.success(), "{}", text(&output.stderr));
+            ids.push(text(&output.stdout).trim().parse::<i64>().unwrap());
+        }
+        // Crash the coordinator while those runs are queued, starting or running.
+        std::thread::sleep(Duration::from_millis(100 * round));
+        cluster.crash_coordinator();
+    }
+    for &id in &ids {
+        // An assignment lost in a crash is placed again (a new attempt) but never ran
+        // twice: exactly one line.
+        cluster.wait_status(id, "succeeded");
+        let logs = text(&cluster.kiln(&["logs", &id.to_string()]).stdout);
+        assert_eq!(logs, format!("hello {id}\n"), "run {id}");
+        let metrics = cluster.json(&["metrics", &id.to_string(), "--json"]);
+        assert_eq!(metrics[0]["count"], 1, "run {id}: {metrics}");
+    }
+    let runs = cluster.json(&["runs", "--json", "--limit", "1000"]);
+    assert_eq!(
+        runs.as_array().unwrap().len(),
+        ids.len(),
+        "no run lost or invented"
+    );
+    cluster.stop();
+}
