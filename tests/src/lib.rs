@@ -312,6 +312,34 @@ impl Cluster {
         command
     }
 
+    /// `kiln submit --detach ARGS`, which must succeed; returns the run id it printed.
+    pub fn submit_detached(&self, args: &[&str]) -> i64 {
+        let mut full = vec!["submit", "--detach"];
+        full.extend_from_slice(args);
+        let output = self.kiln(&full);
+        assert!(
+            output.status.success(),
+            "kiln {full:?} failed: {}",
+            text(&output.stderr)
+        );
+        text(&output.stdout)
+            .trim()
+            .parse()
+            .expect("submit --detach prints the run id")
+    }
+
+    /// `kiln ARGS` in the background, its stdout read line by line as it is printed.
+    pub fn spawn_kiln(&self, args: &[&str]) -> Following {
+        let mut child = self
+            .kiln_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kiln");
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        Following { child, stdout }
+    }
+
     /// `kiln ARGS` that must succeed, parsed as JSON.
     pub fn json(&self, args: &[&str]) -> Value {
         let output = self.kiln(args);
@@ -370,6 +398,34 @@ impl Cluster {
             "coordinator did not stop cleanly:\n{}",
             self.coordinator.log_text()
         );
+    }
+}
+
+/// A background `kiln` command whose output a test reads as it comes.
+pub struct Following {
+    pub child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Following {
+    /// The next line of stdout (with its newline; empty at the end).
+    pub fn line(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.stdout, &mut line).expect("read kiln's stdout");
+        line
+    }
+
+    /// Sends a signal to the command (SIGINT is a user's Ctrl-C).
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signal kiln");
+    }
+
+    /// Waits for the end: the rest of stdout, and the exit status and stderr.
+    pub fn finish(mut self) -> (String, Output) {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.stdout, &mut rest).expect("read kiln's stdout");
+        let output = self.child.wait_with_output().expect("wait for kiln");
+        (rest, output)
     }
 }
 

@@ -329,16 +329,12 @@ fn cancelling_a_running_run_stops_its_whole_process_tree() {
         "train.py",
         "import os, subprocess, time\nchild = subprocess.Popen(['sleep', '1000'])\nprint(f'pids {os.getpid()} {child.pid}', flush=True)\ntime.sleep(1000)\n",
     )]);
-    let output = cluster.kiln(&[
-        "submit",
-        "--detach",
+    let run_id = cluster.submit_detached(&[
         "--target",
         "alpha",
         src.path().to_str().unwrap(),
         "train.py",
     ]);
-    assert!(output.status.success());
-    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
     let pids: Vec<i32> = wait_for("the pids line", Duration::from_secs(20), || {
         let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
         let line = logs.lines().find(|l| l.starts_with("pids "))?.to_string();
@@ -461,28 +457,16 @@ fn ctrl_c_stops_following_but_not_the_run() {
         "slow.py",
         "import time\nfor i in range(6):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.3)\n",
     )]);
-    let mut submit = cluster
-        .kiln_command(&[
-            "submit",
-            "--target",
-            "alpha",
-            src.path().to_str().unwrap(),
-            "slow.py",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = submit.stdout.take().unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
-    assert_eq!(first, "tick 0\n");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(submit.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let output = submit.wait_with_output().unwrap();
+    let mut submit = cluster.spawn_kiln(&[
+        "submit",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "slow.py",
+    ]);
+    assert_eq!(submit.line(), "tick 0\n");
+    submit.signal(nix::sys::signal::Signal::SIGINT);
+    let (_, output) = submit.finish();
     assert_eq!(output.status.code(), Some(130));
     let stderr = text(&output.stderr);
     assert!(stderr.contains("Re-attach with: kiln logs"), "{stderr}");
@@ -582,28 +566,23 @@ fn an_agent_that_vanishes_loses_its_run_after_the_heartbeat_ttl() {
         "wait.py",
         "import os, time\nprint(f'up {os.getpid()}', flush=True)\ntime.sleep(1000)\n",
     )]);
-    let mut submit = cluster
-        .kiln_command(&[
-            "submit",
-            "--target",
-            "alpha",
-            src.path().to_str().unwrap(),
-            "wait.py",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+    let mut submit = cluster.spawn_kiln(&[
+        "submit",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "wait.py",
+    ]);
+    let pid: i32 = submit
+        .line()
+        .strip_prefix("up ")
+        .unwrap()
+        .trim()
+        .parse()
         .unwrap();
-    let mut first = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(submit.stdout.take().unwrap()),
-        &mut first,
-    )
-    .unwrap();
-    let pid: i32 = first.strip_prefix("up ").unwrap().trim().parse().unwrap();
     cluster.agents[0].kill();
     // The coordinator runs with a 5 s TTL in tests; the follower learns the run was lost.
-    let output = submit.wait_with_output().unwrap();
+    let (_, output) = submit.finish();
     assert_eq!(output.status.code(), Some(137), "{}", text(&output.stderr));
     assert!(
         text(&output.stderr).contains("node_lost"),
@@ -649,27 +628,17 @@ fn a_coordinator_restart_keeps_history_and_running_runs_finish() {
         "slow.py",
         "import time\nfor i in range(30):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.1)\n",
     )]);
-    let mut submit = cluster
-        .kiln_command(&[
-            "submit",
-            "--target",
-            "alpha",
-            src.path().to_str().unwrap(),
-            "slow.py",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    let mut stdout = std::io::BufReader::new(submit.stdout.take().unwrap());
-    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
-    assert_eq!(first, "tick 0\n");
+    let mut submit = cluster.spawn_kiln(&[
+        "submit",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "slow.py",
+    ]);
+    assert_eq!(submit.line(), "tick 0\n");
     cluster.restart_coordinator();
     // The follower reconnects and sees the run to its end; the agent kept running it.
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    let output = submit.wait_with_output().unwrap();
+    let (rest, output) = submit.finish();
     assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
     assert!(rest.ends_with("tick 29\n"), "{rest}");
     let run_id = submitted_run_id(&output.stderr);
@@ -685,15 +654,12 @@ fn killing_the_agent_repeatedly_never_restarts_or_loses_the_run() {
         "ticks.py",
         "import os, time, kiln\nfor i in range(40):\n    print(f'tick {i} pid {os.getpid()}', flush=True)\n    kiln.log('i', i, step=i)\n    time.sleep(0.1)\n",
     )]);
-    let output = cluster.kiln(&[
-        "submit",
-        "--detach",
+    let run_id = cluster.submit_detached(&[
         "--target",
         "alpha",
         src.path().to_str().unwrap(),
         "ticks.py",
     ]);
-    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
     cluster.wait_status(run_id, "running");
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(600));
@@ -733,11 +699,7 @@ fn a_crashed_coordinator_loses_no_log_line_or_metric_point() {
     let dir = src.path().to_str().unwrap();
     let ids: Vec<i64> = ["alpha", "beta"]
         .iter()
-        .map(|target| {
-            let output =
-                cluster.kiln(&["submit", "--detach", "--target", target, dir, "stream.py"]);
-            text(&output.stdout).trim().parse().unwrap()
-        })
+        .map(|target| cluster.submit_detached(&["--target", target, dir, "stream.py"]))
         .collect();
     for &id in &ids {
         cluster.wait_status(id, "running");
@@ -790,9 +752,7 @@ fn a_lost_agents_run_is_retried_elsewhere_and_its_old_attempt_fenced_off() {
         "job.py",
         "import os, time\nprint(f'attempt {os.environ[\"KILN_ATTEMPT\"]} pid {os.getpid()}', flush=True)\ntime.sleep(2 if os.environ['KILN_ATTEMPT'] != '1' else 1000)\nprint('done', flush=True)\n",
     )]);
-    let output = cluster.kiln(&[
-        "submit",
-        "--detach",
+    let run_id = cluster.submit_detached(&[
         "--max-retries",
         "1",
         "--target",
@@ -800,7 +760,6 @@ fn a_lost_agents_run_is_retried_elsewhere_and_its_old_attempt_fenced_off() {
         src.path().to_str().unwrap(),
         "job.py",
     ]);
-    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
     let run = cluster.wait_status(run_id, "running");
     let first = agent_index_of(&cluster, &run);
     let pid: i32 = wait_for("attempt 1's pid", Duration::from_secs(20), || {
@@ -842,17 +801,7 @@ fn an_agent_cut_off_from_the_coordinator_stops_only_runs_that_will_be_retried() 
     )]);
     let dir = src.path().to_str().unwrap();
     let submit = |target: &str, retries: &str| -> i64 {
-        let output = cluster.kiln(&[
-            "submit",
-            "--detach",
-            "--max-retries",
-            retries,
-            "--target",
-            target,
-            dir,
-            "job.py",
-        ]);
-        text(&output.stdout).trim().parse().unwrap()
+        cluster.submit_detached(&["--max-retries", retries, "--target", target, dir, "job.py"])
     };
     let retryable = submit("alpha", "1");
     let not_retryable = submit("beta", "0");
@@ -910,9 +859,7 @@ for step in range(start, 40):
 print("done", flush=True)
 "#,
     )]);
-    let output = cluster.kiln(&[
-        "submit",
-        "--detach",
+    let run_id = cluster.submit_detached(&[
         "--max-retries",
         "1",
         "--checkpoint-interval",
@@ -922,7 +869,6 @@ print("done", flush=True)
         src.path().to_str().unwrap(),
         "train.py",
     ]);
-    let run_id: i64 = text(&output.stdout).trim().parse().unwrap();
     let run = cluster.wait_status(run_id, "running");
     let first = agent_index_of(&cluster, &run);
     // Let a few checkpoints reach the coordinator, then lose the node.
