@@ -70,6 +70,10 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
         },
     )?;
     let spec: Spec = spool::read_json(&state.spec())?.context("spec.json is missing")?;
+    // Room for exit.json even if the script's output fills the disk: freed just before it
+    // is written.
+    let reserve = state.0.join("exit.reserve");
+    std::fs::write(&reserve, [0u8; 16 * 1024]).context("reserve room for exit.json")?;
     // The agent may have spooled lines before the script started (snapshot fetch, ...).
     let log_seq = spool::last_seq(&state.logs())?;
     let metric_seq = spool::last_seq(&state.metrics())?;
@@ -122,7 +126,12 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
 
     let (records, records_rx) = mpsc::sync_channel::<Record>(8192);
     let writer = std::thread::spawn(move || {
-        write_records(records_rx, logs, metrics_file, log_seq, metric_seq)
+        let result = write_records(records_rx, logs, metrics_file, log_seq, metric_seq);
+        if result.is_err() {
+            // Output that cannot be kept must not be produced: stop the script now.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        result
     });
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -156,20 +165,29 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let _ = std::os::unix::net::UnixStream::connect(&spec.metrics_socket);
     let _ = acceptor.join();
     let _ = sampler.join();
-    writer
+    let written = writer
         .join()
-        .map_err(|_| anyhow::anyhow!("spool writer panicked"))??;
+        .map_err(|_| anyhow::anyhow!("spool writer panicked"))?;
     let _ = std::fs::remove_file(&spec.metrics_socket);
 
-    let (exit_code, description) = describe_exit(&status);
-    spool::write_json(
-        &state.exit(),
-        &Exit {
-            exit_code,
-            description,
+    let exit = match written {
+        Ok(()) => {
+            let (exit_code, description) = describe_exit(&status);
+            Exit {
+                exit_code,
+                description,
+                start_error: None,
+            }
+        }
+        // Say why the run was stopped (the disk is full, typically) rather than vanish.
+        Err(error) => Exit {
+            exit_code: None,
+            description: format!("stopped: the agent could not keep the run's output: {error:#}"),
             start_error: None,
         },
-    )?;
+    };
+    let _ = std::fs::remove_file(&reserve);
+    spool::write_json(&state.exit(), &exit)?;
     Ok(())
 }
 

@@ -936,3 +936,73 @@ fn a_soak_with_coordinator_crashes_accounts_for_every_run_once() {
     );
     cluster.stop();
 }
+
+/// A tmpfs mounted for the length of a test (the tests run as root, as CI does).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        SmallDisk(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_spool_disk_fails_the_run_clearly_and_the_agent_goes_on() {
+    let mut cluster = Cluster::start(&[]);
+    // The agent's data directory (spool included) is a 3 MB disk.
+    let _disk = SmallDisk::mount(cluster.dir.path().join("agent0"), "3m");
+    cluster.add_agent(AgentSpec {
+        target: "small",
+        slots: 1,
+    });
+    wait_for("the agent online", Duration::from_secs(20), || {
+        let agents = cluster.json(&["agents", "--json"]);
+        (agents[0]["state"] == "online").then_some(())
+    });
+    let src = source_dir(&[(
+        "flood.py",
+        "import sys\nline = 'x' * 1000\nfor i in range(20000):\n    print(line)\n",
+    )]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--target",
+        "small",
+        src.path().to_str().unwrap(),
+        "flood.py",
+    ]);
+    assert_ne!(output.status.code(), Some(0));
+    let run = cluster.run(submitted_run_id(&output.stderr));
+    assert_eq!(run["status"], "failed");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.contains("could not keep the run's output") && message.contains("No space left"),
+        "{message}"
+    );
+    // The agent is still healthy and takes the next run.
+    let ok = source_dir(&[("ok.py", "print('fine')\n")]);
+    let output = cluster.kiln(&[
+        "submit",
+        "--target",
+        "small",
+        ok.path().to_str().unwrap(),
+        "ok.py",
+    ]);
+    assert_eq!(text(&output.stdout), "fine\n", "{}", text(&output.stderr));
+    cluster.stop();
+}
