@@ -238,13 +238,15 @@ fn host_name() -> String {
 }
 
 /// Sets up `tracing` to stderr with `filter`. Under systemd (stderr is the journal, as
-/// `$JOURNAL_STREAM` says) lines carry no timestamp and no colours: the journal adds its own.
+/// `$JOURNAL_STREAM` says) lines carry no timestamp: the journal adds its own. Colours only
+/// on a terminal.
 pub fn init_logging(filter: &str) {
+    use std::io::IsTerminal as _;
     let journal = stderr_is_journal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .with_ansi(!journal);
+        .with_ansi(!journal && std::io::stderr().is_terminal());
     if journal {
         builder.without_time().init();
     } else {

@@ -84,8 +84,12 @@ enum TokenCommand {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let (file, file_settings) = config::load(args.config.as_deref())?;
-    let effective = args.settings.or(file_settings).resolve()?;
+    let (file, effective) = match config::load(args.config.as_deref())
+        .and_then(|(file, settings)| Ok((file, args.settings.or(settings).resolve()?)))
+    {
+        Ok(loaded) => loaded,
+        Err(error) => exit_config_error(error),
+    };
     if args.print_config {
         match &file {
             Some(path) => println!("# config file: {}", path.display()),
@@ -254,6 +258,15 @@ fn is_loopback(url: &str) -> bool {
         || host.starts_with("127.")
         || url.starts_with("unix://")
         || url.contains("[::1]")
+}
+
+/// Exit status for an invalid configuration (EX_CONFIG from sysexits.h); the systemd unit
+/// does not restart on it (`RestartPreventExitStatus=78`).
+const EXIT_CONFIG: i32 = 78;
+
+fn exit_config_error(error: anyhow::Error) -> ! {
+    eprintln!("Error: {error:#}");
+    std::process::exit(EXIT_CONFIG)
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.
