@@ -115,7 +115,7 @@ fn main() -> anyhow::Result<()> {
     info!(
         config_file = config_file.as_deref().unwrap_or("none"),
         version = kiln_common::VERSION,
-        "Agent starting."
+        "Configuration loaded."
     );
     let config = effective.agent_config()?;
     tokio::runtime::Builder::new_multi_thread()
