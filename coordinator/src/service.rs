@@ -63,6 +63,7 @@ pub async fn serve(
     listener: Listener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let enrollment = crate::join::enrollment_service(coordinator.clone());
     let api = Api(coordinator);
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
@@ -80,7 +81,8 @@ pub async fn serve(
             v1::blobs_server::BlobsServer::new(api)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        );
+        )
+        .add_service(enrollment);
     match listener {
         Listener::Tcp(listener) => {
             // Options on the builder do not reach connections from a custom incoming stream:
