@@ -110,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         print!("{}", effective.to_toml());
         return Ok(());
     }
-    config::init_logging(&effective.log);
+    kiln_common::logging::init_logging(&effective.log);
     let config_file = file.map(|path| path.display().to_string());
     info!(
         config_file = config_file.as_deref().unwrap_or("none"),

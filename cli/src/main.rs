@@ -177,7 +177,8 @@ impl Connection {
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
     if matches!(cli.command, Some(Command::LocalDaemon)) {
-        init_daemon_tracing();
+        let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        kiln_common::logging::init_logging(&filter);
         local::daemon().await?;
         return Ok(0);
     }
@@ -305,14 +306,4 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
         }
         _ => anyhow::anyhow!("{}", status.message()),
     }
-}
-
-fn init_daemon_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
 }

@@ -1,6 +1,8 @@
 //! Kiln's shared vocabulary: target names, run states and the snapshot format.
 //! Nothing here does network I/O; the snapshot code does file I/O only on the paths it is given.
+//! `logging` sets up the daemons' `tracing` output.
 
+pub mod logging;
 pub mod run;
 pub mod snapshot;
 pub mod target;

@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Token(command)) = args.command {
         return token(command, &effective);
     }
-    config::init_logging(&effective.log);
+    kiln_common::logging::init_logging(&effective.log);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
