@@ -72,6 +72,12 @@ pub struct Settings {
     #[arg(long, env = "RUST_LOG")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+
+    /// A low-priority (e.g. preemptible or spot) node: the coordinator places runs here only
+    /// when the target's regular agents are full. [default: false]
+    #[arg(long, env = "KILN_LOW_PRIORITY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub low_priority: Option<bool>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -88,6 +94,7 @@ pub struct Effective {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
     pub log: String,
+    pub low_priority: bool,
 }
 
 impl Settings {
@@ -103,6 +110,7 @@ impl Settings {
             metrics_interval: self.metrics_interval.or(lower.metrics_interval),
             hostname: self.hostname.or(lower.hostname),
             log: self.log.or(lower.log),
+            low_priority: self.low_priority.or(lower.low_priority),
         }
     }
 
@@ -193,6 +201,7 @@ impl Settings {
             metrics_interval,
             hostname: self.hostname,
             log,
+            low_priority: self.low_priority.unwrap_or(false),
         })
     }
 }
@@ -211,6 +220,7 @@ impl Effective {
         config.heartbeat_interval = Duration::from_secs_f64(self.heartbeat_interval.max(0.05));
         config.metrics_interval = Duration::from_secs_f64(self.metrics_interval.max(0.05));
         config.hostname = self.hostname.clone();
+        config.low_priority = self.low_priority;
         Ok(config)
     }
 

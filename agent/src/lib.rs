@@ -50,6 +50,8 @@ pub struct Config {
     pub metrics_interval: Duration,
     /// Reported host name; default: the system's.
     pub hostname: Option<String>,
+    /// A low-priority (preemptible) node: it gets runs only when regular agents are full.
+    pub low_priority: bool,
     /// The executable that runs `__supervise` (kiln-agent itself, or kiln in the local target).
     pub supervisor_program: PathBuf,
 }
@@ -65,6 +67,7 @@ impl Config {
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             metrics_interval: DEFAULT_METRICS_INTERVAL,
             hostname: None,
+            low_priority: false,
             supervisor_program: std::env::current_exe()
                 .unwrap_or_else(|_| PathBuf::from("kiln-agent")),
         }
@@ -123,7 +126,8 @@ impl Agent {
         std::fs::write(python_dir.join("kiln.py"), KILN_PY)
             .context("write the kiln Python module")?;
         let agent_id = load_or_create_agent_id(&config)?;
-        let host = telemetry::host_info(config.hostname.as_deref(), gpus.as_ref());
+        let mut host = telemetry::host_info(config.hostname.as_deref(), gpus.as_ref());
+        host.low_priority = config.low_priority;
         info!(
             agent_id = %agent_id,
             target = %config.target,

@@ -31,6 +31,7 @@ pub fn host_info(hostname: Option<&str>, gpus: &dyn GpuProbe) -> v1::HostInfo {
         gpus: inventory.gpus,
         cuda_driver_version: inventory.cuda_driver_version,
         gpu_probe_error: inventory.probe_error,
+        low_priority: false,
     }
 }
 

@@ -265,6 +265,7 @@ pub fn agents(agents: &[v1::Agent], as_json: bool) {
                     "agent_version": host.agent_version,
                     "state": a.state,
                     "slots": a.slots,
+                    "low_priority": host.low_priority,
                     "runs_active": a.runs_active,
                     "last_heartbeat": time(a.last_heartbeat_unix_ms),
                 })

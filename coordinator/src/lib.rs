@@ -81,6 +81,7 @@ struct Session {
     session_id: u64,
     target: String,
     slots: u32,
+    low_priority: bool,
     tx: AgentTx,
 }
 
@@ -175,15 +176,20 @@ impl Coordinator {
 
     /// One scheduling pass: places as many queued runs as free slots allow.
     async fn schedule(&self) -> anyhow::Result<()> {
-        let online: Vec<(String, String, u32)> = self
+        let online: Vec<scheduler::AgentSlots> = self
             .sessions()
             .iter()
-            .map(|(id, s)| (id.clone(), s.target.clone(), s.slots))
+            .map(|(id, s)| scheduler::AgentSlots {
+                agent_id: id.clone(),
+                target: s.target.clone(),
+                free: s.slots,
+                low_priority: s.low_priority,
+            })
             .collect();
         if online.is_empty() {
             return Ok(());
         }
-        let mut targets: Vec<String> = online.iter().map(|(_, t, _)| t.clone()).collect();
+        let mut targets: Vec<String> = online.iter().map(|a| a.target.clone()).collect();
         targets.sort();
         targets.dedup();
         let (active, queue) = self
@@ -199,10 +205,11 @@ impl Coordinator {
             .await?;
         let slots: Vec<_> = online
             .into_iter()
-            .map(|(agent_id, target, slots)| scheduler::AgentSlots {
-                free: slots.saturating_sub(active.get(&agent_id).copied().unwrap_or(0)),
-                agent_id,
-                target,
+            .map(|agent| scheduler::AgentSlots {
+                free: agent
+                    .free
+                    .saturating_sub(active.get(&agent.agent_id).copied().unwrap_or(0)),
+                ..agent
             })
             .collect();
         let queue: Vec<_> = queue
@@ -357,6 +364,7 @@ impl Coordinator {
         let target = hello.target.clone();
         let host = hello.host.clone().unwrap_or_default();
         let slots = hello.slots.max(1);
+        let low_priority = host.low_priority;
         let still_active: Vec<(i64, u32)> = hello
             .active_runs
             .iter()
@@ -407,6 +415,7 @@ impl Coordinator {
                 session_id,
                 target: target.clone(),
                 slots,
+                low_priority,
                 tx,
             },
         );

@@ -2,9 +2,10 @@
 //! agents' free slots and the queue, so the policy is tested without a database or network;
 //! [`crate::Coordinator::schedule`] runs it whenever something changed.
 //!
-//! Policy: each target's queue is served first-in first-out; a run goes to the agent of its
-//! target with the most free slots (ties: the agent id, for determinism). A run never goes
-//! to an agent of another target.
+//! Policy: each target's queue is served first-in first-out; a run goes to a regular agent of
+//! its target with the most free slots, and to a low-priority (preemptible) agent only when
+//! every regular agent is full (ties: the agent id, for determinism). A run never goes to an
+//! agent of another target.
 
 use std::collections::HashMap;
 
@@ -14,6 +15,7 @@ pub struct AgentSlots {
     pub agent_id: String,
     pub target: String,
     pub free: u32,
+    pub low_priority: bool,
 }
 
 /// A queued run, in queue order.
@@ -30,11 +32,14 @@ pub struct Assignment {
 }
 
 pub fn assign(agents: &[AgentSlots], queue: &[QueuedRun]) -> Vec<Assignment> {
-    let mut free: HashMap<&str, Vec<(u32, &str)>> = HashMap::new();
+    // (regular, free slots, id): the largest tuple wins, ids compared in reverse.
+    let mut free: HashMap<&str, Vec<(bool, u32, &str)>> = HashMap::new();
     for agent in agents.iter().filter(|a| a.free > 0) {
-        free.entry(agent.target.as_str())
-            .or_default()
-            .push((agent.free, agent.agent_id.as_str()));
+        free.entry(agent.target.as_str()).or_default().push((
+            !agent.low_priority,
+            agent.free,
+            agent.agent_id.as_str(),
+        ));
     }
     let mut assignments = Vec::new();
     for run in queue {
@@ -44,9 +49,9 @@ pub fn assign(agents: &[AgentSlots], queue: &[QueuedRun]) -> Vec<Assignment> {
         // Most free slots first, then by id.
         let best = pool
             .iter_mut()
-            .filter(|(n_free, _)| *n_free > 0)
-            .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.cmp(a.1)));
-        if let Some((n_free, agent_id)) = best {
+            .filter(|(_, n_free, _)| *n_free > 0)
+            .max_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| b.2.cmp(a.2)));
+        if let Some((_, n_free, agent_id)) = best {
             *n_free -= 1;
             assignments.push(Assignment {
                 run_id: run.run_id,
@@ -66,6 +71,13 @@ mod tests {
             agent_id: id.into(),
             target: target.into(),
             free,
+            low_priority: false,
+        }
+    }
+    fn spot(id: &str, target: &str, free: u32) -> AgentSlots {
+        AgentSlots {
+            low_priority: true,
+            ..agent(id, target, free)
         }
     }
     fn run(run_id: i64, target: &str) -> QueuedRun {
@@ -102,6 +114,12 @@ mod tests {
             &[agent("a", "cpu", 1), agent("b", "cpu", 3)],
             &[run(1, "cpu"), run(2, "cpu")],
             &[(1, "b"), (2, "b")],
+        );
+        // Low-priority agents get runs only once the regular ones are full.
+        check(
+            &[spot("s", "cpu", 4), agent("a", "cpu", 1)],
+            &[run(1, "cpu"), run(2, "cpu"), run(3, "cpu")],
+            &[(1, "a"), (2, "s"), (3, "s")],
         );
         // Full agents take nothing.
         check(&[agent("a", "cpu", 0)], &[run(1, "cpu")], &[]);
