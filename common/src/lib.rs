@@ -2,6 +2,7 @@
 //! Nothing here does network I/O; the snapshot code does file I/O only on the paths it is given.
 //! `logging` sets up the daemons' `tracing` output.
 
+pub mod config_file;
 pub mod logging;
 pub mod run;
 pub mod snapshot;

@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 /// Read when it exists and no `--config` is given.
@@ -188,7 +187,7 @@ impl Effective {
 
 /// Parses a config file's text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Settings> {
-    toml::from_str(text).with_context(|| format!("config file {}", origin.display()))
+    kiln_common::config_file::parse(text, origin)
 }
 
 /// Reads the config file: `explicit` (which must exist) or else [`DEFAULT_CONFIG_PATH`] when it
@@ -201,14 +200,7 @@ fn load_from(
     explicit: Option<&Path>,
     default: &Path,
 ) -> anyhow::Result<(Option<PathBuf>, Settings)> {
-    let path = match explicit {
-        Some(path) => path,
-        None if default.exists() => default,
-        None => return Ok((None, Settings::default())),
-    };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("read config file {}", path.display()))?;
-    Ok((Some(path.to_path_buf()), parse(&text, path)?))
+    kiln_common::config_file::load(explicit, default)
 }
 
 /// What `token create` tells agents to dial when `advertise_url` is not set: the listen
