@@ -1006,3 +1006,32 @@ fn a_full_spool_disk_fails_the_run_clearly_and_the_agent_goes_on() {
     assert_eq!(text(&output.stdout), "fine\n", "{}", text(&output.stderr));
     cluster.stop();
 }
+
+#[test]
+fn killing_the_agent_while_it_fetches_a_snapshot_runs_the_script_once() {
+    let mut cluster = Cluster::start(TWO_TARGETS);
+    // A 40 MB incompressible snapshot: fetching and unpacking it takes a while.
+    let src = source_dir(&[(
+        "once.py",
+        "import os\nprint(f\"ran attempt {os.environ['KILN_ATTEMPT']}\", flush=True)\n",
+    )]);
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+    let noise: Vec<u8> = (0..40_000_000)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect();
+    std::fs::write(src.path().join("weights.bin"), noise).unwrap();
+    let run_id =
+        cluster.submit_detached(&["--target", "alpha", src.path().to_str().unwrap(), "once.py"]);
+    cluster.wait_status(run_id, "assigned");
+    cluster.crash_and_restart_agent(0);
+    let run = cluster.wait_status(run_id, "succeeded");
+    let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
+    // The script ran exactly once, in the attempt that succeeded.
+    assert_eq!(logs, format!("ran attempt {}\n", run["attempt"]), "{logs}");
+    cluster.stop();
+}
