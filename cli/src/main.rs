@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use kiln_proto::{Address, v1};
 use tonic::transport::Channel;
 
-/// Kiln runs your training scripts on your own machines: on this one (the local target), on
-/// a pool of GPU VMs, or across several nodes.
+/// Kiln runs your training scripts on your own machines: on this one (the local target) or
+/// on a pool of GPU VMs (a compute target of kiln-agents).
 ///
 /// With no coordinator configured, commands use the local target: a background daemon on
 /// this machine that keeps run history under $XDG_DATA_HOME/kiln/local.
