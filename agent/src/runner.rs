@@ -266,7 +266,7 @@ pub(crate) async fn attach(
     let mut checkpoints = Checkpoints::new(&agent, run_id, attempt, spec.as_ref());
     let exit = loop {
         checkpoints.maybe_start();
-        let progressed = follower.read_spool().await;
+        let progressed = follower.read_spool();
         follower.send_new().await;
         if !progressed {
             if let Some(exit) = follower.exit() {
@@ -591,7 +591,7 @@ impl Follower {
     }
 
     /// Reads new spool records; returns whether anything new was read.
-    async fn read_spool(&mut self) -> bool {
+    fn read_spool(&mut self) -> bool {
         let mut progressed = false;
         if self.unacked_logs.len() < MAX_UNACKED {
             match self.logs.read::<LogRecord>(4 << 20) {

@@ -476,7 +476,7 @@ impl Coordinator {
             }
             Kind::Logs(batch) => {
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
-                if !self.owns_attempt(agent_id, run_id, attempt).await? {
+                if self.owned_run(agent_id, run_id, attempt).await?.is_none() {
                     return Ok(None);
                 }
                 let log_seq = self
@@ -488,7 +488,7 @@ impl Coordinator {
             }
             Kind::Metrics(batch) => {
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
-                if !self.owns_attempt(agent_id, run_id, attempt).await? {
+                if self.owned_run(agent_id, run_id, attempt).await?.is_none() {
                     return Ok(None);
                 }
                 let metric_seq = self
@@ -502,18 +502,20 @@ impl Coordinator {
         }
     }
 
-    async fn owns_attempt(
+    /// The run, if `attempt` is its current attempt on this agent; `None` (logged) for a
+    /// stale attempt, whose messages are then dropped.
+    async fn owned_run(
         &self,
         agent_id: &str,
         run_id: i64,
         attempt: u32,
-    ) -> anyhow::Result<bool> {
+    ) -> anyhow::Result<Option<v1::Run>> {
         let run = self.db.call(move |s| s.get_run(run_id)).await?;
-        let owns = run.is_some_and(|run| run.attempt == attempt && run.agent_id == agent_id);
-        if !owns {
+        let owned = run.filter(|run| run.attempt == attempt && run.agent_id == agent_id);
+        if owned.is_none() {
             warn!(run_id, attempt, agent_id = %agent_id, "Dropping a message from a stale attempt.");
         }
-        Ok(owns)
+        Ok(owned)
     }
 
     /// Applies a run event; a `Finished` is acknowledged once stored (or already stored), so
@@ -524,9 +526,9 @@ impl Coordinator {
         event: v1::RunEvent,
     ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
         let (run_id, attempt) = (event.run_id, event.attempt);
-        if !self.owns_attempt(agent_id, run_id, attempt).await? {
+        let Some(run) = self.owned_run(agent_id, run_id, attempt).await? else {
             return Ok(None);
-        }
+        };
         let is_finish = matches!(event.kind, Some(v1::run_event::Kind::Finished(_)));
         let result = match event.kind {
             Some(v1::run_event::Kind::Started(started)) => {
@@ -552,11 +554,10 @@ impl Coordinator {
                     _ => Outcome::Failed,
                 };
                 // A self-fenced attempt is like a lost one: retried while the budget lasts.
-                let event = match self.db.call(move |s| s.get_run(run_id)).await? {
-                    Some(run) if finished.fenced && run.attempt <= run.max_retries => {
-                        RunEvent::Retry
-                    }
-                    _ => RunEvent::Finish(outcome),
+                let event = if finished.fenced && run.attempt <= run.max_retries {
+                    RunEvent::Retry
+                } else {
+                    RunEvent::Finish(outcome)
                 };
                 info!(run_id, attempt, exit_code = ?finished.exit_code, outcome = ?outcome, "Run finished.");
                 self.db

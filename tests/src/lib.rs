@@ -84,6 +84,18 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, and asserts that the daemon drained and exited 0 (showing its log if not).
+    pub fn stop_cleanly(&mut self) {
+        let code = self.terminate();
+        assert_eq!(
+            code,
+            Some(0),
+            "{} did not stop cleanly:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
     /// SIGTERM, then waits for the exit; returns the exit code (None: killed after 30 s).
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
@@ -209,13 +221,7 @@ impl Cluster {
     /// Stops the coordinator with SIGTERM (asserting a clean exit) and starts it again on
     /// the same address and data directory.
     pub fn restart_coordinator(&mut self) {
-        let code = self.coordinator.terminate();
-        assert_eq!(
-            code,
-            Some(0),
-            "coordinator did not stop cleanly:\n{}",
-            self.coordinator.log_text()
-        );
+        self.coordinator.stop_cleanly();
         self.start_coordinator_again();
     }
 
@@ -382,22 +388,9 @@ impl Cluster {
     /// Stops everything with SIGTERM and asserts each daemon exited 0.
     pub fn stop(mut self) {
         for agent in &mut self.agents {
-            let code = agent.terminate();
-            assert_eq!(
-                code,
-                Some(0),
-                "{} did not stop cleanly:\n{}",
-                agent.name,
-                agent.log_text()
-            );
+            agent.stop_cleanly();
         }
-        let code = self.coordinator.terminate();
-        assert_eq!(
-            code,
-            Some(0),
-            "coordinator did not stop cleanly:\n{}",
-            self.coordinator.log_text()
-        );
+        self.coordinator.stop_cleanly();
     }
 }
 
