@@ -71,9 +71,14 @@ def log(name, value, step=None):
 def log_many(metrics, step=None):
     """Record several metrics at once: kiln.log_many({"loss": l, "acc": a}, step=epoch)."""
     points = []
+    rank = os.environ.get("RANK")
     for name, value in metrics.items():
         value, step_ = _check(name, value, step)
-        points.append({"name": name, "value": value, "step": step_})
+        point = {"name": name, "value": value, "step": step_}
+        if rank is not None and rank.isdigit():
+            # Distributed runs: which rank logged it (`kiln metrics RUN --rank N`).
+            point["rank"] = int(rank)
+        points.append(point)
     if not active():
         for p in points:
             at = "" if p["step"] is None else " step=%d" % p["step"]

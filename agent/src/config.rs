@@ -78,6 +78,13 @@ pub struct Settings {
     #[arg(long, env = "KILN_LOW_PRIORITY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub low_priority: Option<bool>,
+
+    /// The IP address other agents reach this node on: distributed runs use node 0's as
+    /// MASTER_ADDR and bind their rendezvous port on it. [default: the address the
+    /// coordinator sees this agent connect from]
+    #[arg(long, env = "KILN_ADVERTISE_ADDRESS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_address: Option<String>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -95,6 +102,8 @@ pub struct Effective {
     pub hostname: Option<String>,
     pub log: String,
     pub low_priority: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_address: Option<String>,
 }
 
 impl Settings {
@@ -111,6 +120,7 @@ impl Settings {
             hostname: self.hostname.or(lower.hostname),
             log: self.log.or(lower.log),
             low_priority: self.low_priority.or(lower.low_priority),
+            advertise_address: self.advertise_address.or(lower.advertise_address),
         }
     }
 
@@ -185,6 +195,14 @@ impl Settings {
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log) {
             problems.push(format!("log filter `{log}` is invalid: {error}"));
         }
+        let advertise_address = self.advertise_address.filter(|a| !a.is_empty());
+        if let Some(address) = &advertise_address
+            && address.parse::<std::net::IpAddr>().is_err()
+        {
+            problems.push(format!(
+                "advertise_address `{address}` is not an IP address (e.g. 10.0.0.5)"
+            ));
+        }
         if !problems.is_empty() {
             anyhow::bail!(
                 "the agent's configuration is invalid:\n  - {}",
@@ -202,6 +220,7 @@ impl Settings {
             hostname: self.hostname,
             log,
             low_priority: self.low_priority.unwrap_or(false),
+            advertise_address,
         })
     }
 }
@@ -221,6 +240,7 @@ impl Effective {
         config.metrics_interval = Duration::from_secs_f64(self.metrics_interval.max(0.05));
         config.hostname = self.hostname.clone();
         config.low_priority = self.low_priority;
+        config.advertise_address = self.advertise_address.clone();
         Ok(config)
     }
 

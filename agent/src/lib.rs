@@ -54,6 +54,9 @@ pub struct Config {
     pub low_priority: bool,
     /// The executable that runs `__supervise` (kiln-agent itself, or kiln in the local target).
     pub supervisor_program: PathBuf,
+    /// The IP address other agents reach this one on (gang runs); `None`: the address the
+    /// coordinator sees.
+    pub advertise_address: Option<String>,
 }
 
 impl Config {
@@ -70,6 +73,7 @@ impl Config {
             low_priority: false,
             supervisor_program: std::env::current_exe()
                 .unwrap_or_else(|_| PathBuf::from("kiln-agent")),
+            advertise_address: None,
         }
     }
 }
@@ -81,6 +85,7 @@ struct RunHandle {
     /// were lost, so the agent stops it when it loses the coordinator (fencing).
     fenceable: bool,
     acks: tokio::sync::watch::Sender<runner::AckState>,
+    launch: tokio::sync::watch::Sender<Option<v1::Launch>>,
 }
 
 /// What the agent knows of its link to the coordinator, for fencing.
@@ -128,6 +133,7 @@ impl Agent {
         let agent_id = load_or_create_agent_id(&config)?;
         let mut host = telemetry::host_info(config.hostname.as_deref(), gpus.as_ref());
         host.low_priority = config.low_priority;
+        host.advertise_address = config.advertise_address.clone().unwrap_or_default();
         info!(
             agent_id = %agent_id,
             target = %config.target,
@@ -191,7 +197,10 @@ impl Agent {
 
     fn start_run(self: &Arc<Self>, assignment: v1::Assignment) {
         let key = (assignment.run_id, assignment.attempt);
-        let fenceable = assignment.attempt <= assignment.max_retries;
+        let fenceable = match &assignment.gang {
+            Some(gang) => gang.restartable,
+            None => assignment.attempt <= assignment.max_retries,
+        };
         let Some(control) = self.register_run(key, fenceable) else {
             return;
         };
@@ -211,6 +220,7 @@ impl Agent {
         let cancel = CancellationToken::new();
         let fence = CancellationToken::new();
         let (acks, acks_rx) = tokio::sync::watch::channel(runner::AckState::default());
+        let (launch, launch_rx) = tokio::sync::watch::channel(None);
         runs.insert(
             key,
             RunHandle {
@@ -218,6 +228,7 @@ impl Agent {
                 fence: fence.clone(),
                 fenceable,
                 acks,
+                launch,
             },
         );
         Some(runner::RunControl {
@@ -225,6 +236,7 @@ impl Agent {
             fence,
             detach: self.detach.clone(),
             acks: acks_rx,
+            launch: launch_rx,
         })
     }
 
@@ -297,7 +309,7 @@ impl Agent {
                 }
                 continue;
             };
-            let fenceable = spec.attempt <= spec.max_retries;
+            let fenceable = spec.fenceable();
             self.spawn_attach(spec.run_id, spec.attempt, fenceable, root);
         }
     }
@@ -321,6 +333,20 @@ impl Agent {
     fn cancel_run(&self, run_id: i64, attempt: u32) {
         if let Some(handle) = self.runs().get(&(run_id, attempt)) {
             handle.cancel.cancel();
+        }
+    }
+
+    /// The coordinator's go for a gang attempt waiting in `runner::wait_for_launch`; ignored
+    /// for an attempt that is not waiting (already launched, or unknown).
+    fn launch_run(&self, launch: v1::Launch) {
+        if let Some(handle) = self.runs().get(&(launch.run_id, launch.attempt)) {
+            handle.launch.send_if_modified(|current| {
+                if current.is_some() {
+                    return false;
+                }
+                *current = Some(launch);
+                true
+            });
         }
     }
 

@@ -57,6 +57,8 @@ pub(crate) struct RunControl {
     /// Cancelled when the agent process stops: the task ends, the run goes on.
     pub detach: CancellationToken,
     pub acks: watch::Receiver<AckState>,
+    /// Gang runs: the coordinator's go, once every node is ready.
+    pub launch: watch::Receiver<Option<v1::Launch>>,
 }
 
 /// Where an attempt lives on disk: `runs/<run>.<attempt>/{state,work}`.
@@ -89,6 +91,7 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
                 exit_code: None,
                 description: message.clone(),
                 start_error: Some(message),
+                failed_rank: None,
             };
             if let Err(error) = spool::write_json(&state.exit(), &exit) {
                 warn!(error = %error, "Could not record the failed start; dropping the run.");
@@ -124,6 +127,7 @@ impl SystemLines {
                 stream: v1::LogStream::System as i32,
                 time_ms: now_ms(),
                 text: text.to_string(),
+                rank: None,
             };
             spool::append(&mut file, &record)
         };
@@ -201,6 +205,32 @@ async fn prepare(
             dir.to_string_lossy().into_owned(),
         ));
     }
+    let mut procs = Vec::new();
+    let mut metrics_rank = None;
+    let mut port_reservation = None;
+    if let Some(gang) = &assignment.gang {
+        let reservation = (gang.node_rank == 0)
+            .then(|| reserve_port(agent))
+            .transpose()
+            .context("reserve a rendezvous port")?;
+        let port = reservation
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| u32::from(a.port()));
+        port_reservation = reservation;
+        let launch = wait_for_launch(agent, assignment, gang, port, control, &mut system).await?;
+        let hostfile = root.join("hostfile");
+        let lines: String = launch
+            .node_addresses
+            .iter()
+            .map(|address| format!("{address} slots={}\n", gang.procs_per_node.max(1)))
+            .collect();
+        std::fs::write(&hostfile, lines).context("write the hostfile")?;
+        let (common, per_proc) = gang_env(gang, &launch, &hostfile);
+        env.extend(common);
+        procs = per_proc;
+        metrics_rank = Some(gang.node_rank * gang.procs_per_node.max(1));
+    }
     let spec = Spec {
         run_id: assignment.run_id,
         attempt: assignment.attempt,
@@ -213,13 +243,170 @@ async fn prepare(
         max_retries: assignment.max_retries,
         checkpoint_dir,
         checkpoint_interval_ms: u64::from(assignment.checkpoint_interval_s) * 1000,
+        procs,
+        metrics_rank,
+        fenceable: assignment.gang.as_ref().map(|gang| gang.restartable),
     };
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(
         !control.cancel.is_cancelled(),
         "cancelled before the run started"
     );
+    // Node 0's script binds the port next.
+    drop(port_reservation);
     start_supervisor(agent, state)
+}
+
+/// Binds a free port on this node's advertised address (any address when none is set) and
+/// holds it until the gang launches, so that nothing else takes it meanwhile.
+fn reserve_port(agent: &Agent) -> std::io::Result<std::net::TcpListener> {
+    let ip: std::net::IpAddr = agent
+        .config
+        .advertise_address
+        .as_deref()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    std::net::TcpListener::bind((ip, 0))
+}
+
+/// Tells the coordinator this node is ready (node 0: with its rendezvous port) and waits for
+/// the whole gang to be: no process of a gang starts before every node has its snapshot.
+async fn wait_for_launch(
+    agent: &Agent,
+    assignment: &v1::Assignment,
+    gang: &v1::Gang,
+    port: u32,
+    control: &RunControl,
+    system: &mut SystemLines,
+) -> anyhow::Result<v1::Launch> {
+    let ready = up(Up::RunEvent(v1::RunEvent {
+        run_id: assignment.run_id,
+        attempt: assignment.attempt,
+        kind: Some(v1::run_event::Kind::Ready(v1::Ready { port })),
+    }));
+    system.line(&format!(
+        "Node {} of {} ready; waiting for the other nodes of the gang.",
+        gang.node_rank, gang.nodes
+    ));
+    let mut sessions = agent.session_generation.subscribe();
+    sessions.mark_unchanged();
+    let mut launch = control.launch.clone();
+    let _ = agent.uplink.send(ready.clone()).await;
+    loop {
+        if let Some(launch) = launch.borrow_and_update().clone() {
+            system.line(&format!(
+                "Gang launched: MASTER_ADDR={} MASTER_PORT={} WORLD_SIZE={}",
+                launch.master_addr,
+                launch.master_port,
+                gang.nodes * gang.procs_per_node.max(1)
+            ));
+            return Ok(launch);
+        }
+        tokio::select! {
+            _ = control.cancel.cancelled() => anyhow::bail!("cancelled before the run started"),
+            _ = control.detach.cancelled() => {
+                anyhow::bail!("the agent stopped before the gang launched")
+            }
+            changed = launch.changed() => {
+                anyhow::ensure!(changed.is_ok(), "the agent stopped before the gang launched");
+            }
+            changed = sessions.changed() => {
+                // A new session (the coordinator may have restarted): say it again.
+                if changed.is_ok() {
+                    let _ = agent.uplink.send(ready.clone()).await;
+                }
+            }
+        }
+    }
+}
+
+/// The environment `torchrun` would give each process, plus Kiln's own: variables shared by
+/// the node's processes, and one [`spool::ProcSpec`] per process with its rank's.
+fn gang_env(
+    gang: &v1::Gang,
+    launch: &v1::Launch,
+    hostfile: &Path,
+) -> (Vec<(String, String)>, Vec<spool::ProcSpec>) {
+    let nodes = gang.nodes.max(1);
+    let per_node = gang.procs_per_node.max(1);
+    let world = nodes * per_node;
+    let var = |k: &str, v: String| (k.to_string(), v);
+    let mut common = vec![
+        var("MASTER_ADDR", launch.master_addr.clone()),
+        var("MASTER_PORT", launch.master_port.to_string()),
+        var("NODE_RANK", gang.node_rank.to_string()),
+        var("GROUP_RANK", gang.node_rank.to_string()),
+        var("GROUP_WORLD_SIZE", nodes.to_string()),
+        var("KILN_NUM_NODES", nodes.to_string()),
+        var("KILN_NODE_RANK", gang.node_rank.to_string()),
+        var("KILN_NODES", launch.node_addresses.join(",")),
+        var("KILN_HOSTFILE", hostfile.to_string_lossy().into_owned()),
+        var("KILN_PROCS_PER_NODE", per_node.to_string()),
+        var("KILN_GPUS_PER_NODE", gang.gpus_per_node.to_string()),
+        var("KILN_RESTART_COUNT", gang.restart_count.to_string()),
+        var("TORCHELASTIC_RESTART_COUNT", gang.restart_count.to_string()),
+    ];
+    // This node's GPUs, in order; each local rank gets its share.
+    let gpus: Vec<u32> = (0..gang.gpus_per_node).collect();
+    if gang.launcher == "none" {
+        common.extend([
+            var("PET_NNODES", nodes.to_string()),
+            var("PET_NPROC_PER_NODE", per_node.to_string()),
+            var("PET_NODE_RANK", gang.node_rank.to_string()),
+            var("PET_MASTER_ADDR", launch.master_addr.clone()),
+            var("PET_MASTER_PORT", launch.master_port.to_string()),
+        ]);
+        let mut env = Vec::new();
+        if !gpus.is_empty() {
+            env.push(var("CUDA_VISIBLE_DEVICES", join(&gpus)));
+        }
+        return (common, vec![spool::ProcSpec { rank: None, env }]);
+    }
+    common.extend([
+        var("WORLD_SIZE", world.to_string()),
+        var("LOCAL_WORLD_SIZE", per_node.to_string()),
+        var("ROLE_WORLD_SIZE", world.to_string()),
+        var("ROLE_NAME", "default".to_string()),
+    ]);
+    let procs = (0..per_node)
+        .map(|local| {
+            let rank = gang.node_rank * per_node + local;
+            let mut env = vec![
+                var("RANK", rank.to_string()),
+                var("LOCAL_RANK", local.to_string()),
+                var("ROLE_RANK", rank.to_string()),
+                var("KILN_RANK", rank.to_string()),
+                var("KILN_LOCAL_RANK", local.to_string()),
+            ];
+            if !gpus.is_empty() {
+                env.push(var(
+                    "CUDA_VISIBLE_DEVICES",
+                    join(&gpus_of_local_rank(&gpus, local, per_node)),
+                ));
+            }
+            spool::ProcSpec {
+                rank: Some(rank),
+                env,
+            }
+        })
+        .collect();
+    (common, procs)
+}
+
+/// The GPUs local rank `local` of `per_node` gets: an equal share when they divide evenly,
+/// else one each, round-robin.
+fn gpus_of_local_rank(gpus: &[u32], local: u32, per_node: u32) -> Vec<u32> {
+    let (n, p) = (gpus.len() as u32, per_node.max(1));
+    if n >= p && n % p == 0 {
+        let share = n / p;
+        gpus[(local * share) as usize..((local + 1) * share) as usize].to_vec()
+    } else {
+        vec![gpus[(local % n) as usize]]
+    }
+}
+
+fn join(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 /// Starts the supervisor in its own process group; a task reaps it when it exits.
@@ -425,6 +612,7 @@ async fn finish(
         message,
         outputs_digest,
         fenced,
+        failed_rank: exit.failed_rank,
     }
 }
 
@@ -438,6 +626,8 @@ struct FinishedRecord {
     outputs_digest: String,
     #[serde(default)]
     fenced: bool,
+    #[serde(default)]
+    failed_rank: Option<u32>,
 }
 
 impl FinishedRecord {
@@ -448,6 +638,7 @@ impl FinishedRecord {
             message: f.message.clone(),
             outputs_digest: f.outputs_digest.clone(),
             fenced: f.fenced,
+            failed_rank: f.failed_rank,
         }
     }
     fn into_wire(self) -> v1::Finished {
@@ -457,6 +648,7 @@ impl FinishedRecord {
             message: self.message,
             outputs_digest: self.outputs_digest,
             fenced: self.fenced,
+            failed_rank: self.failed_rank,
         }
     }
 }
@@ -607,6 +799,8 @@ impl Follower {
                                 time_unix_ms: r.time_ms,
                                 cursor: 0,
                                 attempt: self.attempt,
+                                rank: r.rank,
+                                node: 0,
                             }
                         }));
                 }
@@ -626,6 +820,7 @@ impl Follower {
                                 value: r.value,
                                 step: r.step,
                                 time_unix_ms: r.time_ms,
+                                rank: r.rank,
                             }
                         }));
                 }
@@ -767,6 +962,7 @@ impl Follower {
             exit_code: None,
             description: message.clone(),
             start_error: Some(message),
+            failed_rank: None,
         })
     }
 
@@ -978,4 +1174,96 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(String, String)], key: &str) -> Option<String> {
+        pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    }
+
+    fn launch() -> v1::Launch {
+        v1::Launch {
+            run_id: 7,
+            attempt: 1,
+            master_addr: "10.0.0.1".into(),
+            master_port: 29511,
+            node_addresses: vec!["10.0.0.1".into(), "10.0.0.2".into()],
+        }
+    }
+
+    #[test]
+    fn every_process_gets_torchruns_variables_and_its_own_gpus() {
+        let gang = v1::Gang {
+            nodes: 2,
+            node_rank: 1,
+            procs_per_node: 4,
+            launcher: "kiln".into(),
+            restart_count: 2,
+            gpus_per_node: 8,
+            restartable: true,
+        };
+        let (common, procs) = gang_env(&gang, &launch(), Path::new("/r/hostfile"));
+        for (key, value) in [
+            ("MASTER_ADDR", "10.0.0.1"),
+            ("MASTER_PORT", "29511"),
+            ("WORLD_SIZE", "8"),
+            ("LOCAL_WORLD_SIZE", "4"),
+            ("NODE_RANK", "1"),
+            ("GROUP_RANK", "1"),
+            ("KILN_NUM_NODES", "2"),
+            ("KILN_NODES", "10.0.0.1,10.0.0.2"),
+            ("KILN_HOSTFILE", "/r/hostfile"),
+            ("KILN_GPUS_PER_NODE", "8"),
+            ("KILN_RESTART_COUNT", "2"),
+        ] {
+            assert_eq!(env_of(&common, key).as_deref(), Some(value), "{key}");
+        }
+        assert_eq!(env_of(&common, "PET_NNODES"), None);
+        let ranks: Vec<_> = procs.iter().map(|p| p.rank).collect();
+        assert_eq!(ranks, [Some(4), Some(5), Some(6), Some(7)]);
+        let last = &procs[3].env;
+        assert_eq!(env_of(last, "RANK").as_deref(), Some("7"));
+        assert_eq!(env_of(last, "LOCAL_RANK").as_deref(), Some("3"));
+        // 8 GPUs over 4 local ranks: two each, in order.
+        assert_eq!(env_of(last, "CUDA_VISIBLE_DEVICES").as_deref(), Some("6,7"));
+    }
+
+    #[test]
+    fn with_launcher_none_one_process_per_node_gets_the_pet_variables() {
+        let gang = v1::Gang {
+            nodes: 2,
+            node_rank: 0,
+            procs_per_node: 8,
+            launcher: "none".into(),
+            restart_count: 0,
+            gpus_per_node: 0,
+            restartable: false,
+        };
+        let (common, procs) = gang_env(&gang, &launch(), Path::new("/r/hostfile"));
+        assert_eq!(procs.len(), 1);
+        assert_eq!(procs[0].rank, None);
+        assert_eq!(env_of(&procs[0].env, "CUDA_VISIBLE_DEVICES"), None);
+        for (key, value) in [
+            ("PET_NNODES", "2"),
+            ("PET_NPROC_PER_NODE", "8"),
+            ("PET_NODE_RANK", "0"),
+            ("PET_MASTER_ADDR", "10.0.0.1"),
+            ("PET_MASTER_PORT", "29511"),
+        ] {
+            assert_eq!(env_of(&common, key).as_deref(), Some(value), "{key}");
+        }
+        // torchrun computes the per-worker ranks itself.
+        assert_eq!(env_of(&common, "RANK"), None);
+        assert_eq!(env_of(&common, "WORLD_SIZE"), None);
+    }
+
+    #[test]
+    fn gpus_are_shared_out_evenly_or_round_robin() {
+        assert_eq!(gpus_of_local_rank(&[0, 1, 2, 3], 1, 2), [2, 3]);
+        assert_eq!(gpus_of_local_rank(&[0, 1], 2, 3), [0]);
+        assert_eq!(gpus_of_local_rank(&[0, 1, 2], 1, 2), [1]);
+    }
 }

@@ -130,6 +130,14 @@ fn handle(agent: &Arc<Agent>, kind: Down) {
             agent.cancel_run(cancel.run_id, cancel.attempt);
         }
         Down::Ack(ack) => agent.acknowledge(&ack),
+        Down::Launch(launch) => {
+            info!(
+                run_id = launch.run_id,
+                attempt = launch.attempt,
+                "Gang launch."
+            );
+            agent.launch_run(launch);
+        }
         Down::Welcome(_) => {}
     }
 }

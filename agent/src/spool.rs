@@ -37,6 +37,33 @@ pub struct Spec {
     pub checkpoint_dir: Option<PathBuf>,
     #[serde(default)]
     pub checkpoint_interval_ms: u64,
+    /// Gang runs: the processes to start, each with the variables that differ between them
+    /// (an empty list: one process, a single-node run). All share one process group.
+    #[serde(default)]
+    pub procs: Vec<ProcSpec>,
+    /// Gang runs: the rank that the node's system metrics (and user metrics that name no
+    /// rank) are reported under.
+    #[serde(default)]
+    pub metrics_rank: Option<u32>,
+    /// Whether the agent stops the attempt when it loses the coordinator (see
+    /// `Agent::fence_watchdog`); unset: within `max_retries`.
+    #[serde(default)]
+    pub fenceable: Option<bool>,
+}
+
+impl Spec {
+    pub fn fenceable(&self) -> bool {
+        self.fenceable.unwrap_or(self.attempt <= self.max_retries)
+    }
+}
+
+/// One process of a gang run on this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcSpec {
+    /// The global rank whose output lines are tagged with it; `None` for a process that
+    /// starts its own workers (`--launcher none`).
+    pub rank: Option<u32>,
+    pub env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +73,8 @@ pub struct LogRecord {
     pub stream: i32,
     pub time_ms: i64,
     pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +84,8 @@ pub struct MetricRecord {
     pub value: f64,
     pub step: Option<i64>,
     pub time_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -64,6 +95,9 @@ pub struct Exit {
     pub description: String,
     /// Set when the script could not be started at all.
     pub start_error: Option<String>,
+    /// Gang runs: the global rank of the first process that failed.
+    #[serde(default)]
+    pub failed_rank: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -229,6 +263,7 @@ mod tests {
             stream: 1,
             time_ms: 0,
             text: format!("line {seq}\nwith newline"),
+            rank: None,
         };
         append(&mut file, &record(1)).unwrap();
         // A torn write: half a record.

@@ -55,9 +55,15 @@ pub fn main(state_dir: &Path) -> ! {
 }
 
 enum Record {
-    Log(i32, String),
-    Metric(String, f64, Option<i64>),
+    /// stream, rank, text
+    Log(i32, Option<u32>, String),
+    /// name, value, step, rank
+    Metric(String, f64, Option<i64>, Option<u32>),
 }
+
+/// How long the other processes of a gang node get between SIGTERM and SIGKILL once one
+/// of them has failed.
+const GANG_STOP_GRACE: Duration = Duration::from_secs(5);
 
 fn supervise(state: &StateDir) -> anyhow::Result<()> {
     // Its own session: no signal meant for the agent (or a terminal) reaches it.
@@ -91,31 +97,53 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let listener = std::os::unix::net::UnixListener::bind(&spec.metrics_socket)
         .with_context(|| format!("bind {}", spec.metrics_socket.display()))?;
 
-    let mut command = Command::new(&spec.program);
-    command
-        .args(&spec.args)
-        .current_dir(&spec.cwd)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    let mut child = match command.spawn() {
-        Ok(child) => child,
-        Err(error) => {
-            let message = format!("could not start `{}`: {error}", spec.program.display());
-            spool::write_json(
-                &state.exit(),
-                &Exit {
-                    exit_code: None,
-                    description: message.clone(),
-                    start_error: Some(message),
-                },
-            )?;
-            return Ok(());
-        }
+    // One process for a single-node run; one per local rank for a gang node. They share the
+    // first one's process group, so that one signal reaches all of them and what they left.
+    let procs = if spec.procs.is_empty() {
+        vec![crate::spool::ProcSpec {
+            rank: None,
+            env: Vec::new(),
+        }]
+    } else {
+        spec.procs.clone()
     };
-    let pid = child.id() as i32;
+    let mut children = Vec::new();
+    let mut pgid: Option<i32> = None;
+    for proc in &procs {
+        let mut command = Command::new(&spec.program);
+        command
+            .args(&spec.args)
+            .current_dir(&spec.cwd)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .envs(proc.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(pgid.unwrap_or(0));
+        match command.spawn() {
+            Ok(child) => {
+                pgid.get_or_insert(child.id() as i32);
+                children.push((proc.rank, child));
+            }
+            Err(error) => {
+                if let Some(pgid) = pgid {
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                }
+                let message = format!("could not start `{}`: {error}", spec.program.display());
+                spool::write_json(
+                    &state.exit(),
+                    &Exit {
+                        exit_code: None,
+                        description: message.clone(),
+                        start_error: Some(message),
+                        failed_rank: proc.rank,
+                    },
+                )?;
+                return Ok(());
+            }
+        }
+    }
+    let pid = pgid.expect("at least one process started");
     spool::write_json(
         &state.child(),
         &ProcessRecord {
@@ -133,27 +161,32 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
         }
         result
     });
-    let stdout = child.stdout.take().expect("piped");
-    let stderr = child.stderr.take().expect("piped");
-    let readers = [
-        spawn_reader(stdout, 1, records.clone()),
-        spawn_reader(stderr, 2, records.clone()),
-    ];
+    let mut readers = Vec::new();
+    for (rank, child) in &mut children {
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        readers.push(spawn_reader(stdout, 1, *rank, records.clone()));
+        readers.push(spawn_reader(stderr, 2, *rank, records.clone()));
+    }
     let done = Arc::new(AtomicBool::new(false));
+    let gang = !spec.procs.is_empty();
+    let metrics_rank = spec.metrics_rank;
     let acceptor = {
         let (records, done) = (records.clone(), done.clone());
-        std::thread::spawn(move || accept_metrics(listener, records, done))
+        std::thread::spawn(move || accept_metrics(listener, records, done, gang, metrics_rank))
     };
     // Dropping `stop_sampling` wakes the sampler at once.
     let (stop_sampling, sampling_stopped) = mpsc::channel::<()>();
     let sampler = {
         let records = records.clone();
         let interval = Duration::from_millis(spec.metrics_interval_ms.max(50));
-        std::thread::spawn(move || sample(pid as u32, interval, records, sampling_stopped))
+        // A gang node's processes are all children of this supervisor.
+        let root = if gang { std::process::id() } else { pid as u32 };
+        std::thread::spawn(move || sample(root, interval, metrics_rank, records, sampling_stopped))
     };
     drop(records);
 
-    let status = child.wait().context("wait for the script")?;
+    let (status, failed_rank) = wait_all(children, pid)?;
     // Whatever the script left behind in its group goes too, so the pipes close.
     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     for reader in readers {
@@ -173,10 +206,15 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let exit = match written {
         Ok(()) => {
             let (exit_code, description) = describe_exit(&status);
+            let description = match failed_rank {
+                Some(rank) => format!("rank {rank} {description}"),
+                None => description,
+            };
             Exit {
                 exit_code,
                 description,
                 start_error: None,
+                failed_rank,
             }
         }
         // Say why the run was stopped (the disk is full, typically) rather than vanish.
@@ -184,11 +222,64 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
             exit_code: None,
             description: format!("stopped: the agent could not keep the run's output: {error:#}"),
             start_error: None,
+            failed_rank: None,
         },
     };
     let _ = std::fs::remove_file(&reserve);
     spool::write_json(&state.exit(), &exit)?;
     Ok(())
+}
+
+/// Waits for every process. The first that fails (exits non-zero or is killed) stops the
+/// others: SIGTERM to the group, SIGKILL after [`GANG_STOP_GRACE`]. Returns the status that
+/// describes the node (the first failure's, else the last exit) and the failed rank.
+fn wait_all(
+    children: Vec<(Option<u32>, std::process::Child)>,
+    pgid: i32,
+) -> anyhow::Result<(std::process::ExitStatus, Option<u32>)> {
+    let n = children.len();
+    let (exited, exits) = mpsc::channel();
+    for (rank, mut child) in children {
+        let exited = exited.clone();
+        std::thread::spawn(move || {
+            let _ = exited.send((rank, child.wait()));
+        });
+    }
+    drop(exited);
+    let mut first_failure: Option<(Option<u32>, std::process::ExitStatus)> = None;
+    let mut last = None;
+    let mut kill_at: Option<std::time::Instant> = None;
+    let mut remaining = n;
+    while remaining > 0 {
+        let timeout = kill_at.map_or(Duration::from_secs(3600), |at| {
+            at.saturating_duration_since(std::time::Instant::now())
+        });
+        match exits.recv_timeout(timeout) {
+            Ok((rank, status)) => {
+                remaining -= 1;
+                let status = status.context("wait for the script")?;
+                if !status.success() && first_failure.is_none() {
+                    first_failure = Some((rank, status));
+                    if remaining > 0 {
+                        let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
+                        kill_at = Some(std::time::Instant::now() + GANG_STOP_GRACE);
+                    }
+                }
+                last = Some(status);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if kill_at.is_some() {
+                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+                    kill_at = None;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    match first_failure {
+        Some((rank, status)) => Ok((status, rank)),
+        None => Ok((last.context("no process was waited for")?, None)),
+    }
 }
 
 /// Numbers records and appends them, several per write when they arrive together.
@@ -206,7 +297,7 @@ fn write_records(
         while let Some(record) = next.take() {
             let time_ms = now_ms();
             match record {
-                Record::Log(stream, text) => {
+                Record::Log(stream, rank, text) => {
                     log_seq += 1;
                     serde_json::to_writer(
                         &mut log_buffer,
@@ -215,11 +306,12 @@ fn write_records(
                             stream,
                             time_ms,
                             text,
+                            rank,
                         },
                     )?;
                     log_buffer.push(b'\n');
                 }
-                Record::Metric(name, value, step) => {
+                Record::Metric(name, value, step, rank) => {
                     metric_seq += 1;
                     serde_json::to_writer(
                         &mut metric_buffer,
@@ -229,6 +321,7 @@ fn write_records(
                             value,
                             step,
                             time_ms,
+                            rank,
                         },
                     )?;
                     metric_buffer.push(b'\n');
@@ -256,6 +349,7 @@ fn write_records(
 fn spawn_reader(
     pipe: impl Read + Send + 'static,
     stream: i32,
+    rank: Option<u32>,
     records: mpsc::SyncSender<Record>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -277,7 +371,7 @@ fn spawn_reader(
                 }
             }
             let text = String::from_utf8_lossy(&buffer).into_owned();
-            if records.send(Record::Log(stream, text)).is_err() {
+            if records.send(Record::Log(stream, rank, text)).is_err() {
                 return;
             }
         }
@@ -289,6 +383,9 @@ struct UserPoint {
     name: String,
     value: f64,
     step: Option<i64>,
+    /// `$RANK` of the process that logged the point (`kiln.py` sends it when set).
+    #[serde(default)]
+    rank: Option<u32>,
 }
 
 /// Accepts the script's metric connections until `done` (set, then woken by a connection
@@ -299,6 +396,8 @@ fn accept_metrics(
     listener: std::os::unix::net::UnixListener,
     records: mpsc::SyncSender<Record>,
     done: Arc<AtomicBool>,
+    gang: bool,
+    default_rank: Option<u32>,
 ) {
     let read = |stream: std::os::unix::net::UnixStream| {
         let records = records.clone();
@@ -310,7 +409,17 @@ fn accept_metrics(
                     && point.value.is_finite()
                     && !point.name.is_empty()
                     && records
-                        .send(Record::Metric(point.name, point.value, point.step))
+                        .send(Record::Metric(
+                            point.name,
+                            point.value,
+                            point.step,
+                            // Ranks mean something in gang runs only.
+                            if gang {
+                                point.rank.or(default_rank)
+                            } else {
+                                None
+                            },
+                        ))
                         .is_err()
                 {
                     return;
@@ -345,6 +454,7 @@ fn accept_metrics(
 fn sample(
     pid: u32,
     interval: Duration,
+    rank: Option<u32>,
     records: mpsc::SyncSender<Record>,
     stop: mpsc::Receiver<()>,
 ) {
@@ -372,7 +482,10 @@ fn sample(
         ];
         points.extend(crate::gpu::sample_points(&gpus.sample()));
         for (name, value) in points {
-            if records.send(Record::Metric(name, value, None)).is_err() {
+            if records
+                .send(Record::Metric(name, value, None, rank))
+                .is_err()
+            {
                 return;
             }
         }

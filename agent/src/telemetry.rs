@@ -32,6 +32,7 @@ pub fn host_info(hostname: Option<&str>, gpus: &dyn GpuProbe) -> v1::HostInfo {
         cuda_driver_version: inventory.cuda_driver_version,
         gpu_probe_error: inventory.probe_error,
         low_priority: false,
+        advertise_address: String::new(),
     }
 }
 

@@ -46,6 +46,9 @@ enum Command {
         run: i64,
         #[arg(short, long)]
         follow: bool,
+        /// Only the lines of this rank (distributed runs).
+        #[arg(long)]
+        rank: Option<u32>,
     },
     /// List runs, newest first.
     ///
@@ -77,6 +80,9 @@ enum Command {
     #[command(verbatim_doc_comment)]
     Metrics {
         run: i64,
+        /// Distributed runs: this rank's metrics (default: rank 0).
+        #[arg(long)]
+        rank: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -207,12 +213,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     match command {
         Command::Submit(args) => submit::submit(&connection, args).await,
-        Command::Logs { run, follow } => {
+        Command::Logs { run, follow, rank } => {
             let mut client = kiln_proto::clients::kiln(connection.channel().await?);
             if follow {
-                submit::follow(&connection, run, 0).await.map(|_| 0)
+                submit::follow(&connection, run, 0, rank).await.map(|_| 0)
             } else {
-                submit::print_logs(&mut client, run).await.map(|_| 0)
+                submit::print_logs(&mut client, run, rank).await.map(|_| 0)
             }
         }
         Command::Runs {
@@ -243,10 +249,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             output::show(&run, json);
             Ok(0)
         }
-        Command::Metrics { run, json } => {
+        Command::Metrics { run, rank, json } => {
             let mut client = kiln_proto::clients::kiln(connection.channel().await?);
             let metrics = client
-                .list_metrics(v1::ListMetricsRequest { run_id: run })
+                .list_metrics(v1::ListMetricsRequest { run_id: run, rank })
                 .await
                 .map_err(status_error)?
                 .into_inner()

@@ -40,6 +40,20 @@ pub fn run_json(run: &v1::Run) -> Value {
         "args": run.args,
         "attempt": run.attempt,
         "max_retries": run.max_retries,
+        "nodes": run.nodes,
+        "procs_per_node": run.procs_per_node,
+        "gpus_per_node": run.gpus_per_node,
+        "launcher": run.launcher,
+        "max_restarts": run.max_restarts,
+        "restarts": run.restarts,
+        "failed_rank": run.failed_rank,
+        "placement": run.placement.iter().map(|node| json!({
+            "node_rank": node.node_rank,
+            "agent": node.agent_id,
+            "state": node.state,
+            "address": node.address,
+            "exit_code": node.exit_code,
+        })).collect::<Vec<_>>(),
         "checkpoint_digest": if run.checkpoint_digest.is_empty() { Value::Null } else { Value::String(run.checkpoint_digest.clone()) },
         "snapshot_digest": run.snapshot_digest,
         "outputs_digest": if run.outputs_digest.is_empty() { Value::Null } else { Value::String(run.outputs_digest.clone()) },
@@ -137,6 +151,24 @@ pub fn show(run: &v1::Run, as_json: bool) {
         "attempt",
         format!("{} (max retries {})", run.attempt, run.max_retries),
     );
+    if run.nodes > 1 || run.procs_per_node > 1 {
+        field(
+            "gang",
+            format!(
+                "{} nodes x {} processes (launcher {}), restarts {} of {}",
+                run.nodes, run.procs_per_node, run.launcher, run.restarts, run.max_restarts
+            ),
+        );
+        for node in &run.placement {
+            field(
+                &format!("  node {}", node.node_rank),
+                format!("{} {} {}", node.agent_id, dash(&node.address), node.state),
+            );
+        }
+    }
+    if let Some(rank) = run.failed_rank {
+        field("failed rank", rank.to_string());
+    }
     field(
         "script",
         format!("{} {}", run.script, run.args.join(" "))

@@ -52,6 +52,24 @@ pub struct SubmitArgs {
     /// restore the last upload when the run is retried (see --max-retries). 0: off.
     #[arg(long, default_value_t = 0)]
     checkpoint_interval: u32,
+    /// Run on this many agents of the target at once (a distributed run: every process gets
+    /// torchrun's variables MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, ...).
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// Processes to start on each node (one per GPU, typically).
+    #[arg(long, default_value_t = 1)]
+    procs_per_node: u32,
+    /// GPUs each node needs; CUDA_VISIBLE_DEVICES gives each local rank its share.
+    #[arg(long, default_value_t = 0)]
+    gpus_per_node: u32,
+    /// `kiln`: Kiln starts --procs-per-node processes per node. `none`: one process per node
+    /// that starts its own workers (e.g. `torchrun train.py`, which reads the PET_* variables).
+    #[arg(long, default_value = "kiln")]
+    launcher: String,
+    /// Restart the whole gang (new rendezvous) this many times when a rank fails or a node
+    /// is lost, before the run fails.
+    #[arg(long, default_value_t = 0)]
+    max_restarts: u32,
     /// Plan and pack the snapshot and print what would be submitted; contact no coordinator.
     #[arg(long)]
     dry_run: bool,
@@ -206,6 +224,11 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
             args: args.args,
             max_retries: args.max_retries,
             checkpoint_interval_s: args.checkpoint_interval,
+            nodes: args.nodes,
+            procs_per_node: args.procs_per_node,
+            launcher: args.launcher,
+            max_restarts: args.max_restarts,
+            gpus_per_node: args.gpus_per_node,
         })
         .await
         .map_err(status_error)?
@@ -215,7 +238,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         println!("{}", run.id);
         return Ok(0);
     }
-    match follow(connection, run.id, 0).await? {
+    match follow(connection, run.id, 0, None).await? {
         Followed::Ended(code) => {
             print_metrics_summary(&mut client, run.id).await;
             Ok(code)
@@ -226,7 +249,8 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
 
 /// One line with the last value of each user metric, after a followed run ended.
 async fn print_metrics_summary(client: &mut KilnClient<Channel>, run_id: i64) {
-    let Ok(reply) = client.list_metrics(v1::ListMetricsRequest { run_id }).await else {
+    let request = v1::ListMetricsRequest { run_id, rank: None };
+    let Ok(reply) = client.list_metrics(request).await else {
         return;
     };
     let user: Vec<String> = reply
@@ -332,13 +356,18 @@ pub fn parse_size(text: &str) -> anyhow::Result<u64> {
     Ok((number * multiplier as f64) as u64)
 }
 
-/// Prints a run's log as stored so far.
-pub async fn print_logs(client: &mut KilnClient<Channel>, run_id: i64) -> anyhow::Result<()> {
+/// Prints a run's log as stored so far (one rank's lines only, with `rank`).
+pub async fn print_logs(
+    client: &mut KilnClient<Channel>,
+    run_id: i64,
+    rank: Option<u32>,
+) -> anyhow::Result<()> {
     let mut stream = client
         .stream_logs(v1::StreamLogsRequest {
             run_id,
             after_cursor: 0,
             follow: false,
+            rank,
         })
         .await
         .map_err(status_error)?
@@ -351,10 +380,17 @@ pub async fn print_logs(client: &mut KilnClient<Channel>, run_id: i64) -> anyhow
     Ok(())
 }
 
+/// Prints a line to stdout or stderr as the script wrote it; a distributed run's lines start
+/// with their rank (`[rank 3] `), Kiln's own lines with `[kiln]` (and the node, past node 0).
 fn print_line(line: &v1::LogLine) {
+    let rank = line
+        .rank
+        .map(|r| format!("[rank {r}] "))
+        .unwrap_or_default();
     match line.stream() {
-        v1::LogStream::Stdout => println!("{}", line.text),
-        v1::LogStream::Stderr => eprintln!("{}", line.text),
+        v1::LogStream::Stdout => println!("{rank}{}", line.text),
+        v1::LogStream::Stderr => eprintln!("{rank}{}", line.text),
+        _ if line.node > 0 => eprintln!("[kiln node {}] {}", line.node, line.text),
         _ => eprintln!("[kiln] {}", line.text),
     }
 }
@@ -374,6 +410,7 @@ pub async fn follow(
     connection: &Connection,
     run_id: i64,
     mut cursor: i64,
+    rank: Option<u32>,
 ) -> anyhow::Result<Followed> {
     let mut backoff = Duration::from_millis(200);
     let mut broken_since: Option<Instant> = None;
@@ -387,6 +424,7 @@ pub async fn follow(
                     run_id,
                     after_cursor: cursor,
                     follow: true,
+                    rank,
                 })
                 .await
                 .map_err(status_error)?

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 pub use service::{Listener, serve};
 
 use crate::blobs::BlobStore;
-use crate::store::{EventFields, Store, TransitionError};
+use crate::store::{EventFields, Store, TransitionError, is_gang};
 
 /// Default gRPC address: loopback only, since the transport is plaintext for now.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
@@ -82,6 +82,8 @@ struct Session {
     target: String,
     slots: u32,
     low_priority: bool,
+    /// Where other agents reach this one (gang runs' MASTER_ADDR and KILN_NODES).
+    address: String,
     tx: AgentTx,
 }
 
@@ -217,6 +219,7 @@ impl Coordinator {
             .map(|run| scheduler::QueuedRun {
                 run_id: run.id,
                 target: run.target,
+                nodes: run.nodes,
             })
             .collect();
         let assignments = scheduler::assign(&slots, &queue);
@@ -231,35 +234,36 @@ impl Coordinator {
                     .into_iter()
                     .filter_map(|a| {
                         let fields = EventFields {
-                            agent_id: Some(&a.agent_id),
+                            placement: &a.agent_ids,
                             now_ms: now,
                             ..Default::default()
                         };
                         // A run cancelled since the queue was read is simply skipped.
                         s.transition(a.run_id, None, RunEvent::Assign, &fields)
                             .ok()
-                            .map(|run| (a.agent_id, run))
+                            .map(|run| (a.agent_ids, run))
                     })
                     .collect::<Vec<_>>()
             })
             .await;
-        for (agent_id, run) in placed {
-            let message = v1::CoordinatorMessage {
-                kind: Some(v1::coordinator_message::Kind::Assign(v1::Assignment {
-                    run_id: run.id,
-                    attempt: run.attempt,
-                    name: run.name.clone(),
-                    snapshot_digest: run.snapshot_digest.clone(),
-                    script: run.script.clone(),
-                    args: run.args.clone(),
-                    max_retries: run.max_retries,
-                    checkpoint_interval_s: run.checkpoint_interval_s,
-                    checkpoint_digest: run.checkpoint_digest.clone(),
-                })),
-            };
-            let sent = self.send_to_agent(&agent_id, message);
-            info!(run_id = run.id, attempt = run.attempt, agent_id = %agent_id, sent, "Assigned run.");
-            if !sent {
+        for (agent_ids, run) in placed {
+            let mut all_sent = true;
+            for (node_rank, agent_id) in agent_ids.iter().enumerate() {
+                let message = v1::CoordinatorMessage {
+                    kind: Some(v1::coordinator_message::Kind::Assign(assignment(
+                        &run,
+                        node_rank as u32,
+                    ))),
+                };
+                let sent = self.send_to_agent(agent_id, message);
+                info!(run_id = run.id, attempt = run.attempt, node_rank, agent_id = %agent_id, sent, "Assigned run.");
+                all_sent &= sent;
+            }
+            if !all_sent {
+                // The whole placement is undone: a gang never starts with a node missing.
+                for agent_id in &agent_ids {
+                    self.send_to_agent(agent_id, cancel_message(run.id, run.attempt));
+                }
                 let attempt = run.attempt;
                 let run_id = run.id;
                 let _ = self
@@ -280,6 +284,45 @@ impl Coordinator {
             }
             self.run_changed(run.id);
         }
+        Ok(())
+    }
+
+    /// Cancels the other nodes of a gang attempt that was released or ended.
+    fn stop_nodes(&self, released: &Released) {
+        for agent_id in &released.agents {
+            self.send_to_agent(agent_id, cancel_message(released.run_id, released.attempt));
+        }
+    }
+
+    /// Sends `Launch` to every node of a gang attempt once all of them are ready. Repeats are
+    /// harmless: an agent ignores a launch for an attempt it has already started.
+    async fn maybe_launch(&self, run_id: i64, attempt: u32) -> anyhow::Result<()> {
+        let (run, nodes) = self
+            .db
+            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.run_nodes(run_id, attempt)?)))
+            .await?;
+        let Some(run) = run else { return Ok(()) };
+        if run.attempt != attempt
+            || !run.status().domain().is_active()
+            || nodes.is_empty()
+            || nodes.iter().any(|node| node.state == "assigned")
+        {
+            return Ok(());
+        }
+        let launch = v1::Launch {
+            run_id,
+            attempt,
+            master_addr: nodes[0].address.clone(),
+            master_port: nodes[0].port,
+            node_addresses: nodes.iter().map(|node| node.address.clone()).collect(),
+        };
+        for node in nodes.iter().filter(|node| node.state == "ready") {
+            let message = v1::CoordinatorMessage {
+                kind: Some(v1::coordinator_message::Kind::Launch(launch.clone())),
+            };
+            self.send_to_agent(&node.agent_id, message);
+        }
+        info!(run_id, attempt, master_addr = %launch.master_addr, master_port = launch.master_port, "Gang ready; launching.");
         Ok(())
     }
 
@@ -328,7 +371,7 @@ impl Coordinator {
             );
             let lost = self
                 .db
-                .call(move |s| -> anyhow::Result<Vec<i64>> {
+                .call(move |s| -> anyhow::Result<Vec<Released>> {
                     s.set_agent_state(&agent_id, "lost")?;
                     let runs = s.active_runs_of_agent(&agent_id)?;
                     let fields = EventFields {
@@ -342,9 +385,13 @@ impl Coordinator {
                         .collect())
                 })
                 .await?;
-            for run_id in lost {
-                warn!(run_id, "Run released from its lost agent.");
-                self.run_changed(run_id);
+            for released in lost {
+                warn!(
+                    run_id = released.run_id,
+                    "Run released from its lost agent."
+                );
+                self.stop_nodes(&released);
+                self.run_changed(released.run_id);
             }
             self.kick_scheduler();
         }
@@ -356,7 +403,12 @@ impl Coordinator {
     /// Registers an agent's session; returns its session id. Runs the coordinator believes
     /// are on this agent but that the agent no longer has are marked lost; runs the agent
     /// still has but that ended here (cancelled meanwhile) are cancelled on the agent.
-    async fn agent_connected(&self, hello: v1::Hello, tx: AgentTx) -> anyhow::Result<u64> {
+    async fn agent_connected(
+        &self,
+        hello: v1::Hello,
+        peer: Option<std::net::IpAddr>,
+        tx: AgentTx,
+    ) -> anyhow::Result<u64> {
         let session_id = self
             .next_session_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -365,12 +417,17 @@ impl Coordinator {
         let host = hello.host.clone().unwrap_or_default();
         let slots = hello.slots.max(1);
         let low_priority = host.low_priority;
+        let address = if !host.advertise_address.is_empty() {
+            host.advertise_address.clone()
+        } else {
+            peer.map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string())
+        };
         let still_active: Vec<(i64, u32)> = hello
             .active_runs
             .iter()
             .map(|r| (r.run_id, r.attempt))
             .collect();
-        let (lost, to_cancel) = {
+        let (lost, to_cancel, gangs) = {
             let agent_id = agent_id.clone();
             let target = target.clone();
             self.db
@@ -391,20 +448,26 @@ impl Coordinator {
                     for (run_id, attempt) in still_active {
                         let current = s.get_run(run_id)?;
                         let keep = current.is_some_and(|run| {
-                            run.attempt == attempt
-                                && run.agent_id == agent_id
-                                && !run.status().domain().is_terminal()
-                        });
+                            run.attempt == attempt && !run.status().domain().is_terminal()
+                        }) && s.node_of(run_id, attempt, &agent_id)?.is_some();
                         if !keep {
                             to_cancel.push((run_id, attempt));
                         }
                     }
-                    Ok((lost, to_cancel))
+                    // Gang attempts of this agent that may wait for a launch it missed.
+                    let gangs: Vec<(i64, u32)> = s
+                        .active_runs_of_agent(&agent_id)?
+                        .iter()
+                        .filter(|run| is_gang(run))
+                        .map(|run| (run.id, run.attempt))
+                        .collect();
+                    Ok((lost, to_cancel, gangs))
                 })
                 .await?
         };
-        for run_id in lost {
-            self.run_changed(run_id);
+        for released in lost {
+            self.stop_nodes(&released);
+            self.run_changed(released.run_id);
         }
         for (run_id, attempt) in to_cancel {
             let _ = tx.try_send(Ok(cancel_message(run_id, attempt)));
@@ -416,11 +479,15 @@ impl Coordinator {
                 target: target.clone(),
                 slots,
                 low_priority,
+                address,
                 tx,
             },
         );
         if previous.is_some() {
             info!(agent_id = %agent_id, "Agent reconnected; its previous session is replaced.");
+        }
+        for (run_id, attempt) in gangs {
+            self.maybe_launch(run_id, attempt).await?;
         }
         info!(agent_id = %agent_id, target = %target, slots, "Agent online.");
         self.kick_scheduler();
@@ -476,24 +543,24 @@ impl Coordinator {
             }
             Kind::Logs(batch) => {
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
-                if self.owned_run(agent_id, run_id, attempt).await?.is_none() {
+                let Some((_, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
                     return Ok(None);
-                }
+                };
                 let log_seq = self
                     .db
-                    .call(move |s| s.append_logs(run_id, attempt, &batch.lines))
+                    .call(move |s| s.append_logs(run_id, attempt, node, &batch.lines))
                     .await?;
                 self.run_changed(run_id);
                 Ok(Some(ack(run_id, attempt, log_seq, 0, false)))
             }
             Kind::Metrics(batch) => {
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
-                if self.owned_run(agent_id, run_id, attempt).await?.is_none() {
+                let Some((_, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
                     return Ok(None);
-                }
+                };
                 let metric_seq = self
                     .db
-                    .call(move |s| s.append_metrics(run_id, attempt, &batch.points))
+                    .call(move |s| s.append_metrics(run_id, attempt, node, &batch.points))
                     .await?;
                 self.run_changed(run_id);
                 Ok(Some(ack(run_id, attempt, 0, metric_seq, false)))
@@ -502,16 +569,21 @@ impl Coordinator {
         }
     }
 
-    /// The run, if `attempt` is its current attempt on this agent; `None` (logged) for a
-    /// stale attempt, whose messages are then dropped.
+    /// The run and this agent's node rank in it, if `attempt` is the run's current attempt
+    /// and this agent holds a node of it; `None` (logged) for a stale attempt, whose messages
+    /// are then dropped.
     async fn owned_run(
         &self,
         agent_id: &str,
         run_id: i64,
         attempt: u32,
-    ) -> anyhow::Result<Option<v1::Run>> {
-        let run = self.db.call(move |s| s.get_run(run_id)).await?;
-        let owned = run.filter(|run| run.attempt == attempt && run.agent_id == agent_id);
+    ) -> anyhow::Result<Option<(v1::Run, u32)>> {
+        let agent = agent_id.to_string();
+        let (run, node) = self
+            .db
+            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.node_of(run_id, attempt, &agent)?)))
+            .await?;
+        let owned = run.zip(node).filter(|(run, _)| run.attempt == attempt);
         if owned.is_none() {
             warn!(run_id, attempt, agent_id = %agent_id, "Dropping a message from a stale attempt.");
         }
@@ -526,15 +598,33 @@ impl Coordinator {
         event: v1::RunEvent,
     ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
         let (run_id, attempt) = (event.run_id, event.attempt);
-        let Some(run) = self.owned_run(agent_id, run_id, attempt).await? else {
+        let Some((run, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
             return Ok(None);
         };
         let is_finish = matches!(event.kind, Some(v1::run_event::Kind::Finished(_)));
         let result = match event.kind {
+            Some(v1::run_event::Kind::Ready(ready)) => {
+                let address = self
+                    .sessions()
+                    .get(agent_id)
+                    .map(|session| session.address.clone())
+                    .unwrap_or_default();
+                info!(run_id, attempt, node, address = %address, port = ready.port, "Gang node ready.");
+                self.db
+                    .call(move |s| s.node_ready(run_id, attempt, node, &address, ready.port))
+                    .await?;
+                self.maybe_launch(run_id, attempt).await?;
+                return Ok(None);
+            }
+            Some(v1::run_event::Kind::Finished(finished)) if is_gang(&run) => {
+                self.gang_node_finished(run, node, finished).await?;
+                return Ok(Some(ack(run_id, attempt, 0, 0, true)));
+            }
             Some(v1::run_event::Kind::Started(started)) => {
-                info!(run_id, attempt, pid = started.pid, "Run started.");
+                info!(run_id, attempt, node, pid = started.pid, "Run started.");
                 self.db
                     .call(move |s| {
+                        s.node_started(run_id, attempt, node)?;
                         s.transition(
                             run_id,
                             Some(attempt),
@@ -607,6 +697,115 @@ impl Coordinator {
         Ok(is_finish.then(|| ack(run_id, attempt, 0, 0, true)))
     }
 
+    /// One node of a gang attempt ended. The run succeeds when every node has ended with 0;
+    /// the first failure (a rank exiting non-zero, a node that could not start, a fenced node)
+    /// stops every other node and restarts the gang while `max_restarts` allows, else fails
+    /// the run naming the rank.
+    async fn gang_node_finished(
+        &self,
+        run: v1::Run,
+        node: u32,
+        finished: v1::Finished,
+    ) -> anyhow::Result<()> {
+        let (run_id, attempt) = (run.id, run.attempt);
+        let exit_code = finished.exit_code;
+        let nodes = self
+            .db
+            .call(move |s| {
+                s.node_exited(run_id, attempt, node, exit_code)?;
+                s.run_nodes(run_id, attempt)
+            })
+            .await?;
+        info!(run_id, attempt, node, exit_code = ?finished.exit_code, status = ?finished.status(), "Gang node ended.");
+        if !run.status().domain().is_active() {
+            return Ok(());
+        }
+        let succeeded = finished.status() == v1::RunStatus::Succeeded && !finished.fenced;
+        let released = if succeeded {
+            if !nodes
+                .iter()
+                .all(|n| n.state == "exited" && n.exit_code == Some(0))
+            {
+                return Ok(());
+            }
+            self.db
+                .call(move |s| {
+                    s.transition(
+                        run_id,
+                        Some(attempt),
+                        RunEvent::Finish(Outcome::Succeeded),
+                        &EventFields {
+                            exit_code: Some(0),
+                            outputs_digest: Some(&finished.outputs_digest),
+                            now_ms: now_ms(),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .await?;
+            None
+        } else {
+            let rank = finished
+                .failed_rank
+                .unwrap_or(node * run.procs_per_node.max(1));
+            let agent_id = nodes
+                .get(node as usize)
+                .map(|n| n.agent_id.clone())
+                .unwrap_or_default();
+            let cause = format!(
+                "rank {rank} (node {node}, agent {agent_id}) failed: {}",
+                finished.message
+            );
+            let restart = run.restarts < run.max_restarts;
+            let message = if restart {
+                format!(
+                    "restarting the gang ({} of {}): {cause}",
+                    run.restarts + 1,
+                    run.max_restarts
+                )
+            } else {
+                cause
+            };
+            warn!(run_id, attempt, rank, restart, "{message}");
+            let event = if restart {
+                RunEvent::Retry
+            } else {
+                RunEvent::Finish(Outcome::Failed)
+            };
+            self.db
+                .call(move |s| {
+                    s.transition(
+                        run_id,
+                        Some(attempt),
+                        event,
+                        &EventFields {
+                            exit_code: finished.exit_code,
+                            message: Some(&message),
+                            failed_rank: Some(rank),
+                            now_ms: now_ms(),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .await?;
+            Some(Released {
+                run_id,
+                attempt,
+                agents: nodes
+                    .iter()
+                    .filter(|n| n.state != "exited")
+                    .map(|n| n.agent_id.clone())
+                    .collect(),
+            })
+        };
+        if let Some(released) = released {
+            self.stop_nodes(&released);
+        }
+        self.run_changed(run_id);
+        self.kick_scheduler();
+        Ok(())
+    }
+
     // ---- user API ----
 
     async fn cancel(&self, run_id: i64) -> Result<v1::Run, TransitionError> {
@@ -638,8 +837,10 @@ impl Coordinator {
             Err(e) => return Err(e),
         };
         info!(run_id, agent_id = %run.agent_id, "Run cancelled.");
-        if !run.agent_id.is_empty() {
-            self.send_to_agent(&run.agent_id, cancel_message(run_id, run.attempt));
+        let attempt = run.attempt;
+        let nodes = self.db.call(move |s| s.run_nodes(run_id, attempt)).await?;
+        for node in nodes {
+            self.send_to_agent(&node.agent_id, cancel_message(run_id, attempt));
         }
         self.run_changed(run_id);
         self.kick_scheduler();
@@ -647,22 +848,67 @@ impl Coordinator {
     }
 }
 
+/// A run attempt taken away from its agents: the nodes that must be told to stop.
+struct Released {
+    run_id: i64,
+    attempt: u32,
+    agents: Vec<String>,
+}
+
 /// Takes a run away from an agent that no longer has it: a run that never started goes back
 /// to the queue (nothing of it ran); a running one is queued again for a new attempt while
-/// its retry budget (`max_retries`) lasts, and is lost after that. Returns the run id if it
-/// changed.
-fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option<i64> {
+/// its retry budget lasts (`max_retries`; a gang's `max_restarts`), and is lost after that.
+/// Every node of the attempt is released with it (a gang never runs with a node missing).
+fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option<Released> {
     let event = if run.status() == v1::RunStatus::Assigned {
         RunEvent::Requeue
+    } else if is_gang(run) {
+        if run.restarts < run.max_restarts {
+            RunEvent::Retry
+        } else {
+            RunEvent::Lose
+        }
     } else if run.attempt <= run.max_retries {
         RunEvent::Retry
     } else {
         RunEvent::Lose
     };
+    let agents = store
+        .run_nodes(run.id, run.attempt)
+        .map(|nodes| nodes.into_iter().map(|n| n.agent_id).collect())
+        .unwrap_or_default();
     store
         .transition(run.id, Some(run.attempt), event, fields)
         .ok()
-        .map(|run| run.id)
+        .map(|run| Released {
+            run_id: run.id,
+            attempt: run.attempt,
+            agents,
+        })
+}
+
+/// What node `node_rank` of a run's new attempt is told to run.
+fn assignment(run: &v1::Run, node_rank: u32) -> v1::Assignment {
+    v1::Assignment {
+        run_id: run.id,
+        attempt: run.attempt,
+        name: run.name.clone(),
+        snapshot_digest: run.snapshot_digest.clone(),
+        script: run.script.clone(),
+        args: run.args.clone(),
+        max_retries: run.max_retries,
+        checkpoint_interval_s: run.checkpoint_interval_s,
+        checkpoint_digest: run.checkpoint_digest.clone(),
+        gang: is_gang(run).then(|| v1::Gang {
+            nodes: run.nodes,
+            node_rank,
+            procs_per_node: run.procs_per_node.max(1),
+            launcher: run.launcher.clone(),
+            restart_count: run.restarts,
+            gpus_per_node: run.gpus_per_node,
+            restartable: run.restarts < run.max_restarts,
+        }),
+    }
 }
 
 fn cancel_message(run_id: i64, attempt: u32) -> v1::CoordinatorMessage {

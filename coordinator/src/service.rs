@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::blobs::BlobError;
-use crate::store::{NewRun, TransitionError};
+use crate::store::{GangSpec, NewRun, TransitionError, is_gang};
 use crate::{Coordinator, now_ms};
 
 /// Where the coordinator listens.
@@ -156,6 +156,46 @@ fn validate_script(script: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Most nodes and processes per node a run may ask for.
+const MAX_NODES: u32 = 1024;
+const MAX_PROCS_PER_NODE: u32 = 256;
+
+fn validate_gang(request: &v1::SubmitRunRequest) -> Result<GangSpec, Status> {
+    let nodes = request.nodes.max(1);
+    let procs_per_node = request.procs_per_node.max(1);
+    if nodes > MAX_NODES {
+        return Err(Status::invalid_argument(format!(
+            "--nodes {nodes} is too many (at most {MAX_NODES})"
+        )));
+    }
+    if procs_per_node > MAX_PROCS_PER_NODE {
+        return Err(Status::invalid_argument(format!(
+            "--procs-per-node {procs_per_node} is too many (at most {MAX_PROCS_PER_NODE})"
+        )));
+    }
+    let launcher = match request.launcher.as_str() {
+        "" | "kiln" => "kiln",
+        "none" => "none",
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown launcher `{other}`: use `kiln` (Kiln starts --procs-per-node processes) or `none` (one process per node launches its own workers)"
+            )));
+        }
+    };
+    if request.max_restarts > 0 && nodes == 1 && procs_per_node == 1 {
+        return Err(Status::invalid_argument(
+            "--max-restarts is for multi-node or multi-process runs; a single-process run uses --max-retries",
+        ));
+    }
+    Ok(GangSpec {
+        nodes,
+        procs_per_node,
+        gpus_per_node: request.gpus_per_node,
+        launcher: launcher.to_string(),
+        max_restarts: request.max_restarts,
+    })
+}
+
 #[tonic::async_trait]
 impl Kiln for Api {
     async fn version(
@@ -197,6 +237,33 @@ impl Kiln for Api {
                 "target `{target}` does not exist (known targets: {known})"
             )));
         }
+        let gang = validate_gang(&request)?;
+        if gang.nodes > 1 || gang.gpus_per_node > 0 {
+            let (target_name, gpus) = (target.to_string(), gang.gpus_per_node);
+            let (agents, with_gpus) = self
+                .0
+                .db
+                .call(move |s| s.target_capacity(&target_name, gpus))
+                .await
+                .map_err(internal)?;
+            if with_gpus < gang.nodes {
+                let what = if gpus > 0 {
+                    format!("{with_gpus} of its {agents} agents have {gpus} GPUs")
+                } else {
+                    format!("it has {agents} agents")
+                };
+                return Err(Status::failed_precondition(format!(
+                    "target `{target}` can never run this: the run needs {} nodes{} but {what} \
+                     (targets do not autoscale yet: add agents with `kiln-agent --target {target}`)",
+                    gang.nodes,
+                    if gpus > 0 {
+                        format!(" with {gpus} GPUs each")
+                    } else {
+                        String::new()
+                    },
+                )));
+            }
+        }
         let name = if request.name.is_empty() {
             std::path::Path::new(&request.script)
                 .file_stem()
@@ -217,6 +284,7 @@ impl Kiln for Api {
                     args: &request.args,
                     max_retries: request.max_retries,
                     checkpoint_interval_s: request.checkpoint_interval_s,
+                    gang,
                     now_ms: now_ms(),
                 })
             })
@@ -300,16 +368,25 @@ impl Kiln for Api {
         &self,
         request: Request<v1::ListMetricsRequest>,
     ) -> Result<Response<v1::ListMetricsReply>, Status> {
-        let run_id = request.into_inner().run_id;
-        let (run, metrics) = self
+        let request = request.into_inner();
+        let run_id = request.run_id;
+        let run = self
             .0
             .db
-            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.metric_summaries(run_id)?)))
+            .call(move |s| s.get_run(run_id))
             .await
             .map_err(internal)?;
-        if run.is_none() {
+        let Some(run) = run else {
             return Err(Status::not_found(format!("run {run_id} does not exist")));
-        }
+        };
+        // A gang's metrics are per rank: rank 0's unless another is asked for.
+        let rank = request.rank.or(is_gang(&run).then_some(0));
+        let metrics = self
+            .0
+            .db
+            .call(move |s| s.metric_summaries(run_id, rank))
+            .await
+            .map_err(internal)?;
         Ok(Response::new(v1::ListMetricsReply { metrics }))
     }
 
@@ -369,7 +446,12 @@ async fn follow_logs(
         // will ever have is already stored and the read below sees it.
         let page = coordinator
             .db
-            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.read_logs(run_id, cursor, PAGE)?)))
+            .call(move |s| {
+                anyhow::Ok((
+                    s.get_run(run_id)?,
+                    s.read_logs(run_id, cursor, PAGE, request.rank)?,
+                ))
+            })
             .await;
         let (run, lines) = match page {
             Ok((Some(run), lines)) => (run, lines),
@@ -428,6 +510,7 @@ impl AgentApi for Api {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let peer = request.remote_addr().map(|addr| addr.ip());
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
             Some(Ok(v1::AgentMessage {
@@ -457,7 +540,7 @@ impl AgentApi for Api {
         let agent_id = hello.agent_id.clone();
         let coordinator = self.0.clone();
         let session_id = coordinator
-            .agent_connected(hello, tx.clone())
+            .agent_connected(hello, peer, tx.clone())
             .await
             .map_err(internal)?;
         let span = info_span!("agent_session", agent_id = %agent_id);

@@ -90,6 +90,67 @@ ALTER TABLE runs ADD COLUMN max_retries INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN checkpoint_interval_s INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE runs ADD COLUMN checkpoint_digest TEXT NOT NULL DEFAULT '';
 "#,
+    // Gang runs: a run's placement moves into `run_nodes` (one row per node and attempt, a
+    // single-node run has one), and logs and metrics get a sequence per node.
+    r#"
+ALTER TABLE runs ADD COLUMN nodes INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN procs_per_node INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN gpus_per_node INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN launcher TEXT NOT NULL DEFAULT 'kiln';
+ALTER TABLE runs ADD COLUMN max_restarts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN failed_rank INTEGER;
+CREATE TABLE run_nodes (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    attempt INTEGER NOT NULL,
+    node_rank INTEGER NOT NULL,
+    agent_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    address TEXT NOT NULL DEFAULT '',
+    port INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    PRIMARY KEY (run_id, attempt, node_rank)
+);
+CREATE INDEX run_nodes_by_agent ON run_nodes(agent_id, run_id);
+INSERT INTO run_nodes (run_id, attempt, node_rank, agent_id, state)
+    SELECT id, attempt, 0, agent_id, CASE status WHEN 'running' THEN 'running' ELSE 'assigned' END
+    FROM runs WHERE status IN ('assigned', 'running');
+CREATE TABLE logs_v5 (
+    cursor INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    attempt INTEGER NOT NULL,
+    node INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    time_ms INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    rank INTEGER,
+    UNIQUE (run_id, attempt, node, seq)
+);
+INSERT INTO logs_v5 (cursor, run_id, attempt, seq, stream, time_ms, text)
+    SELECT cursor, run_id, attempt, seq, stream, time_ms, text FROM logs;
+DROP TABLE logs;
+ALTER TABLE logs_v5 RENAME TO logs;
+CREATE INDEX logs_by_run ON logs(run_id, cursor);
+CREATE TABLE metrics_v5 (
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    attempt INTEGER NOT NULL,
+    node INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value REAL NOT NULL,
+    step INTEGER,
+    time_ms INTEGER NOT NULL,
+    rank INTEGER,
+    UNIQUE (run_id, attempt, node, seq)
+);
+INSERT INTO metrics_v5 (id, run_id, attempt, seq, name, value, step, time_ms)
+    SELECT id, run_id, attempt, seq, name, value, step, time_ms FROM metrics;
+DROP TABLE metrics;
+ALTER TABLE metrics_v5 RENAME TO metrics;
+CREATE INDEX metrics_by_run_name ON metrics(run_id, name, id);
+"#,
 ];
 
 pub struct Store {
@@ -105,16 +166,48 @@ pub struct NewRun<'a> {
     pub args: &'a [String],
     pub max_retries: u32,
     pub checkpoint_interval_s: u32,
+    pub gang: GangSpec,
     pub now_ms: i64,
+}
+
+/// The shape of a run across nodes; `GangSpec::default()` is a single-node run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GangSpec {
+    pub nodes: u32,
+    pub procs_per_node: u32,
+    pub gpus_per_node: u32,
+    /// "kiln" or "none".
+    pub launcher: String,
+    pub max_restarts: u32,
+}
+
+impl Default for GangSpec {
+    fn default() -> Self {
+        GangSpec {
+            nodes: 1,
+            procs_per_node: 1,
+            gpus_per_node: 0,
+            launcher: "kiln".to_string(),
+            max_restarts: 0,
+        }
+    }
+}
+
+/// Whether a run is a gang run: the agents rendezvous and start several ranks.
+pub fn is_gang(run: &v1::Run) -> bool {
+    run.nodes > 1 || run.procs_per_node > 1
 }
 
 /// Fields that an event sets besides the status.
 #[derive(Default)]
 pub struct EventFields<'a> {
-    pub agent_id: Option<&'a str>,
+    /// `Assign`: the agents of the new attempt in node-rank order (one for a single-node run).
+    pub placement: &'a [String],
     pub exit_code: Option<i32>,
     pub message: Option<&'a str>,
     pub outputs_digest: Option<&'a str>,
+    /// `Finish`/`Lose`: the global rank whose failure ended a gang run.
+    pub failed_rank: Option<u32>,
     pub now_ms: i64,
 }
 
@@ -126,6 +219,29 @@ pub enum TransitionError {
     Invalid(#[from] run::InvalidTransition),
     #[error(transparent)]
     Db(#[from] anyhow::Error),
+}
+
+/// One node of a run attempt.
+#[derive(Debug, Clone)]
+pub struct NodeRow {
+    pub node_rank: u32,
+    pub agent_id: String,
+    pub state: String,
+    pub address: String,
+    pub port: u32,
+    pub exit_code: Option<i32>,
+}
+
+impl NodeRow {
+    pub fn into_wire(self) -> v1::RunNode {
+        v1::RunNode {
+            node_rank: self.node_rank,
+            agent_id: self.agent_id,
+            state: self.state,
+            address: self.address,
+            exit_code: self.exit_code,
+        }
+    }
 }
 
 pub struct AgentRow {
@@ -289,7 +405,9 @@ impl Store {
     /// How many runs each agent is holding a slot for.
     pub fn active_runs_per_agent(&self) -> anyhow::Result<HashMap<String, u32>> {
         let mut stmt = self.conn.prepare(
-            "SELECT agent_id, count(*) FROM runs WHERE status IN ('assigned', 'running') GROUP BY agent_id",
+            "SELECT n.agent_id, count(*) FROM runs r
+             JOIN run_nodes n ON n.run_id = r.id AND n.attempt = r.attempt
+             WHERE r.status IN ('assigned', 'running') GROUP BY n.agent_id",
         )?;
         let counts = stmt
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -299,9 +417,100 @@ impl Store {
 
     pub fn active_runs_of_agent(&self, agent_id: &str) -> anyhow::Result<Vec<v1::Run>> {
         self.query_runs(
-            "WHERE agent_id = ?1 AND status IN ('assigned', 'running') ORDER BY id",
+            "WHERE status IN ('assigned', 'running') AND id IN (SELECT n.run_id FROM run_nodes n
+                WHERE n.agent_id = ?1 AND n.attempt = runs.attempt) ORDER BY id",
             params![agent_id],
         )
+    }
+
+    /// The node rank `agent_id` has in the run's attempt, if it holds one.
+    pub fn node_of(
+        &self,
+        run_id: i64,
+        attempt: u32,
+        agent_id: &str,
+    ) -> anyhow::Result<Option<u32>> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT node_rank FROM run_nodes WHERE run_id = ?1 AND attempt = ?2 AND agent_id = ?3",
+            )?
+            .query_row(params![run_id, attempt, agent_id], |row| row.get(0))
+            .optional()?)
+    }
+
+    /// The nodes of one attempt, in node-rank order.
+    pub fn run_nodes(&self, run_id: i64, attempt: u32) -> anyhow::Result<Vec<NodeRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT node_rank, agent_id, state, address, port, exit_code FROM run_nodes
+             WHERE run_id = ?1 AND attempt = ?2 ORDER BY node_rank",
+        )?;
+        let rows = stmt
+            .query_map(params![run_id, attempt], |row| {
+                Ok(NodeRow {
+                    node_rank: row.get(0)?,
+                    agent_id: row.get(1)?,
+                    state: row.get(2)?,
+                    address: row.get(3)?,
+                    port: row.get(4)?,
+                    exit_code: row.get(5)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// A node of the attempt is prepared: records its address (and node 0's rendezvous port).
+    pub fn node_ready(
+        &self,
+        run_id: i64,
+        attempt: u32,
+        node_rank: u32,
+        address: &str,
+        port: u32,
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE run_nodes SET state = 'ready', address = ?4, port = ?5
+             WHERE run_id = ?1 AND attempt = ?2 AND node_rank = ?3 AND state = 'assigned'",
+            params![run_id, attempt, node_rank, address, port],
+        )?;
+        Ok(())
+    }
+
+    pub fn node_started(&self, run_id: i64, attempt: u32, node_rank: u32) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE run_nodes SET state = 'running'
+             WHERE run_id = ?1 AND attempt = ?2 AND node_rank = ?3 AND state IN ('assigned', 'ready')",
+            params![run_id, attempt, node_rank],
+        )?;
+        Ok(())
+    }
+
+    pub fn node_exited(
+        &self,
+        run_id: i64,
+        attempt: u32,
+        node_rank: u32,
+        exit_code: Option<i32>,
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE run_nodes SET state = 'exited', exit_code = ?4
+             WHERE run_id = ?1 AND attempt = ?2 AND node_rank = ?3",
+            params![run_id, attempt, node_rank, exit_code],
+        )?;
+        Ok(())
+    }
+
+    /// How many agents of `target` are registered, and how many of them have at least
+    /// `gpus` GPUs: the most nodes a run on the target could ever get.
+    pub fn target_capacity(&self, target: &str, gpus: u32) -> anyhow::Result<(u32, u32)> {
+        let agents = self.list_agents()?;
+        let of_target = agents.iter().filter(|a| a.target == target);
+        let total = of_target.clone().count() as u32;
+        let with_gpus = of_target
+            .filter(|a| a.host.gpus.len() as u32 >= gpus)
+            .count() as u32;
+        Ok((total, with_gpus))
     }
 
     // ---- runs ----
@@ -310,8 +519,9 @@ impl Store {
         let args = serde_json::to_string(new.args).expect("strings serialise");
         self.conn.execute(
             "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms,
-                max_retries, checkpoint_interval_s)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8)",
+                max_retries, checkpoint_interval_s, nodes, procs_per_node, gpus_per_node,
+                launcher, max_restarts)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 new.name,
                 new.target,
@@ -320,7 +530,12 @@ impl Store {
                 args,
                 new.now_ms,
                 new.max_retries,
-                new.checkpoint_interval_s
+                new.checkpoint_interval_s,
+                new.gang.nodes,
+                new.gang.procs_per_node,
+                new.gang.gpus_per_node,
+                new.gang.launcher,
+                new.gang.max_restarts
             ],
         )?;
         let id = self.conn.last_insert_rowid();
@@ -359,7 +574,8 @@ impl Store {
         let sql = format!(
             "SELECT id, name, target, status, agent_id, attempt, exit_code, message, snapshot_digest,
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
-                checkpoint_interval_s, checkpoint_digest
+                checkpoint_interval_s, checkpoint_digest, nodes, procs_per_node, gpus_per_node,
+                launcher, max_restarts, restarts, failed_rank
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -386,9 +602,28 @@ impl Store {
                     max_retries: row.get(15)?,
                     checkpoint_interval_s: row.get(16)?,
                     checkpoint_digest: row.get(17)?,
+                    nodes: row.get(18)?,
+                    procs_per_node: row.get(19)?,
+                    gpus_per_node: row.get(20)?,
+                    launcher: row.get(21)?,
+                    max_restarts: row.get(22)?,
+                    restarts: row.get(23)?,
+                    failed_rank: row.get(24)?,
+                    placement: Vec::new(),
                 })
             })?
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<v1::Run>, _>>()?;
+        drop(stmt);
+        let mut runs = runs;
+        for run in &mut runs {
+            if run.status().domain().is_active() {
+                run.placement = self
+                    .run_nodes(run.id, run.attempt)?
+                    .into_iter()
+                    .map(NodeRow::into_wire)
+                    .collect();
+            }
+        }
         Ok(runs)
     }
 
@@ -425,17 +660,33 @@ impl Store {
             Ok(())
         };
         match event {
-            RunEvent::Assign => update(
-                "UPDATE runs SET status = ?2, agent_id = ?3, attempt = attempt + 1 WHERE id = ?1",
-                &[&run_id, &to.as_str(), &fields.agent_id.unwrap_or_default()],
-            )?,
+            RunEvent::Assign => {
+                let first = fields.placement.first().map(String::as_str);
+                update(
+                    "UPDATE runs SET status = ?2, agent_id = ?3, attempt = attempt + 1 WHERE id = ?1",
+                    &[&run_id, &to.as_str(), &first.unwrap_or_default()],
+                )?;
+                for (node_rank, agent_id) in fields.placement.iter().enumerate() {
+                    update(
+                        "INSERT INTO run_nodes (run_id, attempt, node_rank, agent_id, state)
+                         VALUES (?1, ?2, ?3, ?4, 'assigned')",
+                        &[
+                            &run_id,
+                            &(current_attempt + 1),
+                            &(node_rank as u32),
+                            agent_id,
+                        ],
+                    )?;
+                }
+            }
             RunEvent::Requeue => update(
                 "UPDATE runs SET status = ?2, agent_id = '' WHERE id = ?1",
                 &[&run_id, &to.as_str()],
             )?,
             RunEvent::Retry => update(
                 "UPDATE runs SET status = ?2, agent_id = '', started_ms = NULL,
-                    message = coalesce(?3, message) WHERE id = ?1",
+                    message = coalesce(?3, message),
+                    restarts = restarts + (nodes > 1 OR procs_per_node > 1) WHERE id = ?1",
                 &[&run_id, &to.as_str(), &fields.message],
             )?,
             RunEvent::Start => update(
@@ -446,7 +697,8 @@ impl Store {
                 "UPDATE runs SET status = ?2, finished_ms = ?3,
                     exit_code = coalesce(?4, exit_code),
                     message = coalesce(?5, message),
-                    outputs_digest = coalesce(?6, outputs_digest)
+                    outputs_digest = coalesce(?6, outputs_digest),
+                    failed_rank = coalesce(?7, failed_rank)
                  WHERE id = ?1",
                 &[
                     &run_id,
@@ -455,6 +707,7 @@ impl Store {
                     &fields.exit_code,
                     &fields.message,
                     &fields.outputs_digest,
+                    &fields.failed_rank,
                 ],
             )?,
         }
@@ -503,46 +756,52 @@ impl Store {
         &mut self,
         run_id: i64,
         attempt: u32,
+        node: u32,
         lines: &[v1::LogLine],
     ) -> anyhow::Result<u64> {
         let tx = self.conn.transaction()?;
-        let stored = max_seq(&tx, "logs", run_id, attempt)?;
+        let stored = max_seq(&tx, "logs", run_id, attempt, node)?;
         let Some(lines) = continuing(lines, stored, |l| l.seq) else {
             return Ok(stored);
         };
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO logs (run_id, attempt, seq, stream, time_ms, text)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT OR IGNORE INTO logs (run_id, attempt, node, seq, stream, time_ms, text, rank)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
             for line in lines {
                 stmt.execute(params![
                     run_id,
                     attempt,
+                    node,
                     line.seq as i64,
                     line.stream,
                     line.time_unix_ms,
-                    line.text
+                    line.text,
+                    line.rank
                 ])?;
             }
         }
-        let max = max_seq(&tx, "logs", run_id, attempt)?;
+        let max = max_seq(&tx, "logs", run_id, attempt, node)?;
         tx.commit()?;
         Ok(max)
     }
 
+    /// Lines after `after_cursor`, in cursor order; with `rank`, only that rank's lines.
     pub fn read_logs(
         &self,
         run_id: i64,
         after_cursor: i64,
         limit: u32,
+        rank: Option<u32>,
     ) -> anyhow::Result<Vec<v1::LogLine>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT cursor, attempt, seq, stream, time_ms, text FROM logs
-             WHERE run_id = ?1 AND cursor > ?2 ORDER BY cursor LIMIT ?3",
+            "SELECT cursor, attempt, seq, stream, time_ms, text, rank, node FROM logs
+             WHERE run_id = ?1 AND cursor > ?2 AND (?4 IS NULL OR rank = ?4)
+             ORDER BY cursor LIMIT ?3",
         )?;
         let lines = stmt
-            .query_map(params![run_id, after_cursor, limit], |row| {
+            .query_map(params![run_id, after_cursor, limit, rank], |row| {
                 Ok(v1::LogLine {
                     cursor: row.get(0)?,
                     attempt: row.get(1)?,
@@ -550,6 +809,8 @@ impl Store {
                     stream: row.get(3)?,
                     time_unix_ms: row.get(4)?,
                     text: row.get(5)?,
+                    rank: row.get(6)?,
+                    node: row.get(7)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -561,44 +822,53 @@ impl Store {
         &mut self,
         run_id: i64,
         attempt: u32,
+        node: u32,
         points: &[v1::MetricPoint],
     ) -> anyhow::Result<u64> {
         let tx = self.conn.transaction()?;
-        let stored = max_seq(&tx, "metrics", run_id, attempt)?;
+        let stored = max_seq(&tx, "metrics", run_id, attempt, node)?;
         let Some(points) = continuing(points, stored, |p| p.seq) else {
             return Ok(stored);
         };
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO metrics (run_id, attempt, seq, name, value, step, time_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR IGNORE INTO metrics (run_id, attempt, node, seq, name, value, step, time_ms, rank)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for point in points {
                 stmt.execute(params![
                     run_id,
                     attempt,
+                    node,
                     point.seq as i64,
                     point.name,
                     point.value,
                     point.step,
-                    point.time_unix_ms
+                    point.time_unix_ms,
+                    point.rank
                 ])?;
             }
         }
-        let max = max_seq(&tx, "metrics", run_id, attempt)?;
+        let max = max_seq(&tx, "metrics", run_id, attempt, node)?;
         tx.commit()?;
         Ok(max)
     }
 
     /// One row per metric name: the last value and step (by arrival), and the point count.
-    pub fn metric_summaries(&self, run_id: i64) -> anyhow::Result<Vec<v1::MetricSummary>> {
+    /// With `rank`, only the points that rank reported.
+    pub fn metric_summaries(
+        &self,
+        run_id: i64,
+        rank: Option<u32>,
+    ) -> anyhow::Result<Vec<v1::MetricSummary>> {
         // SQLite takes the bare columns of an aggregate query from the row that gave max().
         let mut stmt = self.conn.prepare_cached(
-            "SELECT name, value, step, max(id), count(*) FROM metrics WHERE run_id = ?1
+            "SELECT name, value, step, max(id), count(*) FROM metrics
+             WHERE run_id = ?1 AND (?2 IS NULL OR rank = ?2)
              GROUP BY name ORDER BY name",
         )?;
         let summaries = stmt
-            .query_map([run_id], |row| {
+            .query_map(params![run_id, rank], |row| {
                 Ok(v1::MetricSummary {
                     name: row.get(0)?,
                     last_value: row.get(1)?,
@@ -762,15 +1032,18 @@ pub enum JoinTokenError {
     Db(#[from] anyhow::Error),
 }
 
-/// The highest sequence number stored in `table` ("logs" or "metrics") for an attempt.
+/// The highest sequence number stored in `table` ("logs" or "metrics") for a node of an
+/// attempt.
 fn max_seq(
     tx: &rusqlite::Transaction,
     table: &str,
     run_id: i64,
     attempt: u32,
+    node: u32,
 ) -> anyhow::Result<u64> {
-    let sql = format!("SELECT max(seq) FROM {table} WHERE run_id = ?1 AND attempt = ?2");
-    let max: Option<i64> = tx.query_row(&sql, params![run_id, attempt], |row| row.get(0))?;
+    let sql =
+        format!("SELECT max(seq) FROM {table} WHERE run_id = ?1 AND attempt = ?2 AND node = ?3");
+    let max: Option<i64> = tx.query_row(&sql, params![run_id, attempt, node], |row| row.get(0))?;
     Ok(max.unwrap_or(0) as u64)
 }
 
@@ -809,6 +1082,7 @@ mod tests {
                 args: &["--lr".into(), "0.1".into()],
                 max_retries: 0,
                 checkpoint_interval_s: 0,
+                gang: GangSpec::default(),
                 now_ms: 1,
             })
             .unwrap()
@@ -824,7 +1098,7 @@ mod tests {
             let run = submit(&store);
             assert_eq!(run.args, vec!["--lr", "0.1"]);
             let fields = EventFields {
-                agent_id: Some("ag-1"),
+                placement: &["ag-1".to_string()],
                 now_ms: 2,
                 ..Default::default()
             };
@@ -862,6 +1136,120 @@ mod tests {
     }
 
     #[test]
+    fn a_gang_holds_a_slot_on_every_node_and_each_node_has_its_own_log_sequence() {
+        let (_dir, mut store) = store();
+        let run = store
+            .insert_run(&NewRun {
+                name: "ddp",
+                target: "cpu",
+                snapshot_digest: "sha256:00",
+                script: "train.py",
+                args: &[],
+                max_retries: 0,
+                checkpoint_interval_s: 0,
+                gang: GangSpec {
+                    nodes: 2,
+                    procs_per_node: 4,
+                    max_restarts: 1,
+                    ..GangSpec::default()
+                },
+                now_ms: 1,
+            })
+            .unwrap();
+        assert!(is_gang(&run));
+        let placement = ["ag-a".to_string(), "ag-b".to_string()];
+        let fields = EventFields {
+            placement: &placement,
+            now_ms: 2,
+            ..Default::default()
+        };
+        let run = store
+            .transition(run.id, None, RunEvent::Assign, &fields)
+            .unwrap();
+        assert_eq!(
+            run.placement
+                .iter()
+                .map(|n| (n.node_rank, n.agent_id.as_str()))
+                .collect::<Vec<_>>(),
+            [(0, "ag-a"), (1, "ag-b")]
+        );
+        let per_agent = store.active_runs_per_agent().unwrap();
+        assert_eq!((per_agent["ag-a"], per_agent["ag-b"]), (1, 1));
+        assert_eq!(store.active_runs_of_agent("ag-b").unwrap().len(), 1);
+        assert_eq!(store.node_of(run.id, 1, "ag-b").unwrap(), Some(1));
+        assert_eq!(store.node_of(run.id, 1, "ag-c").unwrap(), None);
+        // Both nodes number their lines from 1; neither hides the other's.
+        let line = |seq: u64, rank: u32| v1::LogLine {
+            seq,
+            rank: Some(rank),
+            text: format!("rank {rank} line {seq}"),
+            ..Default::default()
+        };
+        assert_eq!(
+            store
+                .append_logs(run.id, 1, 0, &[line(1, 0), line(2, 1)])
+                .unwrap(),
+            2
+        );
+        assert_eq!(store.append_logs(run.id, 1, 1, &[line(1, 4)]).unwrap(), 1);
+        assert_eq!(store.read_logs(run.id, 0, 100, None).unwrap().len(), 3);
+        let rank4 = store.read_logs(run.id, 0, 100, Some(4)).unwrap();
+        assert_eq!(rank4.len(), 1);
+        assert_eq!(
+            (rank4[0].text.as_str(), rank4[0].node),
+            ("rank 4 line 1", 1)
+        );
+        // A restart frees both nodes and counts the restart.
+        store
+            .transition(run.id, Some(1), RunEvent::Start, &fields)
+            .unwrap();
+        let run = store
+            .transition(run.id, Some(1), RunEvent::Retry, &fields)
+            .unwrap();
+        assert_eq!((run.status(), run.restarts), (v1::RunStatus::Queued, 1));
+        assert!(store.active_runs_per_agent().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_database_from_before_gangs_keeps_its_placed_runs_and_logs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kiln.db");
+        {
+            // The schema as the previous release left it, with one running run.
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..4] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            conn.execute_batch(
+                "INSERT INTO targets VALUES ('cpu', 0);
+                 INSERT INTO runs (name, target, status, agent_id, attempt, snapshot_digest,
+                    script, args, created_ms)
+                 VALUES ('old', 'cpu', 'running', 'ag-1', 1, 'sha256:00', 'a.py', '[]', 0);
+                 INSERT INTO logs (run_id, attempt, seq, stream, time_ms, text)
+                 VALUES (1, 1, 1, 1, 0, 'before the upgrade');",
+            )
+            .unwrap();
+        }
+        let mut store = Store::open(&path).unwrap();
+        assert_eq!(store.node_of(1, 1, "ag-1").unwrap(), Some(0));
+        assert_eq!(store.active_runs_of_agent("ag-1").unwrap().len(), 1);
+        let line = v1::LogLine {
+            seq: 2,
+            text: "after".into(),
+            ..Default::default()
+        };
+        assert_eq!(store.append_logs(1, 1, 0, &[line]).unwrap(), 2);
+        let texts: Vec<_> = store
+            .read_logs(1, 0, 10, None)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        assert_eq!(texts, ["before the upgrade", "after"]);
+    }
+
+    #[test]
     fn repeated_log_lines_are_stored_once() {
         let (_dir, mut store) = store();
         let run = submit(&store);
@@ -871,15 +1259,19 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            store.append_logs(run.id, 1, &[line(1), line(2)]).unwrap(),
+            store
+                .append_logs(run.id, 1, 0, &[line(1), line(2)])
+                .unwrap(),
             2
         );
         assert_eq!(
-            store.append_logs(run.id, 1, &[line(2), line(3)]).unwrap(),
+            store
+                .append_logs(run.id, 1, 0, &[line(2), line(3)])
+                .unwrap(),
             3
         );
         let texts: Vec<_> = store
-            .read_logs(run.id, 0, 100)
+            .read_logs(run.id, 0, 100, None)
             .unwrap()
             .into_iter()
             .map(|l| l.text)
@@ -897,19 +1289,23 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            store.append_logs(run.id, 1, &[line(1), line(2)]).unwrap(),
+            store
+                .append_logs(run.id, 1, 0, &[line(1), line(2)])
+                .unwrap(),
             2
         );
         // Lines 3-4 were lost with a connection; 5-6 arrive first and are refused.
         assert_eq!(
-            store.append_logs(run.id, 1, &[line(5), line(6)]).unwrap(),
+            store
+                .append_logs(run.id, 1, 0, &[line(5), line(6)])
+                .unwrap(),
             2
         );
         // The agent resends from 3 (with 2 again, already stored): all is stored in order.
         let resent: Vec<_> = (2..=6).map(line).collect();
-        assert_eq!(store.append_logs(run.id, 1, &resent).unwrap(), 6);
+        assert_eq!(store.append_logs(run.id, 1, 0, &resent).unwrap(), 6);
         let texts: Vec<_> = store
-            .read_logs(run.id, 0, 100)
+            .read_logs(run.id, 0, 100, None)
             .unwrap()
             .into_iter()
             .map(|l| l.text)
@@ -930,11 +1326,13 @@ mod tests {
             value,
             step: Some(seq as i64),
             time_unix_ms: 0,
+            rank: None,
         };
         store
             .append_metrics(
                 run.id,
                 1,
+                0,
                 &[
                     point(1, "loss", 0.9),
                     point(2, "acc", 0.5),
@@ -942,7 +1340,7 @@ mod tests {
                 ],
             )
             .unwrap();
-        let summaries = store.metric_summaries(run.id).unwrap();
+        let summaries = store.metric_summaries(run.id, None).unwrap();
         assert_eq!(summaries.len(), 2);
         assert_eq!(summaries[1].name, "loss");
         assert_eq!(

@@ -162,6 +162,8 @@ pub struct Cluster {
 pub struct AgentSpec {
     pub target: &'static str,
     pub slots: u32,
+    /// `--advertise-address` (gang runs' MASTER_ADDR), e.g. a 127.0.0.x address of its own.
+    pub advertise: Option<&'static str>,
 }
 
 impl Cluster {
@@ -297,6 +299,11 @@ impl Cluster {
             .args(["--python", &python()])
             .args(["--heartbeat-interval", "0.5", "--metrics-interval", "0.3"])
             .args(["--hostname", &format!("host{index}")])
+            .args(
+                spec.advertise
+                    .map(|address| vec!["--advertise-address", address])
+                    .unwrap_or_default(),
+            )
             .arg("--data-dir")
             .arg(&data);
         let log = self.dir.path().join(format!("agent{index}.log"));

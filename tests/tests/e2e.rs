@@ -9,10 +9,12 @@ const TWO_TARGETS: &[AgentSpec] = &[
     AgentSpec {
         target: "alpha",
         slots: 1,
+        advertise: None,
     },
     AgentSpec {
         target: "beta",
         slots: 1,
+        advertise: None,
     },
 ];
 
@@ -738,10 +740,12 @@ const TWO_ON_ALPHA: &[AgentSpec] = &[
     AgentSpec {
         target: "alpha",
         slots: 1,
+        advertise: None,
     },
     AgentSpec {
         target: "alpha",
         slots: 1,
+        advertise: None,
     },
 ];
 
@@ -970,6 +974,7 @@ fn a_full_spool_disk_fails_the_run_clearly_and_the_agent_goes_on() {
     cluster.add_agent(AgentSpec {
         target: "small",
         slots: 1,
+        advertise: None,
     });
     wait_for("the agent online", Duration::from_secs(20), || {
         let agents = cluster.json(&["agents", "--json"]);
