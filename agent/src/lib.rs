@@ -7,6 +7,7 @@
 //! coordinator `CancelRun` kills one run (reported as cancelled).
 
 pub mod config;
+pub mod env;
 pub mod gpu;
 pub mod runner;
 mod session;

@@ -84,7 +84,8 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
         if let Err(error) = prepare(&agent, &assignment, &root, &state, &control).await {
             // Nothing started: record why, and report it like any other end.
             let message = format!("{error:#}");
-            warn!(error = %message, "Run could not start.");
+            let env_failed = error.chain().any(|e| e.is::<crate::env::EnvError>());
+            warn!(error = %message, env_failed, "Run could not start.");
             let mut spool_logs = SystemLines::new(&state);
             spool_logs.line(&message);
             let exit = Exit {
@@ -92,6 +93,7 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
                 description: message.clone(),
                 start_error: Some(message),
                 failed_rank: None,
+                env_failed,
             };
             if let Err(error) = spool::write_json(&state.exit(), &exit) {
                 warn!(error = %error, "Could not record the failed start; dropping the run.");
@@ -167,7 +169,20 @@ async fn prepare(
     );
     let outputs = work.join("outputs");
     std::fs::create_dir_all(&outputs).context("create outputs/")?;
-    let (program, args) = command_line(agent, assignment, &script)?;
+    let prepared = {
+        let mut log = |line: &str| system.line(line);
+        crate::env::prepare(
+            assignment.environment.as_ref(),
+            crate::env::Context {
+                default_python: &agent.config.python,
+                data_dir: &agent.config.data_dir,
+                work: &work,
+                log: &mut log,
+            },
+        )
+        .await?
+    };
+    let (program, args) = command_line(&prepared.python, assignment, &script)?;
     let socket = agent
         .config
         .data_dir
@@ -188,6 +203,17 @@ async fn prepare(
             socket.to_string_lossy().into_owned(),
         ),
     ];
+    env.extend(prepared.env.iter().cloned());
+    let mut user_env: Vec<_> = assignment
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    user_env.sort();
+    env.extend(user_env);
+    if assignment.gang.is_none() && !assignment.gpus.is_empty() {
+        env.push(("CUDA_VISIBLE_DEVICES".to_string(), join(&assignment.gpus)));
+    }
     let checkpoint_dir = (assignment.checkpoint_interval_s > 0).then(|| root.join("checkpoint"));
     if let Some(dir) = &checkpoint_dir {
         std::fs::create_dir_all(dir).context("create the checkpoint directory")?;
@@ -226,7 +252,7 @@ async fn prepare(
             .map(|address| format!("{address} slots={}\n", gang.procs_per_node.max(1)))
             .collect();
         std::fs::write(&hostfile, lines).context("write the hostfile")?;
-        let (common, per_proc) = gang_env(gang, &launch, &hostfile);
+        let (common, per_proc) = gang_env(gang, &launch, &hostfile, &assignment.gpus);
         env.extend(common);
         procs = per_proc;
         metrics_rank = Some(gang.node_rank * gang.procs_per_node.max(1));
@@ -246,6 +272,7 @@ async fn prepare(
         procs,
         metrics_rank,
         fenceable: assignment.gang.as_ref().map(|gang| gang.restartable),
+        timeout_s: assignment.timeout_s,
     };
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(
@@ -326,7 +353,15 @@ fn gang_env(
     gang: &v1::Gang,
     launch: &v1::Launch,
     hostfile: &Path,
+    allocated_gpus: &[u32],
 ) -> (Vec<(String, String)>, Vec<spool::ProcSpec>) {
+    // This node's GPUs, in order (the coordinator's allocation); each local rank gets its
+    // share.
+    let gpus: Vec<u32> = if allocated_gpus.is_empty() {
+        (0..gang.gpus_per_node).collect()
+    } else {
+        allocated_gpus.to_vec()
+    };
     let nodes = gang.nodes.max(1);
     let per_node = gang.procs_per_node.max(1);
     let world = nodes * per_node;
@@ -342,12 +377,10 @@ fn gang_env(
         var("KILN_NODES", launch.node_addresses.join(",")),
         var("KILN_HOSTFILE", hostfile.to_string_lossy().into_owned()),
         var("KILN_PROCS_PER_NODE", per_node.to_string()),
-        var("KILN_GPUS_PER_NODE", gang.gpus_per_node.to_string()),
+        var("KILN_GPUS_PER_NODE", gpus.len().to_string()),
         var("KILN_RESTART_COUNT", gang.restart_count.to_string()),
         var("TORCHELASTIC_RESTART_COUNT", gang.restart_count.to_string()),
     ];
-    // This node's GPUs, in order; each local rank gets its share.
-    let gpus: Vec<u32> = (0..gang.gpus_per_node).collect();
     if gang.launcher == "none" {
         common.extend([
             var("PET_NNODES", nodes.to_string()),
@@ -451,6 +484,16 @@ pub(crate) async fn attach(
     let mut killed = false;
     let spec: Option<Spec> = spool::read_json(&state.spec()).ok().flatten();
     let mut checkpoints = Checkpoints::new(&agent, run_id, attempt, spec.as_ref());
+    // The run's time limit counts from when it was set up (spec.json), so that it holds
+    // across agent restarts.
+    let deadline = spec
+        .as_ref()
+        .filter(|spec| spec.timeout_s > 0)
+        .and_then(|spec| {
+            let written = std::fs::metadata(state.spec()).ok()?.modified().ok()?;
+            Some(written + Duration::from_secs(u64::from(spec.timeout_s)))
+        });
+    let mut timed_out = false;
     let exit = loop {
         checkpoints.maybe_start();
         let progressed = follower.read_spool();
@@ -462,6 +505,14 @@ pub(crate) async fn attach(
             if let Some(exit) = follower.supervisor_vanished() {
                 break exit;
             }
+        }
+        if stopping.is_none()
+            && deadline.is_some_and(|deadline| std::time::SystemTime::now() >= deadline)
+        {
+            warn!("The run reached its time limit: stopping its processes.");
+            follower.signal_group(Signal::SIGTERM);
+            stopping = Some(Instant::now());
+            timed_out = true;
         }
         if let Some(since) = stopping
             && !killed
@@ -528,7 +579,8 @@ pub(crate) async fn attach(
     let finished = match spool::read_json::<FinishedRecord>(&state.finished()) {
         Ok(Some(record)) => record.into_wire(),
         _ => {
-            let finished = finish(&agent, &root, &exit, cancelled, fenced).await;
+            let timeout = timed_out.then(|| spec.as_ref().map_or(0, |s| s.timeout_s));
+            let finished = finish(&agent, &root, &exit, cancelled, fenced, timeout).await;
             if let Err(error) =
                 spool::write_json(&state.finished(), &FinishedRecord::from_wire(&finished))
             {
@@ -578,6 +630,7 @@ async fn finish(
     exit: &Exit,
     cancelled: bool,
     fenced: bool,
+    timed_out_after_s: Option<u32>,
 ) -> v1::Finished {
     let outputs = root.join("work/outputs");
     let outputs_digest = if exit.start_error.is_none() && outputs.is_dir() {
@@ -599,6 +652,11 @@ async fn finish(
             "fenced: the agent lost the coordinator for too long and stopped the attempt"
                 .to_string(),
         )
+    } else if let Some(limit) = timed_out_after_s {
+        (
+            v1::RunStatus::Failed,
+            format!("timed out: the run exceeded its time limit of {limit}s and was stopped"),
+        )
     } else if let Some(error) = &exit.start_error {
         (v1::RunStatus::Failed, error.clone())
     } else if exit.exit_code == Some(0) {
@@ -613,6 +671,7 @@ async fn finish(
         outputs_digest,
         fenced,
         failed_rank: exit.failed_rank,
+        env_failed: exit.env_failed,
     }
 }
 
@@ -628,6 +687,8 @@ struct FinishedRecord {
     fenced: bool,
     #[serde(default)]
     failed_rank: Option<u32>,
+    #[serde(default)]
+    env_failed: bool,
 }
 
 impl FinishedRecord {
@@ -639,6 +700,7 @@ impl FinishedRecord {
             outputs_digest: f.outputs_digest.clone(),
             fenced: f.fenced,
             failed_rank: f.failed_rank,
+            env_failed: f.env_failed,
         }
     }
     fn into_wire(self) -> v1::Finished {
@@ -649,6 +711,7 @@ impl FinishedRecord {
             outputs_digest: self.outputs_digest,
             fenced: self.fenced,
             failed_rank: self.failed_rank,
+            env_failed: self.env_failed,
         }
     }
 }
@@ -963,6 +1026,7 @@ impl Follower {
             description: message.clone(),
             start_error: Some(message),
             failed_rank: None,
+            env_failed: false,
         })
     }
 
@@ -985,7 +1049,7 @@ fn process_alive(pid: i32) -> bool {
 }
 
 fn command_line(
-    agent: &Agent,
+    python: &Path,
     assignment: &v1::Assignment,
     script: &Path,
 ) -> anyhow::Result<(PathBuf, Vec<String>)> {
@@ -993,7 +1057,7 @@ fn command_line(
     if assignment.script.ends_with(".py") {
         let mut args = vec![assignment.script.clone()];
         args.extend(assignment.args.iter().cloned());
-        return Ok((PathBuf::from(&agent.config.python), args));
+        return Ok((python.to_path_buf(), args));
     }
     let mode = std::fs::metadata(script)?.permissions().mode();
     anyhow::ensure!(
@@ -1205,7 +1269,7 @@ mod tests {
             gpus_per_node: 8,
             restartable: true,
         };
-        let (common, procs) = gang_env(&gang, &launch(), Path::new("/r/hostfile"));
+        let (common, procs) = gang_env(&gang, &launch(), Path::new("/r/hostfile"), &[]);
         for (key, value) in [
             ("MASTER_ADDR", "10.0.0.1"),
             ("MASTER_PORT", "29511"),
@@ -1242,7 +1306,7 @@ mod tests {
             gpus_per_node: 0,
             restartable: false,
         };
-        let (common, procs) = gang_env(&gang, &launch(), Path::new("/r/hostfile"));
+        let (common, procs) = gang_env(&gang, &launch(), Path::new("/r/hostfile"), &[]);
         assert_eq!(procs.len(), 1);
         assert_eq!(procs[0].rank, None);
         assert_eq!(env_of(&procs[0].env, "CUDA_VISIBLE_DEVICES"), None);

@@ -49,6 +49,9 @@ pub struct Spec {
     /// `Agent::fence_watchdog`); unset: within `max_retries`.
     #[serde(default)]
     pub fenceable: Option<bool>,
+    /// Stop the run this many seconds after it was set up (0: no limit).
+    #[serde(default)]
+    pub timeout_s: u32,
 }
 
 impl Spec {
@@ -98,6 +101,9 @@ pub struct Exit {
     /// Gang runs: the global rank of the first process that failed.
     #[serde(default)]
     pub failed_rank: Option<u32>,
+    /// The environment could not be built (the script never started).
+    #[serde(default)]
+    pub env_failed: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

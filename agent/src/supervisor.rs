@@ -137,6 +137,7 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
                         description: message.clone(),
                         start_error: Some(message),
                         failed_rank: proc.rank,
+                        env_failed: false,
                     },
                 )?;
                 return Ok(());
@@ -215,6 +216,7 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
                 description,
                 start_error: None,
                 failed_rank,
+                env_failed: false,
             }
         }
         // Say why the run was stopped (the disk is full, typically) rather than vanish.
@@ -223,6 +225,7 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
             description: format!("stopped: the agent could not keep the run's output: {error:#}"),
             start_error: None,
             failed_rank: None,
+            env_failed: false,
         },
     };
     let _ = std::fs::remove_file(&reserve);

@@ -229,6 +229,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
             launcher: args.launcher,
             max_restarts: args.max_restarts,
             gpus_per_node: args.gpus_per_node,
+            ..Default::default()
         })
         .await
         .map_err(status_error)?

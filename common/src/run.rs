@@ -7,6 +7,7 @@
 //!     ▲  │              │  │               │
 //!     │  │   requeue    │  └──finish───────┼─────────────▶ failed (did not start)
 //!     └──┼──────────────┘                  │
+//!   assigned ──finish(env_failed)──▶ env_failed (the environment could not be built)
 //!        │ cancel (from queued, assigned or running)        ──▶ cancelled
 //!        │ lose   (from assigned or running: agent gone)    ──▶ lost
 //!        │ retry  (from assigned or running: agent gone, retry budget left) ──▶ queued
@@ -27,6 +28,7 @@ pub enum RunStatus {
     Failed,
     Cancelled,
     Lost,
+    EnvFailed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +54,8 @@ pub enum Outcome {
     Succeeded,
     Failed,
     Cancelled,
+    /// The environment (Conda, venv, image) could not be built; the script never started.
+    EnvFailed,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -73,6 +77,7 @@ pub fn next(from: RunStatus, event: RunEvent) -> Result<RunStatus, InvalidTransi
             Outcome::Succeeded if from == S::Running => S::Succeeded,
             Outcome::Succeeded | Outcome::Failed => S::Failed,
             Outcome::Cancelled => S::Cancelled,
+            Outcome::EnvFailed => S::EnvFailed,
         },
         (S::Queued | S::Assigned | S::Running, E::Cancel) => S::Cancelled,
         (S::Assigned | S::Running, E::Lose) => S::Lost,
@@ -83,7 +88,7 @@ pub fn next(from: RunStatus, event: RunEvent) -> Result<RunStatus, InvalidTransi
 }
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 7] = [
+    pub const ALL: [RunStatus; 8] = [
         RunStatus::Queued,
         RunStatus::Assigned,
         RunStatus::Running,
@@ -91,6 +96,7 @@ impl RunStatus {
         RunStatus::Failed,
         RunStatus::Cancelled,
         RunStatus::Lost,
+        RunStatus::EnvFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -102,13 +108,18 @@ impl RunStatus {
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
             RunStatus::Lost => "lost",
+            RunStatus::EnvFailed => "env_failed",
         }
     }
 
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Lost
+            RunStatus::Succeeded
+                | RunStatus::Failed
+                | RunStatus::Cancelled
+                | RunStatus::Lost
+                | RunStatus::EnvFailed
         )
     }
 
@@ -172,6 +183,11 @@ mod tests {
                 Some(S::Cancelled),
             ),
             (S::Running, E::Lose, Some(S::Lost)),
+            (
+                S::Assigned,
+                E::Finish(Outcome::EnvFailed),
+                Some(S::EnvFailed),
+            ),
             (S::Running, E::Retry, Some(S::Queued)),
             (S::Queued, E::Retry, None),
             (S::Running, E::Requeue, None),

@@ -639,6 +639,7 @@ impl Coordinator {
             }
             Some(v1::run_event::Kind::Finished(finished)) => {
                 let outcome = match finished.status() {
+                    _ if finished.env_failed => Outcome::EnvFailed,
                     v1::RunStatus::Succeeded => Outcome::Succeeded,
                     v1::RunStatus::Cancelled => Outcome::Cancelled,
                     _ => Outcome::Failed,
@@ -769,6 +770,8 @@ impl Coordinator {
             warn!(run_id, attempt, rank, restart, "{message}");
             let event = if restart {
                 RunEvent::Retry
+            } else if finished.env_failed {
+                RunEvent::Finish(Outcome::EnvFailed)
             } else {
                 RunEvent::Finish(Outcome::Failed)
             };
@@ -889,7 +892,17 @@ fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option
 
 /// What node `node_rank` of a run's new attempt is told to run.
 fn assignment(run: &v1::Run, node_rank: u32) -> v1::Assignment {
+    let gpus = run
+        .placement
+        .get(node_rank as usize)
+        .map(|node| node.gpus.clone())
+        .unwrap_or_default();
     v1::Assignment {
+        environment: run.environment.clone(),
+        resources: run.resources,
+        env: run.env.clone(),
+        timeout_s: run.timeout_s,
+        gpus,
         run_id: run.id,
         attempt: run.attempt,
         name: run.name.clone(),

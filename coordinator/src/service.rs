@@ -156,6 +156,54 @@ fn validate_script(script: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Checks the run configuration's environment: spec files must be relative paths inside the
+/// snapshot, variable names must be usable.
+fn validate_environment(
+    environment: Option<&v1::Environment>,
+    env: &std::collections::HashMap<String, String>,
+) -> Result<(), Status> {
+    use v1::environment::Kind;
+    let relative = |what: &str, path: &str, required: bool| -> Result<(), Status> {
+        if path.is_empty() && !required {
+            return Ok(());
+        }
+        let inside = !path.is_empty()
+            && std::path::Path::new(path).components().all(|c| {
+                matches!(
+                    c,
+                    std::path::Component::Normal(_) | std::path::Component::CurDir
+                )
+            });
+        if inside {
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
+                "{what} `{path}` must be a path inside the submitted directory"
+            )))
+        }
+    };
+    match environment.and_then(|e| e.kind.as_ref()) {
+        Some(Kind::Conda(conda)) => relative("environment.conda.file", &conda.file, true)?,
+        Some(Kind::Venv(venv)) => {
+            relative("environment.venv.requirements", &venv.requirements, true)?
+        }
+        Some(Kind::Docker(docker)) => relative("environment.docker.conda", &docker.conda, false)?,
+        Some(Kind::User(_)) | None => {}
+    }
+    for (key, value) in env {
+        let valid = !key.is_empty()
+            && key.len() <= 256
+            && !key.starts_with(|c: char| c.is_ascii_digit())
+            && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid || value.contains('\0') || value.len() > 128 * 1024 {
+            return Err(Status::invalid_argument(format!(
+                "environment variable `{key}` is invalid: names are letters, digits and _ (not starting with a digit); values have no NUL and at most 128 KiB"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Most nodes and processes per node a run may ask for.
 const MAX_NODES: u32 = 1024;
 const MAX_PROCS_PER_NODE: u32 = 256;
@@ -238,6 +286,7 @@ impl Kiln for Api {
             )));
         }
         let gang = validate_gang(&request)?;
+        validate_environment(request.environment.as_ref(), &request.env)?;
         if gang.nodes > 1 || gang.gpus_per_node > 0 {
             let (target_name, gpus) = (target.to_string(), gang.gpus_per_node);
             let (agents, with_gpus) = self
@@ -285,6 +334,10 @@ impl Kiln for Api {
                     max_retries: request.max_retries,
                     checkpoint_interval_s: request.checkpoint_interval_s,
                     gang,
+                    environment: request.environment.as_ref(),
+                    resources: request.resources.as_ref(),
+                    env: &request.env,
+                    timeout_s: request.timeout_s,
                     now_ms: now_ms(),
                 })
             })

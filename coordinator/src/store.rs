@@ -151,6 +151,15 @@ DROP TABLE metrics;
 ALTER TABLE metrics_v5 RENAME TO metrics;
 CREATE INDEX metrics_by_run_name ON metrics(run_id, name, id);
 "#,
+    // Environments and resources: the run configuration (prost-encoded messages), and the
+    // GPU indices each node of an attempt was given.
+    r#"
+ALTER TABLE runs ADD COLUMN environment BLOB;
+ALTER TABLE runs ADD COLUMN resources BLOB;
+ALTER TABLE runs ADD COLUMN env TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE runs ADD COLUMN timeout_s INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE run_nodes ADD COLUMN gpus TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 pub struct Store {
@@ -167,6 +176,10 @@ pub struct NewRun<'a> {
     pub max_retries: u32,
     pub checkpoint_interval_s: u32,
     pub gang: GangSpec,
+    pub environment: Option<&'a v1::Environment>,
+    pub resources: Option<&'a v1::Resources>,
+    pub env: &'a HashMap<String, String>,
+    pub timeout_s: u32,
     pub now_ms: i64,
 }
 
@@ -203,6 +216,9 @@ pub fn is_gang(run: &v1::Run) -> bool {
 pub struct EventFields<'a> {
     /// `Assign`: the agents of the new attempt in node-rank order (one for a single-node run).
     pub placement: &'a [String],
+    /// `Assign`: the GPU indices allocated on each of those agents (same order; may be
+    /// shorter, meaning none).
+    pub gpus: &'a [Vec<u32>],
     pub exit_code: Option<i32>,
     pub message: Option<&'a str>,
     pub outputs_digest: Option<&'a str>,
@@ -230,6 +246,7 @@ pub struct NodeRow {
     pub address: String,
     pub port: u32,
     pub exit_code: Option<i32>,
+    pub gpus: Vec<u32>,
 }
 
 impl NodeRow {
@@ -240,6 +257,7 @@ impl NodeRow {
             state: self.state,
             address: self.address,
             exit_code: self.exit_code,
+            gpus: self.gpus,
         }
     }
 }
@@ -442,7 +460,7 @@ impl Store {
     /// The nodes of one attempt, in node-rank order.
     pub fn run_nodes(&self, run_id: i64, attempt: u32) -> anyhow::Result<Vec<NodeRow>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT node_rank, agent_id, state, address, port, exit_code FROM run_nodes
+            "SELECT node_rank, agent_id, state, address, port, exit_code, gpus FROM run_nodes
              WHERE run_id = ?1 AND attempt = ?2 ORDER BY node_rank",
         )?;
         let rows = stmt
@@ -454,6 +472,7 @@ impl Store {
                     address: row.get(3)?,
                     port: row.get(4)?,
                     exit_code: row.get(5)?,
+                    gpus: serde_json::from_str(&row.get::<_, String>(6)?).unwrap_or_default(),
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -520,8 +539,9 @@ impl Store {
         self.conn.execute(
             "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms,
                 max_retries, checkpoint_interval_s, nodes, procs_per_node, gpus_per_node,
-                launcher, max_restarts)
-             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                launcher, max_restarts, environment, resources, env, timeout_s)
+             VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                ?16, ?17)",
             params![
                 new.name,
                 new.target,
@@ -535,7 +555,11 @@ impl Store {
                 new.gang.procs_per_node,
                 new.gang.gpus_per_node,
                 new.gang.launcher,
-                new.gang.max_restarts
+                new.gang.max_restarts,
+                new.environment.map(|e| e.encode_to_vec()),
+                new.resources.map(|r| r.encode_to_vec()),
+                serde_json::to_string(new.env).expect("strings serialise"),
+                new.timeout_s
             ],
         )?;
         let id = self.conn.last_insert_rowid();
@@ -575,7 +599,8 @@ impl Store {
             "SELECT id, name, target, status, agent_id, attempt, exit_code, message, snapshot_digest,
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
                 checkpoint_interval_s, checkpoint_digest, nodes, procs_per_node, gpus_per_node,
-                launcher, max_restarts, restarts, failed_rank
+                launcher, max_restarts, restarts, failed_rank, environment, resources, env,
+                timeout_s
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -610,6 +635,14 @@ impl Store {
                     restarts: row.get(23)?,
                     failed_rank: row.get(24)?,
                     placement: Vec::new(),
+                    environment: row
+                        .get::<_, Option<Vec<u8>>>(25)?
+                        .and_then(|b| v1::Environment::decode(b.as_slice()).ok()),
+                    resources: row
+                        .get::<_, Option<Vec<u8>>>(26)?
+                        .and_then(|b| v1::Resources::decode(b.as_slice()).ok()),
+                    env: serde_json::from_str(&row.get::<_, String>(27)?).unwrap_or_default(),
+                    timeout_s: row.get(28)?,
                 })
             })?
             .collect::<Result<Vec<v1::Run>, _>>()?;
@@ -667,14 +700,17 @@ impl Store {
                     &[&run_id, &to.as_str(), &first.unwrap_or_default()],
                 )?;
                 for (node_rank, agent_id) in fields.placement.iter().enumerate() {
+                    let gpus = fields.gpus.get(node_rank).cloned().unwrap_or_default();
+                    let gpus = serde_json::to_string(&gpus).expect("numbers serialise");
                     update(
-                        "INSERT INTO run_nodes (run_id, attempt, node_rank, agent_id, state)
-                         VALUES (?1, ?2, ?3, ?4, 'assigned')",
+                        "INSERT INTO run_nodes (run_id, attempt, node_rank, agent_id, state, gpus)
+                         VALUES (?1, ?2, ?3, ?4, 'assigned', ?5)",
                         &[
                             &run_id,
                             &(current_attempt + 1),
                             &(node_rank as u32),
                             agent_id,
+                            &gpus,
                         ],
                     )?;
                 }
@@ -1083,6 +1119,10 @@ mod tests {
                 max_retries: 0,
                 checkpoint_interval_s: 0,
                 gang: GangSpec::default(),
+                environment: None,
+                resources: None,
+                env: &HashMap::new(),
+                timeout_s: 0,
                 now_ms: 1,
             })
             .unwrap()
@@ -1153,6 +1193,10 @@ mod tests {
                     max_restarts: 1,
                     ..GangSpec::default()
                 },
+                environment: None,
+                resources: None,
+                env: &HashMap::new(),
+                timeout_s: 0,
                 now_ms: 1,
             })
             .unwrap();

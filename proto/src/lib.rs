@@ -119,6 +119,7 @@ impl From<RunStatus> for v1::RunStatus {
             RunStatus::Failed => v1::RunStatus::Failed,
             RunStatus::Cancelled => v1::RunStatus::Cancelled,
             RunStatus::Lost => v1::RunStatus::Lost,
+            RunStatus::EnvFailed => v1::RunStatus::EnvFailed,
         }
     }
 }
@@ -134,6 +135,7 @@ impl v1::RunStatus {
             v1::RunStatus::Failed => RunStatus::Failed,
             v1::RunStatus::Cancelled => RunStatus::Cancelled,
             v1::RunStatus::Lost => RunStatus::Lost,
+            v1::RunStatus::EnvFailed => RunStatus::EnvFailed,
         }
     }
 }

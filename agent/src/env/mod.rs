@@ -1,0 +1,93 @@
+//! Run environments: what a run's script runs in. The run configuration's `environment:`
+//! arrives in the assignment (`v1::Environment`); [`prepare`] turns it into a [`Prepared`]
+//! environment before the supervisor starts: the interpreter for `.py` scripts and the
+//! variables to add. User-managed environments are an existing interpreter; system-managed
+//! ones (Conda, venv) are built by the agent, cached by content and reused (see the
+//! submodules as they land); Docker runs the script in a container.
+//!
+//! A build that fails is an [`EnvError`]: the run ends `env_failed` with the tail of the
+//! build output in its message.
+
+use std::path::{Path, PathBuf};
+
+use kiln_proto::v1;
+
+/// The environment a run's processes start in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// The interpreter for `.py` scripts.
+    pub python: PathBuf,
+    /// Variables to add (PATH, CONDA_PREFIX, VIRTUAL_ENV, ...), in order.
+    pub env: Vec<(String, String)>,
+}
+
+/// The environment could not be prepared; the message is for the user (it ends the run
+/// with status `env_failed`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct EnvError(pub String);
+
+/// What prepares environments: the agent's configuration and a sink for the lines of the
+/// preparation phase (they go into the run's log, marked as Kiln's own).
+pub struct Context<'a> {
+    /// The agent's configured interpreter (`--python`).
+    pub default_python: &'a str,
+    /// The agent's data directory: caches live under it.
+    pub data_dir: &'a Path,
+    /// The unpacked snapshot (spec files such as environment.yml are relative to it).
+    pub work: &'a Path,
+    pub log: &'a mut (dyn FnMut(&str) + Send),
+}
+
+/// Prepares the environment a run asked for (unset: user-managed with the agent's Python).
+pub async fn prepare(
+    environment: Option<&v1::Environment>,
+    context: Context<'_>,
+) -> Result<Prepared, EnvError> {
+    use v1::environment::Kind;
+    match environment.and_then(|e| e.kind.as_ref()) {
+        None => Ok(user(None, context.default_python)),
+        Some(Kind::User(user_env)) => Ok(user(Some(&user_env.python), context.default_python)),
+        Some(Kind::Conda(_)) => Err(EnvError(
+            "conda environments are not supported by this agent yet".into(),
+        )),
+        Some(Kind::Venv(_)) => Err(EnvError(
+            "venv environments are not supported by this agent yet".into(),
+        )),
+        Some(Kind::Docker(_)) => Err(EnvError(
+            "docker environments are not supported by this agent yet".into(),
+        )),
+    }
+}
+
+fn user(python: Option<&str>, default_python: &str) -> Prepared {
+    let python = python.filter(|p| !p.is_empty()).unwrap_or(default_python);
+    Prepared {
+        python: PathBuf::from(python),
+        env: Vec::new(),
+    }
+}
+
+/// A path inside the snapshot named by the run configuration, refused if it leaves it.
+pub fn spec_file(work: &Path, name: &str) -> Result<PathBuf, EnvError> {
+    let relative = Path::new(name);
+    let inside = !name.is_empty()
+        && relative.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        });
+    if !inside {
+        return Err(EnvError(format!(
+            "`{name}` must be a path inside the submitted directory"
+        )));
+    }
+    let path = work.join(relative);
+    if !path.is_file() {
+        return Err(EnvError(format!(
+            "`{name}` does not exist in the submitted directory"
+        )));
+    }
+    Ok(path)
+}
