@@ -18,9 +18,11 @@ pub struct GpuInventory {
 #[derive(Debug, Clone, PartialEq)]
 pub struct GpuSample {
     pub index: u32,
+    pub uuid: String,
     pub utilization_percent: u32,
     pub memory_used_bytes: u64,
     pub power_watts: f64,
+    pub temperature_c: Option<u32>,
 }
 
 pub trait GpuProbe: Send + Sync {
@@ -29,24 +31,37 @@ pub trait GpuProbe: Send + Sync {
     fn sample(&self) -> Vec<GpuSample>;
 }
 
-/// The metric points a set of GPU samples becomes, named `system/gpu<index>/<what>`.
+/// The metric points a set of GPU samples becomes, named by the GPU's UUID
+/// (`system/gpu/<uuid>/<what>`): an index means different GPUs on different nodes and under
+/// different `CUDA_VISIBLE_DEVICES`, a UUID one physical GPU.
 pub fn sample_points(samples: &[GpuSample]) -> Vec<(String, f64)> {
     samples
         .iter()
         .flat_map(|s| {
-            [
-                (
-                    format!("system/gpu{}/utilization_percent", s.index),
-                    s.utilization_percent as f64,
-                ),
-                (
-                    format!("system/gpu{}/memory_used_bytes", s.index),
-                    s.memory_used_bytes as f64,
-                ),
-                (format!("system/gpu{}/power_watts", s.index), s.power_watts),
-            ]
+            let name = |what: &str| format!("system/gpu/{}/{what}", s.uuid);
+            let mut points = vec![
+                (name("utilization_percent"), s.utilization_percent as f64),
+                (name("memory_used_bytes"), s.memory_used_bytes as f64),
+                (name("power_watts"), s.power_watts),
+            ];
+            if let Some(celsius) = s.temperature_c {
+                points.push((name("temperature_c"), celsius as f64));
+            }
+            points
         })
         .collect()
+}
+
+/// The probe an agent (and its run supervisors) use: NVML, or — when `KILN_FAKE_GPUS=N` is
+/// set, for tests and demos on machines without GPUs — N recorded H100s.
+pub fn probe_from_env() -> Box<dyn GpuProbe> {
+    match std::env::var("KILN_FAKE_GPUS")
+        .ok()
+        .and_then(|n| n.parse::<u32>().ok())
+    {
+        Some(n) => Box::new(RecordedProbe::h100s(n)),
+        None => Box::new(NvmlProbe::new()),
+    }
 }
 
 /// Formats NVML's CUDA driver version (e.g. 12040) as "12.4".
@@ -122,6 +137,10 @@ impl GpuProbe for NvmlProbe {
                 let device = nvml.device_by_index(index).ok()?;
                 Some(GpuSample {
                     index,
+                    uuid: device.uuid().ok()?,
+                    temperature_c: device
+                        .temperature(nvml_wrapper::enum_wrappers::device::TemperatureSensor::Gpu)
+                        .ok(),
                     utilization_percent: device.utilization_rates().map(|u| u.gpu).unwrap_or(0),
                     memory_used_bytes: device.memory_info().map(|m| m.used).unwrap_or(0),
                     power_watts: device
@@ -154,23 +173,36 @@ impl RecordedProbe {
     /// while a training job ran: `nvmlDeviceGetName`, `GetUUID`, `GetMemoryInfo`,
     /// `GetUtilizationRates`, `GetPowerUsage` (milliwatts, converted to watts here).
     pub fn h100() -> RecordedProbe {
+        RecordedProbe::h100s(1)
+    }
+
+    /// `n` GPUs with the recorded H100's values (UUIDs differ in the last byte).
+    pub fn h100s(n: u32) -> RecordedProbe {
+        let uuid = |i: u32| format!("GPU-5b3b0f4e-6c1a-3d2e-9f7a-1c2d3e4f5a{:02x}", 0x6b + i);
         RecordedProbe {
             inventory: GpuInventory {
                 cuda_driver_version: format_cuda_version(12040),
-                gpus: vec![v1::GpuInfo {
-                    index: 0,
-                    name: "NVIDIA H100 80GB HBM3".into(),
-                    uuid: "GPU-5b3b0f4e-6c1a-3d2e-9f7a-1c2d3e4f5a6b".into(),
-                    memory_bytes: 85_520_809_984,
-                }],
+                gpus: (0..n)
+                    .map(|index| v1::GpuInfo {
+                        index,
+                        name: "NVIDIA H100 80GB HBM3".into(),
+                        uuid: uuid(index),
+                        memory_bytes: 85_520_809_984,
+                    })
+                    .collect(),
                 probe_error: String::new(),
             },
-            samples: vec![GpuSample {
-                index: 0,
-                utilization_percent: 97,
-                memory_used_bytes: 61_203_267_584,
-                power_watts: 612_431.0 / 1000.0,
-            }],
+            samples: (0..n)
+                .map(|index| GpuSample {
+                    index,
+                    uuid: uuid(index),
+                    utilization_percent: 97,
+                    memory_used_bytes: 61_203_267_584,
+                    power_watts: 612_431.0 / 1000.0,
+                    // Not part of the recording.
+                    temperature_c: None,
+                })
+                .collect(),
         }
     }
 }
@@ -204,16 +236,22 @@ mod tests {
         let probe = RecordedProbe::h100();
         assert_eq!(probe.inventory().cuda_driver_version, "12.4");
         let points = sample_points(&probe.sample());
+        let gpu = "system/gpu/GPU-5b3b0f4e-6c1a-3d2e-9f7a-1c2d3e4f5a6b";
         assert_eq!(
             points,
             vec![
-                ("system/gpu0/utilization_percent".to_string(), 97.0),
-                (
-                    "system/gpu0/memory_used_bytes".to_string(),
-                    61_203_267_584.0
-                ),
-                ("system/gpu0/power_watts".to_string(), 612.431),
+                (format!("{gpu}/utilization_percent"), 97.0),
+                (format!("{gpu}/memory_used_bytes"), 61_203_267_584.0),
+                (format!("{gpu}/power_watts"), 612.431),
             ]
+        );
+        let warm = GpuSample {
+            temperature_c: Some(54),
+            ..probe.sample()[0].clone()
+        };
+        assert_eq!(
+            sample_points(&[warm])[3],
+            (format!("{gpu}/temperature_c"), 54.0)
         );
     }
 

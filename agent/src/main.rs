@@ -91,11 +91,11 @@ fn main() -> anyhow::Result<()> {
         config::load(args.config.as_deref()).unwrap_or_else(|error| exit_config_error(error));
     let settings = args.settings.or(file_settings);
     if args.print_host {
-        let gpus = gpu::NvmlProbe::new();
-        let host = kiln_agent::telemetry::host_info(settings.hostname.as_deref(), &gpus);
+        let gpus = gpu::probe_from_env();
+        let host = kiln_agent::telemetry::host_info(settings.hostname.as_deref(), gpus.as_ref());
         println!(
             "{}",
-            serde_json::to_string_pretty(&host_json(&host, &gpu::GpuProbe::sample(&gpus)))?
+            serde_json::to_string_pretty(&host_json(&host, &gpus.sample()))?
         );
         return Ok(());
     }
@@ -123,7 +123,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("start the tokio runtime")?
         .block_on(async {
-            let gpus: Arc<dyn gpu::GpuProbe> = Arc::new(gpu::NvmlProbe::new());
+            let gpus: Arc<dyn gpu::GpuProbe> = Arc::from(gpu::probe_from_env());
             let shutdown = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
             Agent::run(config, gpus, shutdown).await

@@ -273,6 +273,7 @@ async fn prepare(
         metrics_rank,
         fenceable: assignment.gang.as_ref().map(|gang| gang.restartable),
         timeout_s: assignment.timeout_s,
+        gpus: assignment.gpus.clone(),
     };
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(

@@ -52,6 +52,9 @@ pub struct Spec {
     /// Stop the run this many seconds after it was set up (0: no limit).
     #[serde(default)]
     pub timeout_s: u32,
+    /// The GPU indices allocated to the run: only these are sampled.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
 }
 
 impl Spec {

@@ -20,7 +20,6 @@ use anyhow::Context as _;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use crate::gpu::GpuProbe as _;
 use crate::spool::{self, Exit, LogRecord, MetricRecord, ProcessRecord, Spec, StateDir};
 
 /// The hidden subcommand that runs a supervisor.
@@ -183,7 +182,17 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
         let interval = Duration::from_millis(spec.metrics_interval_ms.max(50));
         // A gang node's processes are all children of this supervisor.
         let root = if gang { std::process::id() } else { pid as u32 };
-        std::thread::spawn(move || sample(root, interval, metrics_rank, records, sampling_stopped))
+        let run_gpus = spec.gpus.clone();
+        std::thread::spawn(move || {
+            sample(
+                root,
+                interval,
+                metrics_rank,
+                &run_gpus,
+                records,
+                sampling_stopped,
+            )
+        })
     };
     drop(records);
 
@@ -453,11 +462,13 @@ fn accept_metrics(
     }
 }
 
-/// Samples the script's process tree (and GPUs) every `interval` until `stop` is dropped.
+/// Samples the script's process tree (and the run's GPUs) every `interval` until `stop` is
+/// dropped.
 fn sample(
     pid: u32,
     interval: Duration,
     rank: Option<u32>,
+    run_gpus: &[u32],
     records: mpsc::SyncSender<Record>,
     stop: mpsc::Receiver<()>,
 ) {
@@ -474,8 +485,6 @@ fn sample(
         if sample.n_processes == 0 {
             continue;
         }
-        // NVML is opened on first use: a short run does not pay for loading it.
-        let gpus = gpus.get_or_insert_with(crate::gpu::NvmlProbe::new);
         let mut points = vec![
             ("system/cpu_percent".to_string(), sample.cpu_percent),
             (
@@ -483,7 +492,17 @@ fn sample(
                 sample.memory_rss_bytes as f64,
             ),
         ];
-        points.extend(crate::gpu::sample_points(&gpus.sample()));
+        // Only the run's own GPUs: another run's load is not this run's. NVML is opened on
+        // first use, so a run without GPUs never loads it.
+        if !run_gpus.is_empty() {
+            let gpus = gpus.get_or_insert_with(crate::gpu::probe_from_env);
+            let mine: Vec<_> = gpus
+                .sample()
+                .into_iter()
+                .filter(|sample| run_gpus.contains(&sample.index))
+                .collect();
+            points.extend(crate::gpu::sample_points(&mine));
+        }
         for (name, value) in points {
             if records
                 .send(Record::Metric(name, value, None, rank))

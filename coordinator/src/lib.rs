@@ -82,6 +82,8 @@ struct Session {
     target: String,
     slots: u32,
     low_priority: bool,
+    /// What the agent reported at hello: CPUs, memory, GPUs.
+    host: v1::HostInfo,
     /// Where other agents reach this one (gang runs' MASTER_ADDR and KILN_NODES).
     address: String,
     tx: AgentTx,
@@ -186,6 +188,9 @@ impl Coordinator {
                 target: s.target.clone(),
                 free: s.slots,
                 low_priority: s.low_priority,
+                free_cpus: s.host.cpus,
+                free_memory_bytes: s.host.memory_bytes,
+                free_gpus: s.host.gpus.iter().map(|g| g.index).collect(),
             })
             .collect();
         if online.is_empty() {
@@ -197,7 +202,7 @@ impl Coordinator {
         let (active, queue) = self
             .db
             .call(move |s| -> anyhow::Result<_> {
-                let active = s.active_runs_per_agent()?;
+                let active = s.active_allocations()?;
                 let mut queue = Vec::new();
                 for target in &targets {
                     queue.extend(s.queued_runs(target, 10_000)?);
@@ -205,19 +210,23 @@ impl Coordinator {
                 Ok((active, queue))
             })
             .await?;
-        let slots: Vec<_> = online
-            .into_iter()
-            .map(|agent| scheduler::AgentSlots {
-                free: agent
-                    .free
-                    .saturating_sub(active.get(&agent.agent_id).copied().unwrap_or(0)),
-                ..agent
-            })
-            .collect();
+        // What each agent has left after the runs it holds.
+        let mut slots = online;
+        for agent in &mut slots {
+            for held in active.iter().filter(|a| a.agent_id == agent.agent_id) {
+                agent.free = agent.free.saturating_sub(1);
+                agent.free_cpus = agent.free_cpus.saturating_sub(held.need.cpus);
+                agent.free_memory_bytes = agent
+                    .free_memory_bytes
+                    .saturating_sub(held.need.memory_bytes);
+                agent.free_gpus.retain(|gpu| !held.gpus.contains(gpu));
+            }
+        }
         let queue: Vec<_> = queue
             .into_iter()
             .map(|run| scheduler::QueuedRun {
                 run_id: run.id,
+                need: need_of(&run),
                 target: run.target,
                 nodes: run.nodes,
             })
@@ -235,6 +244,7 @@ impl Coordinator {
                     .filter_map(|a| {
                         let fields = EventFields {
                             placement: &a.agent_ids,
+                            gpus: &a.gpus,
                             now_ms: now,
                             ..Default::default()
                         };
@@ -479,6 +489,7 @@ impl Coordinator {
                 target: target.clone(),
                 slots,
                 low_priority,
+                host: hello.host.clone().unwrap_or_default(),
                 address,
                 tx,
             },
@@ -888,6 +899,17 @@ fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option
             attempt: run.attempt,
             agents,
         })
+}
+
+/// What one node of a run asks for: its resources, GPUs being the larger of
+/// `resources.gpus` and `gpus_per_node`.
+pub fn need_of(run: &v1::Run) -> scheduler::Need {
+    let resources = run.resources.unwrap_or_default();
+    scheduler::Need {
+        cpus: resources.cpus,
+        memory_bytes: resources.memory_bytes,
+        gpus: resources.gpus.max(run.gpus_per_node),
+    }
 }
 
 /// What node `node_rank` of a run's new attempt is told to run.

@@ -7,6 +7,10 @@
 //! every regular agent is full (ties: the agent id, for determinism). A run never goes to an
 //! agent of another target.
 //!
+//! A run goes only where its request (CPUs, memory, GPUs per node) fits in what the agent
+//! has left after the runs it already holds; GPUs are allocated by index (the lowest free
+//! ones), so no GPU is ever given to two runs.
+//!
 //! Gang runs (several nodes) are placed all at once or not at all: `nodes` distinct agents,
 //! each with a free slot, chosen by the same preference, in one decision (so two gangs can
 //! never each hold half of what they need and wait for each other). A gang at the head of its
@@ -17,13 +21,34 @@
 
 use std::collections::{HashMap, HashSet};
 
-/// An online agent and how many more runs it can take.
+/// An online agent and what it has left: run slots, CPUs, memory and GPU indices.
 #[derive(Debug, Clone)]
 pub struct AgentSlots {
     pub agent_id: String,
     pub target: String,
     pub free: u32,
     pub low_priority: bool,
+    pub free_cpus: u32,
+    pub free_memory_bytes: u64,
+    /// Free GPU indices, ascending.
+    pub free_gpus: Vec<u32>,
+}
+
+/// What one node of a run asks for (zero: nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Need {
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub gpus: u32,
+}
+
+impl Need {
+    pub fn fits(&self, agent: &AgentSlots) -> bool {
+        agent.free > 0
+            && self.cpus <= agent.free_cpus
+            && self.memory_bytes <= agent.free_memory_bytes
+            && self.gpus as usize <= agent.free_gpus.len()
+    }
 }
 
 /// A queued run, in queue order.
@@ -33,6 +58,8 @@ pub struct QueuedRun {
     pub target: String,
     /// How many distinct agents the run needs at once (1: a single-node run).
     pub nodes: u32,
+    /// Per node.
+    pub need: Need,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,18 +67,12 @@ pub struct Assignment {
     pub run_id: i64,
     /// In node-rank order: node 0 first.
     pub agent_ids: Vec<String>,
+    /// The GPU indices allocated on each of those agents (same order).
+    pub gpus: Vec<Vec<u32>>,
 }
 
 pub fn assign(agents: &[AgentSlots], queue: &[QueuedRun]) -> Vec<Assignment> {
-    // (regular, free slots, id): the largest tuple wins, ids compared in reverse.
-    let mut free: HashMap<&str, Vec<(bool, u32, &str)>> = HashMap::new();
-    for agent in agents.iter().filter(|a| a.free > 0) {
-        free.entry(agent.target.as_str()).or_default().push((
-            !agent.low_priority,
-            agent.free,
-            agent.agent_id.as_str(),
-        ));
-    }
+    let mut pool: Vec<AgentSlots> = agents.to_vec();
     let mut online: HashMap<&str, usize> = HashMap::new();
     for agent in agents {
         *online.entry(agent.target.as_str()).or_default() += 1;
@@ -62,35 +83,37 @@ pub fn assign(agents: &[AgentSlots], queue: &[QueuedRun]) -> Vec<Assignment> {
         if blocked.contains(run.target.as_str()) {
             continue;
         }
-        let Some(pool) = free.get_mut(run.target.as_str()) else {
-            continue;
-        };
         // Preferred first: regular agents, most free slots, then by id.
-        pool.sort_by(|a, b| (b.0, b.1).cmp(&(a.0, a.1)).then_with(|| a.2.cmp(b.2)));
-        let nodes = run.nodes.max(1) as usize;
-        let chosen: Vec<usize> = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, n_free, _))| *n_free > 0)
-            .map(|(index, _)| index)
-            .take(nodes)
+        let mut fitting: Vec<usize> = (0..pool.len())
+            .filter(|&i| pool[i].target == run.target && run.need.fits(&pool[i]))
             .collect();
-        if chosen.len() < nodes {
+        fitting.sort_by(|&a, &b| {
+            let (a, b) = (&pool[a], &pool[b]);
+            (!b.low_priority, b.free)
+                .cmp(&(!a.low_priority, a.free))
+                .then_with(|| a.agent_id.cmp(&b.agent_id))
+        });
+        let nodes = run.nodes.max(1) as usize;
+        if fitting.len() < nodes {
             if nodes > 1 && online.get(run.target.as_str()).copied().unwrap_or(0) >= nodes {
                 blocked.insert(run.target.as_str());
             }
             continue;
         }
-        let agent_ids = chosen
-            .into_iter()
-            .map(|index| {
-                pool[index].1 -= 1;
-                pool[index].2.to_string()
-            })
-            .collect();
+        let mut agent_ids = Vec::with_capacity(nodes);
+        let mut gpus = Vec::with_capacity(nodes);
+        for index in fitting.into_iter().take(nodes) {
+            let agent = &mut pool[index];
+            agent.free -= 1;
+            agent.free_cpus -= run.need.cpus;
+            agent.free_memory_bytes -= run.need.memory_bytes;
+            gpus.push(agent.free_gpus.drain(..run.need.gpus as usize).collect());
+            agent_ids.push(agent.agent_id.clone());
+        }
         assignments.push(Assignment {
             run_id: run.run_id,
             agent_ids,
+            gpus,
         });
     }
     assignments
@@ -106,6 +129,21 @@ mod tests {
             target: target.into(),
             free,
             low_priority: false,
+            free_cpus: 64,
+            free_memory_bytes: 1 << 40,
+            free_gpus: Vec::new(),
+        }
+    }
+    fn gpu_agent(id: &str, gpus: &[u32]) -> AgentSlots {
+        AgentSlots {
+            free_gpus: gpus.to_vec(),
+            ..agent(id, "gpu", 8)
+        }
+    }
+    fn needing(run_id: i64, nodes: u32, need: Need) -> QueuedRun {
+        QueuedRun {
+            need,
+            ..gang(run_id, "gpu", nodes)
         }
     }
     fn spot(id: &str, target: &str, free: u32) -> AgentSlots {
@@ -122,6 +160,7 @@ mod tests {
             run_id,
             target: target.into(),
             nodes,
+            need: Need::default(),
         }
     }
     fn check(agents: &[AgentSlots], queue: &[QueuedRun], expected: &[(i64, &str)]) {
@@ -158,6 +197,78 @@ mod tests {
             &[gang(1, "gpu", 3)],
             &[(1, "b,a,s")],
         );
+    }
+
+    #[test]
+    fn gpus_are_allocated_by_index_and_never_shared() {
+        let two = Need {
+            gpus: 2,
+            ..Need::default()
+        };
+        let got = assign(
+            &[gpu_agent("a", &[0, 1, 2]), gpu_agent("b", &[1])],
+            &[
+                needing(1, 1, two),
+                needing(2, 1, two),
+                needing(
+                    3,
+                    1,
+                    Need {
+                        gpus: 1,
+                        ..Need::default()
+                    },
+                ),
+            ],
+        );
+        let got: Vec<_> = got
+            .into_iter()
+            .map(|a| (a.run_id, a.agent_ids.join(","), a.gpus))
+            .collect();
+        // Run 1 takes GPUs 0 and 1 of a; run 2 cannot get two GPUs anywhere now and waits;
+        // run 3 gets b's GPU 1 (b has more free slots left than a).
+        assert_eq!(
+            got,
+            vec![
+                (1, "a".to_string(), vec![vec![0, 1]]),
+                (3, "b".to_string(), vec![vec![1]]),
+            ]
+        );
+    }
+
+    #[test]
+    fn cpus_and_memory_must_fit_what_is_left() {
+        let mut small = agent("small", "cpu", 4);
+        small.free_cpus = 2;
+        small.free_memory_bytes = 4 << 30;
+        let need = |cpus, gib: u64| QueuedRun {
+            need: Need {
+                cpus,
+                memory_bytes: gib << 30,
+                gpus: 0,
+            },
+            ..run(0, "cpu")
+        };
+        let queue = [
+            QueuedRun {
+                run_id: 1,
+                ..need(2, 2)
+            },
+            QueuedRun {
+                run_id: 2,
+                ..need(1, 1)
+            },
+            QueuedRun {
+                run_id: 3,
+                ..need(0, 2)
+            },
+        ];
+        // Run 1 takes both CPUs; run 2 needs a CPU and waits; run 3 needs none and fits in
+        // the memory left.
+        let got: Vec<_> = assign(&[small], &queue)
+            .into_iter()
+            .map(|a| a.run_id)
+            .collect();
+        assert_eq!(got, [1, 3]);
     }
 
     #[test]

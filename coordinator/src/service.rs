@@ -204,6 +204,95 @@ fn validate_environment(
     Ok(())
 }
 
+/// Refuses a run that no set of the target's agents could ever hold: more nodes than agents,
+/// or a per-node request (CPUs, memory, GPUs) larger than every agent. The message names the
+/// largest agent's capacity. Targets do not autoscale, so such a run would wait forever.
+async fn refuse_if_never_placeable(
+    coordinator: &Coordinator,
+    request: &v1::SubmitRunRequest,
+    target: &TargetName,
+    nodes: u32,
+) -> Result<(), Status> {
+    let run = v1::Run {
+        resources: request.resources,
+        gpus_per_node: request.gpus_per_node,
+        ..Default::default()
+    };
+    let need = crate::need_of(&run);
+    if nodes <= 1 && need == crate::scheduler::Need::default() {
+        return Ok(());
+    }
+    let name = target.to_string();
+    let hosts: Vec<v1::HostInfo> = coordinator
+        .db
+        .call(move |s| s.list_agents())
+        .await
+        .map_err(internal)?
+        .into_iter()
+        .filter(|agent| agent.target == name)
+        .map(|agent| agent.host)
+        .collect();
+    let fits = |host: &v1::HostInfo| {
+        need.cpus <= host.cpus
+            && need.memory_bytes <= host.memory_bytes
+            && need.gpus as usize <= host.gpus.len()
+    };
+    let fitting = hosts.iter().filter(|host| fits(host)).count();
+    if fitting >= nodes as usize {
+        return Ok(());
+    }
+    let mut wants = Vec::new();
+    if need.cpus > 0 {
+        wants.push(format!("{} CPUs", need.cpus));
+    }
+    if need.memory_bytes > 0 {
+        wants.push(format!("{} memory", human_bytes(need.memory_bytes)));
+    }
+    if need.gpus > 0 {
+        wants.push(format!("{} GPUs", need.gpus));
+    }
+    let each = if wants.is_empty() {
+        String::new()
+    } else {
+        format!(" with {} each", wants.join(", "))
+    };
+    let nodes_text = if nodes == 1 {
+        "1 node".to_string()
+    } else {
+        format!("{nodes} nodes")
+    };
+    let have = if wants.is_empty() {
+        format!("it has {} agents", hosts.len())
+    } else {
+        format!("{fitting} of its {} agents can hold that", hosts.len())
+    };
+    let largest = hosts
+        .iter()
+        .max_by_key(|h| (h.gpus.len(), h.cpus, h.memory_bytes))
+        .map(|h| {
+            format!(
+                "; the largest agent has {} CPUs, {} memory and {} GPUs",
+                h.cpus,
+                human_bytes(h.memory_bytes),
+                h.gpus.len()
+            )
+        })
+        .unwrap_or_default();
+    Err(Status::failed_precondition(format!(
+        "target `{target}` can never run this: the run needs {nodes_text}{each} but {have}{largest} (targets do not autoscale yet: add agents with `kiln-agent --target {target}`)"
+    )))
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    if bytes as f64 >= GIB {
+        format!("{:.1} GiB", bytes as f64 / GIB)
+    } else {
+        format!("{:.0} MiB", bytes as f64 / MIB)
+    }
+}
+
 /// Most nodes and processes per node a run may ask for.
 const MAX_NODES: u32 = 1024;
 const MAX_PROCS_PER_NODE: u32 = 256;
@@ -287,32 +376,7 @@ impl Kiln for Api {
         }
         let gang = validate_gang(&request)?;
         validate_environment(request.environment.as_ref(), &request.env)?;
-        if gang.nodes > 1 || gang.gpus_per_node > 0 {
-            let (target_name, gpus) = (target.to_string(), gang.gpus_per_node);
-            let (agents, with_gpus) = self
-                .0
-                .db
-                .call(move |s| s.target_capacity(&target_name, gpus))
-                .await
-                .map_err(internal)?;
-            if with_gpus < gang.nodes {
-                let what = if gpus > 0 {
-                    format!("{with_gpus} of its {agents} agents have {gpus} GPUs")
-                } else {
-                    format!("it has {agents} agents")
-                };
-                return Err(Status::failed_precondition(format!(
-                    "target `{target}` can never run this: the run needs {} nodes{} but {what} \
-                     (targets do not autoscale yet: add agents with `kiln-agent --target {target}`)",
-                    gang.nodes,
-                    if gpus > 0 {
-                        format!(" with {gpus} GPUs each")
-                    } else {
-                        String::new()
-                    },
-                )));
-            }
-        }
+        refuse_if_never_placeable(&self.0, &request, &target, gang.nodes).await?;
         let name = if request.name.is_empty() {
             std::path::Path::new(&request.script)
                 .file_stem()

@@ -237,6 +237,14 @@ pub enum TransitionError {
     Db(#[from] anyhow::Error),
 }
 
+/// One node of a placed run, as the scheduler counts it.
+#[derive(Debug, Clone)]
+pub struct Allocation {
+    pub agent_id: String,
+    pub need: crate::scheduler::Need,
+    pub gpus: Vec<u32>,
+}
+
 /// One node of a run attempt.
 #[derive(Debug, Clone)]
 pub struct NodeRow {
@@ -441,6 +449,36 @@ impl Store {
         )
     }
 
+    /// Every node of every placed run: which agent holds it, what the run asked for per
+    /// node, and the GPU indices it was given.
+    pub fn active_allocations(&self) -> anyhow::Result<Vec<Allocation>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT n.agent_id, n.gpus, r.resources, r.gpus_per_node FROM runs r
+             JOIN run_nodes n ON n.run_id = r.id AND n.attempt = r.attempt
+             WHERE r.status IN ('assigned', 'running')",
+        )?;
+        let rows = stmt
+            .query_map([], |row| {
+                let gpus: String = row.get(1)?;
+                let resources: Option<Vec<u8>> = row.get(2)?;
+                let resources = resources
+                    .and_then(|b| v1::Resources::decode(b.as_slice()).ok())
+                    .unwrap_or_default();
+                let gpus_per_node: u32 = row.get(3)?;
+                Ok(Allocation {
+                    agent_id: row.get(0)?,
+                    gpus: serde_json::from_str(&gpus).unwrap_or_default(),
+                    need: crate::scheduler::Need {
+                        cpus: resources.cpus,
+                        memory_bytes: resources.memory_bytes,
+                        gpus: resources.gpus.max(gpus_per_node),
+                    },
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// The node rank `agent_id` has in the run's attempt, if it holds one.
     pub fn node_of(
         &self,
@@ -518,18 +556,6 @@ impl Store {
             params![run_id, attempt, node_rank, exit_code],
         )?;
         Ok(())
-    }
-
-    /// How many agents of `target` are registered, and how many of them have at least
-    /// `gpus` GPUs: the most nodes a run on the target could ever get.
-    pub fn target_capacity(&self, target: &str, gpus: u32) -> anyhow::Result<(u32, u32)> {
-        let agents = self.list_agents()?;
-        let of_target = agents.iter().filter(|a| a.target == target);
-        let total = of_target.clone().count() as u32;
-        let with_gpus = of_target
-            .filter(|a| a.host.gpus.len() as u32 >= gpus)
-            .count() as u32;
-        Ok((total, with_gpus))
     }
 
     // ---- runs ----

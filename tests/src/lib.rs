@@ -155,6 +155,8 @@ pub struct Cluster {
     pub address: String,
     pub agents: Vec<Daemon>,
     specs: Vec<AgentSpec>,
+    /// Extra environment variables of agent `index` (e.g. `KILN_FAKE_GPUS`).
+    agent_env: std::collections::HashMap<usize, Vec<(String, String)>>,
     ttl: String,
 }
 
@@ -202,6 +204,7 @@ impl Cluster {
             address,
             agents: Vec::new(),
             specs: Vec::new(),
+            agent_env: Default::default(),
             ttl,
         };
         for spec in agents {
@@ -265,6 +268,32 @@ impl Cluster {
         index
     }
 
+    /// Like [`Cluster::add_agent`], with extra environment variables for the agent (and so
+    /// for its run supervisors), e.g. `KILN_FAKE_GPUS=2` for two recorded H100s.
+    pub fn add_agent_with_env(&mut self, spec: AgentSpec, env: &[(&str, &str)]) -> usize {
+        let index = self.agents.len();
+        self.agent_env.insert(
+            index,
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        self.add_agent(spec)
+    }
+
+    /// Waits until `n` agents are online.
+    pub fn wait_agents_online(&self, n: usize) {
+        wait_for("agents online", Duration::from_secs(20), || {
+            let agents = self.json(&["agents", "--json"]);
+            let online = agents
+                .as_array()?
+                .iter()
+                .filter(|a| a["state"] == "online")
+                .count();
+            (online == n).then_some(())
+        });
+    }
+
     /// SIGKILLs agent `index` and starts it again on the same data directory.
     pub fn crash_and_restart_agent(&mut self, index: usize) {
         self.agents[index].kill();
@@ -305,7 +334,8 @@ impl Cluster {
                     .unwrap_or_default(),
             )
             .arg("--data-dir")
-            .arg(&data);
+            .arg(&data)
+            .envs(self.agent_env.get(&index).into_iter().flatten().cloned());
         let log = self.dir.path().join(format!("agent{index}.log"));
         Daemon::spawn(&format!("agent{index}"), command, log)
     }
