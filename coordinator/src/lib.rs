@@ -87,6 +87,9 @@ struct Session {
     /// Where other agents reach this one (gang runs' MASTER_ADDR and KILN_NODES).
     address: String,
     tx: AgentTx,
+    /// Cancelled to end the session's stream (the agent was declared lost): the agent then
+    /// reconnects and says hello, instead of heartbeating into a session nobody owns.
+    closed: CancellationToken,
 }
 
 pub struct Coordinator {
@@ -94,6 +97,10 @@ pub struct Coordinator {
     blobs: BlobStore,
     config: Config,
     sessions: Mutex<HashMap<String, Session>>,
+    /// When the coordinator last heard from each agent not yet judged lost, on its own
+    /// monotonic clock: neither an agent's clock nor a jump of this machine's wall clock
+    /// can make an agent look silent.
+    last_heard: Mutex<HashMap<String, std::time::Instant>>,
     next_session_id: std::sync::atomic::AtomicU64,
     /// The id of every run whose status, logs or metrics changed; followers wake on it.
     run_changes: broadcast::Sender<i64>,
@@ -116,6 +123,15 @@ impl Coordinator {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
         let store = Store::open(&config.data_dir.join("kiln.db"))?;
+        // Every agent known alive gets one TTL from now to reconnect before it is judged
+        // (after a restart all of them are reconnecting at once).
+        let started = std::time::Instant::now();
+        let last_heard = store
+            .list_agents()?
+            .into_iter()
+            .filter(|agent| agent.state != "lost")
+            .map(|agent| (agent.id, started))
+            .collect();
         let blobs = BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?;
         let (run_changes, _) = broadcast::channel(4096);
         let coordinator = Arc::new(Coordinator {
@@ -123,6 +139,7 @@ impl Coordinator {
             blobs,
             config,
             sessions: Mutex::new(HashMap::new()),
+            last_heard: Mutex::new(last_heard),
             next_session_id: 1.into(),
             run_changes,
             schedule_needed: Notify::new(),
@@ -344,13 +361,19 @@ impl Coordinator {
         }
     }
 
-    async fn liveness_loop(self: Arc<Self>) {
-        // After a restart every agent's last heartbeat is old: give them one TTL to
-        // reconnect before any is judged.
-        tokio::select! {
-            _ = self.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(self.config.heartbeat_ttl) => {}
+    /// Records that an agent spoke (hello, heartbeat or any other message).
+    fn heard_from(&self, agent_id: &str) {
+        let now = std::time::Instant::now();
+        let mut last_heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+        match last_heard.get_mut(agent_id) {
+            Some(at) => *at = now,
+            None => {
+                last_heard.insert(agent_id.to_string(), now);
+            }
         }
+    }
+
+    async fn liveness_loop(self: Arc<Self>) {
         let period = (self.config.heartbeat_ttl / 4).max(Duration::from_millis(100));
         let mut interval = tokio::time::interval(period);
         loop {
@@ -367,14 +390,23 @@ impl Coordinator {
     /// Marks agents that missed heartbeats for the TTL as lost, and their runs with them.
     async fn expire_silent_agents(&self) -> anyhow::Result<()> {
         let ttl = self.config.heartbeat_ttl;
-        let deadline = now_ms() - ttl.as_millis() as i64;
-        let silent = self
-            .db
-            .call(move |s| s.agents_silent_since(deadline))
-            .await?;
+        let silent: Vec<String> = {
+            let mut last_heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+            let silent: Vec<String> = last_heard
+                .iter()
+                .filter(|(_, at)| at.elapsed() > ttl)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &silent {
+                last_heard.remove(id);
+            }
+            silent
+        };
         for agent_id in silent {
             warn!(agent_id = %agent_id, ttl_s = ttl.as_secs(), "Agent missed heartbeats; marking it lost.");
-            self.sessions().remove(&agent_id);
+            if let Some(session) = self.sessions().remove(&agent_id) {
+                session.closed.cancel();
+            }
             let message = format!(
                 "node_lost: agent {agent_id} missed heartbeats for {}s",
                 ttl.as_secs()
@@ -418,11 +450,13 @@ impl Coordinator {
         hello: v1::Hello,
         peer: Option<std::net::IpAddr>,
         tx: AgentTx,
+        closed: CancellationToken,
     ) -> anyhow::Result<u64> {
         let session_id = self
             .next_session_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let agent_id = hello.agent_id.clone();
+        self.heard_from(&agent_id);
         let target = hello.target.clone();
         let host = hello.host.clone().unwrap_or_default();
         let slots = hello.slots.max(1);
@@ -492,8 +526,12 @@ impl Coordinator {
                 host: hello.host.clone().unwrap_or_default(),
                 address,
                 tx,
+                closed,
             },
         );
+        if let Some(previous) = &previous {
+            previous.closed.cancel();
+        }
         if previous.is_some() {
             info!(agent_id = %agent_id, "Agent reconnected; its previous session is replaced.");
         }
@@ -542,6 +580,7 @@ impl Coordinator {
         message: v1::agent_message::Kind,
     ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
         use v1::agent_message::Kind;
+        self.heard_from(agent_id);
         match message {
             Kind::Hello(_) => anyhow::bail!("hello sent twice"),
             Kind::Heartbeat(_) => {

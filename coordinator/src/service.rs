@@ -656,8 +656,9 @@ impl AgentApi for Api {
         .expect("a new channel has room");
         let agent_id = hello.agent_id.clone();
         let coordinator = self.0.clone();
+        let closed = CancellationToken::new();
         let session_id = coordinator
-            .agent_connected(hello, peer, tx.clone())
+            .agent_connected(hello, peer, tx.clone(), closed.clone())
             .await
             .map_err(internal)?;
         let span = info_span!("agent_session", agent_id = %agent_id);
@@ -666,6 +667,14 @@ impl AgentApi for Api {
                 loop {
                     let message = tokio::select! {
                         _ = coordinator.shutdown.cancelled() => break,
+                        _ = closed.cancelled() => {
+                            let _ = tx
+                                .send(Err(Status::unavailable(
+                                    "this session was closed (the agent was declared lost or connected again): reconnect",
+                                )))
+                                .await;
+                            break;
+                        }
                         message = inbound.next() => message,
                     };
                     let kind = match message {

@@ -397,17 +397,6 @@ impl Store {
         Ok(())
     }
 
-    /// Agents not yet marked lost whose last heartbeat is older than `deadline_ms`.
-    pub fn agents_silent_since(&self, deadline_ms: i64) -> anyhow::Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT id FROM agents WHERE state != 'lost' AND last_heartbeat_ms < ?1")?;
-        let ids = stmt
-            .query_map([deadline_ms], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
-        Ok(ids)
-    }
-
     pub fn list_agents(&self) -> anyhow::Result<Vec<AgentRow>> {
         let mut stmt = self.conn.prepare(
             "SELECT id, target, host, slots, state, last_heartbeat_ms FROM agents ORDER BY target, id",

@@ -157,6 +157,8 @@ pub struct Cluster {
     specs: Vec<AgentSpec>,
     /// Extra environment variables of agent `index` (e.g. `KILN_FAKE_GPUS`).
     agent_env: std::collections::HashMap<usize, Vec<(String, String)>>,
+    /// A command agent `index` runs under (e.g. `ip netns exec NS`).
+    agent_wrapper: std::collections::HashMap<usize, Vec<String>>,
     ttl: String,
 }
 
@@ -176,18 +178,18 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with the coordinator's heartbeat TTL in seconds.
     pub fn start_with_ttl(agents: &[AgentSpec], ttl_s: u32) -> Cluster {
+        Cluster::start_listening("127.0.0.1:0", agents, ttl_s)
+    }
+
+    /// Like [`Cluster::start_with_ttl`], with the coordinator listening on `listen`
+    /// (`IP:0` for any free port), e.g. an address agents in a network namespace reach.
+    pub fn start_listening(listen: &str, agents: &[AgentSpec], ttl_s: u32) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
         let ttl = ttl_s.to_string();
         command
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--heartbeat-ttl",
-                &ttl,
-                "--data-dir",
-            ])
+            .args(["--listen", listen, "--heartbeat-ttl", &ttl, "--data-dir"])
             .arg(dir.path().join("coordinator"))
             .arg("--address-file")
             .arg(&address_file);
@@ -205,6 +207,7 @@ impl Cluster {
             agents: Vec::new(),
             specs: Vec::new(),
             agent_env: Default::default(),
+            agent_wrapper: Default::default(),
             ttl,
         };
         for spec in agents {
@@ -281,6 +284,15 @@ impl Cluster {
         self.add_agent(spec)
     }
 
+    /// Like [`Cluster::add_agent`], with the agent started under `wrapper` (a command that
+    /// execs its arguments, such as `ip netns exec NAME`, so the pid stays the agent's).
+    pub fn add_agent_wrapped(&mut self, spec: AgentSpec, wrapper: &[&str]) -> usize {
+        let index = self.agents.len();
+        self.agent_wrapper
+            .insert(index, wrapper.iter().map(|s| s.to_string()).collect());
+        self.add_agent(spec)
+    }
+
     /// Waits until `n` agents are online.
     pub fn wait_agents_online(&self, n: usize) {
         wait_for("agents online", Duration::from_secs(20), || {
@@ -321,7 +333,14 @@ impl Cluster {
 
     fn spawn_agent(&self, index: usize, spec: &AgentSpec) -> Daemon {
         let data = self.dir.path().join(format!("agent{index}"));
-        let mut command = Command::new(bin("kiln-agent"));
+        let mut command = match self.agent_wrapper.get(&index) {
+            Some(wrapper) => {
+                let mut command = Command::new(&wrapper[0]);
+                command.args(&wrapper[1..]).arg(bin("kiln-agent"));
+                command
+            }
+            None => Command::new(bin("kiln-agent")),
+        };
         command
             .args(["--coordinator", &self.address, "--target", spec.target])
             .args(["--slots", &spec.slots.to_string()])
