@@ -591,7 +591,8 @@ impl Coordinator {
                 // An empty ack answers the heartbeat: the agent knows the coordinator hears it.
                 Ok(Some(ack(0, 0, 0, 0, false)))
             }
-            Kind::Logs(batch) => {
+            Kind::Logs(mut batch) => {
+                sanitize_lines(&mut batch.lines);
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
                 let Some((_, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
                     return Ok(None);
@@ -603,7 +604,8 @@ impl Coordinator {
                 self.run_changed(run_id);
                 Ok(Some(ack(run_id, attempt, log_seq, 0, false)))
             }
-            Kind::Metrics(batch) => {
+            Kind::Metrics(mut batch) => {
+                sanitize_points(&mut batch.points);
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
                 let Some((_, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
                     return Ok(None);
@@ -901,6 +903,46 @@ impl Coordinator {
     }
 }
 
+/// Longest log line stored; the agent splits longer output (its limit is 64 KiB), so only a
+/// misbehaving agent sends more, and the excess is cut rather than refused.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+/// Longest metric name stored.
+pub const MAX_METRIC_NAME_BYTES: usize = 256;
+
+/// Makes an agent's log lines storable whatever the agent sent: over-long text is cut (with a
+/// marker). Lines are never dropped, so their sequence stays whole.
+fn sanitize_lines(lines: &mut [v1::LogLine]) {
+    for line in lines {
+        if line.text.len() > MAX_LINE_BYTES {
+            let mut end = MAX_LINE_BYTES;
+            while !line.text.is_char_boundary(end) {
+                end -= 1;
+            }
+            line.text.truncate(end);
+            line.text.push_str(" [kiln: line cut]");
+        }
+    }
+}
+
+/// Makes an agent's metric points storable whatever the agent sent: a name that is empty,
+/// too long or has control characters becomes `invalid_metric_name`, and a value that is not
+/// a finite number becomes 0 under that name, so that the sequence stays whole (a point
+/// cannot be dropped without leaving a hole) and nothing sent can fail the insert.
+fn sanitize_points(points: &mut [v1::MetricPoint]) {
+    for point in points {
+        let bad_name = point.name.is_empty()
+            || point.name.len() > MAX_METRIC_NAME_BYTES
+            || point.name.chars().any(char::is_control);
+        if bad_name || !point.value.is_finite() {
+            if !bad_name {
+                warn!(name = %point.name, "Dropping a non-finite metric value.");
+            }
+            point.name = "invalid_metric_name".to_string();
+            point.value = 0.0;
+        }
+    }
+}
+
 /// A run attempt taken away from its agents: the nodes that must be told to stop.
 struct Released {
     run_id: i64,
@@ -1009,5 +1051,51 @@ fn ack(
             metric_seq,
             finished,
         })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whatever_an_agent_sends_is_made_storable_without_dropping_an_item() {
+        let mut lines = vec![
+            v1::LogLine {
+                seq: 1,
+                text: "é".repeat(MAX_LINE_BYTES),
+                ..Default::default()
+            },
+            v1::LogLine {
+                seq: 2,
+                text: "short".into(),
+                ..Default::default()
+            },
+        ];
+        sanitize_lines(&mut lines);
+        assert_eq!(lines.len(), 2);
+        assert!(lines[0].text.len() <= MAX_LINE_BYTES + 32);
+        assert!(lines[0].text.ends_with("[kiln: line cut]"));
+        assert_eq!(lines[1].text, "short");
+
+        let point = |name: &str, value: f64| v1::MetricPoint {
+            name: name.into(),
+            value,
+            ..Default::default()
+        };
+        let mut points = vec![
+            point("loss", 0.5),
+            point("", 1.0),
+            point(&"x".repeat(300), 1.0),
+            point("bad\nname", 1.0),
+            point("nan", f64::NAN),
+            point("inf", f64::INFINITY),
+        ];
+        sanitize_points(&mut points);
+        let names: Vec<_> = points.iter().map(|p| (p.name.as_str(), p.value)).collect();
+        assert_eq!(names[0], ("loss", 0.5));
+        for (name, value) in &names[1..] {
+            assert_eq!((*name, *value), ("invalid_metric_name", 0.0));
+        }
     }
 }

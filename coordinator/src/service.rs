@@ -293,6 +293,47 @@ fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Checks what an agent says about itself: sizes a real host never exceeds.
+fn validate_host(host: Option<&v1::HostInfo>, slots: u32) -> Result<(), Status> {
+    let invalid = |what: String| Err(Status::invalid_argument(format!("hello: {what}")));
+    if slots > 4096 {
+        return invalid(format!("{slots} slots is more than 4096"));
+    }
+    let Some(host) = host else { return Ok(()) };
+    let texts = [
+        ("hostname", &host.hostname),
+        ("os", &host.os),
+        ("agent_version", &host.agent_version),
+        ("cuda_driver_version", &host.cuda_driver_version),
+        ("gpu_probe_error", &host.gpu_probe_error),
+        ("advertise_address", &host.advertise_address),
+    ];
+    for (name, text) in texts {
+        if text.len() > 1024 {
+            return invalid(format!("{name} is longer than 1024 bytes"));
+        }
+    }
+    if !host.advertise_address.is_empty()
+        && host.advertise_address.parse::<std::net::IpAddr>().is_err()
+    {
+        return invalid(format!(
+            "advertise_address `{}` is not an IP address",
+            host.advertise_address
+        ));
+    }
+    if host.gpus.len() > 256 {
+        return invalid(format!("{} GPUs is more than 256", host.gpus.len()));
+    }
+    if host
+        .gpus
+        .iter()
+        .any(|gpu| gpu.name.len() > 256 || gpu.uuid.len() > 256)
+    {
+        return invalid("a GPU name or UUID is longer than 256 bytes".to_string());
+    }
+    Ok(())
+}
+
 /// Most nodes and processes per node a run may ask for.
 const MAX_NODES: u32 = 1024;
 const MAX_PROCS_PER_NODE: u32 = 256;
@@ -646,6 +687,7 @@ impl AgentApi for Api {
                 "agent id must be 1 to 64 characters",
             ));
         }
+        validate_host(hello.host.as_ref(), hello.slots)?;
         let (tx, rx) = mpsc::channel(1024);
         tx.try_send(Ok(v1::CoordinatorMessage {
             kind: Some(v1::coordinator_message::Kind::Welcome(v1::Welcome {
