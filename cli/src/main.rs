@@ -64,7 +64,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show one run: status, target, agent, timings, exit code, snapshot digest.
+    /// Show one run: status, target, agent, environment, resources, env, timeout, timings,
+    /// exit code, snapshot digest.
     ///
     /// Example:
     ///   kiln show 42
