@@ -1194,6 +1194,17 @@ checkpoint_interval: 300
     }
 
     #[test]
+    fn the_quickstart_example_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/quickstart");
+        let (layer, from) = load(&dir, None).unwrap();
+        assert_eq!(from, Some(dir.join(DEFAULT_FILE)));
+        let config = layer.resolve(Some("local"), file()).unwrap();
+        assert_eq!(config.script, "train.py");
+        assert_eq!(config.args, ["--epochs", "8"]);
+        assert!(dir.join(&config.script).is_file());
+    }
+
+    #[test]
     fn env_flags_and_sizes_and_durations_from_flags() {
         assert_eq!(
             parse_env_flag("A=b=c").unwrap(),

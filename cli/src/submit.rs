@@ -33,6 +33,7 @@ const LARGE_SNAPSHOT_BYTES: u64 = 100 << 20;
 ///
 /// Examples:
 ///   kiln submit examples/quickstart train.py
+///   kiln submit examples/quickstart          # script and args from examples/quickstart/kiln.yaml
 ///   kiln submit --target gpu --name lr-sweep . train.py -- --lr 0.01
 ///   kiln submit --env SEED=7 --timeout 2h --gpus 1 . train.py
 ///   kiln submit --detach . train.py
