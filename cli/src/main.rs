@@ -3,6 +3,7 @@
 
 mod local;
 mod output;
+mod runconfig;
 mod submit;
 
 use std::path::PathBuf;
@@ -36,7 +37,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    Submit(submit::SubmitArgs),
+    Submit(Box<submit::SubmitArgs>),
     /// Print a run's log; with --follow keep printing until the run ends.
     ///
     /// Example:
@@ -63,7 +64,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show one run: status, target, agent, timings, exit code, snapshot digest.
+    /// Show one run: status, target, agent, environment, resources, env, timeout, timings,
+    /// exit code, snapshot digest.
     ///
     /// Example:
     ///   kiln show 42
@@ -212,7 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         return Ok(2);
     };
     match command {
-        Command::Submit(args) => submit::submit(&connection, args).await,
+        Command::Submit(args) => submit::submit(&connection, *args).await,
         Command::Logs { run, follow, rank } => {
             let mut client = kiln_proto::clients::kiln(connection.channel().await?);
             if follow {

@@ -54,6 +54,14 @@ pub fn run_json(run: &v1::Run) -> Value {
             "address": node.address,
             "exit_code": node.exit_code,
         })).collect::<Vec<_>>(),
+        "environment": run.environment.as_ref().and_then(environment_json),
+        "resources": run.resources.as_ref().map(|r| json!({
+            "cpus": r.cpus,
+            "memory_bytes": r.memory_bytes,
+            "gpus": r.gpus,
+        })),
+        "env": run.env.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "timeout_seconds": (run.timeout_s > 0).then_some(run.timeout_s),
         "checkpoint_digest": if run.checkpoint_digest.is_empty() { Value::Null } else { Value::String(run.checkpoint_digest.clone()) },
         "snapshot_digest": run.snapshot_digest,
         "outputs_digest": if run.outputs_digest.is_empty() { Value::Null } else { Value::String(run.outputs_digest.clone()) },
@@ -62,6 +70,93 @@ pub fn run_json(run: &v1::Run) -> Value {
         "finished_at": opt_time(run.finished_unix_ms),
         "duration_seconds": duration_s(run),
     })
+}
+
+/// A run's environment as the run configuration file writes it: `{"conda": {"file": ...}}`.
+fn environment_json(environment: &v1::Environment) -> Option<Value> {
+    use v1::environment::Kind;
+    Some(match environment.kind.as_ref()? {
+        Kind::User(user) => json!({"user": {"python": non_empty(&user.python)}}),
+        Kind::Conda(conda) => json!({"conda": {"file": conda.file}}),
+        Kind::Venv(venv) => json!({"venv": {
+            "requirements": venv.requirements,
+            "python": non_empty(&venv.python),
+        }}),
+        Kind::Docker(docker) => json!({"docker": {
+            "image": non_empty(&docker.image),
+            "conda": non_empty(&docker.conda),
+            "shm_size_bytes": (docker.shm_size_bytes > 0).then_some(docker.shm_size_bytes),
+        }}),
+    })
+}
+
+fn non_empty(text: &str) -> Value {
+    if text.is_empty() {
+        Value::Null
+    } else {
+        Value::String(text.to_string())
+    }
+}
+
+/// A run's environment in one line for people.
+fn environment_text(environment: Option<&v1::Environment>) -> String {
+    use v1::environment::Kind;
+    let or = |text: &str, default: &str| {
+        if text.is_empty() {
+            default.to_string()
+        } else {
+            text.to_string()
+        }
+    };
+    match environment.and_then(|e| e.kind.as_ref()) {
+        None => "user (the agent's Python)".into(),
+        Some(Kind::User(user)) => format!("user ({})", or(&user.python, "the agent's Python")),
+        Some(Kind::Conda(conda)) => format!("conda ({})", conda.file),
+        Some(Kind::Venv(venv)) => format!(
+            "venv ({}, created with {})",
+            venv.requirements,
+            or(&venv.python, "python3")
+        ),
+        Some(Kind::Docker(docker)) => {
+            let mut parts = vec![format!("image {}", or(&docker.image, "auto"))];
+            if !docker.conda.is_empty() {
+                parts.push(format!("conda {}", docker.conda));
+            }
+            if docker.shm_size_bytes > 0 {
+                parts.push(format!("shm {}", HumanBytes(docker.shm_size_bytes)));
+            }
+            format!("docker ({})", parts.join(", "))
+        }
+    }
+}
+
+/// What one node needs, for people: "8 CPUs, 16.00 GiB memory, 1 GPU"; "-" when nothing.
+fn resources_text(resources: Option<&v1::Resources>) -> String {
+    let Some(resources) = resources else {
+        return "-".into();
+    };
+    let plural = |n: u32, one: &str| {
+        if n == 1 {
+            format!("1 {one}")
+        } else {
+            format!("{n} {one}s")
+        }
+    };
+    let mut parts = Vec::new();
+    if resources.cpus > 0 {
+        parts.push(plural(resources.cpus, "CPU"));
+    }
+    if resources.memory_bytes > 0 {
+        parts.push(format!("{} memory", HumanBytes(resources.memory_bytes)));
+    }
+    if resources.gpus > 0 {
+        parts.push(plural(resources.gpus, "GPU"));
+    }
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
 }
 
 fn print_json(value: &Value) {
@@ -174,6 +269,27 @@ pub fn show(run: &v1::Run, as_json: bool) {
         format!("{} {}", run.script, run.args.join(" "))
             .trim_end()
             .to_string(),
+    );
+    field("environment", environment_text(run.environment.as_ref()));
+    field("resources", resources_text(run.resources.as_ref()));
+    let env: std::collections::BTreeMap<_, _> = run.env.iter().collect();
+    if env.is_empty() {
+        field("env", "-".into());
+    }
+    for (index, (key, value)) in env.into_iter().enumerate() {
+        field(
+            if index == 0 { "env" } else { "" },
+            format!("{key}={value}"),
+        );
+    }
+    field(
+        "timeout",
+        if run.timeout_s > 0 {
+            let limit = Duration::from_secs(u64::from(run.timeout_s));
+            format!("{} ({}s)", humantime::format_duration(limit), run.timeout_s)
+        } else {
+            "-".into()
+        },
     );
     field(
         "exit code",

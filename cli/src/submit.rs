@@ -9,12 +9,12 @@ use anyhow::Context as _;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use kiln_common::run::exit_codes;
 use kiln_common::snapshot::{self, PackOptions, UnpackLimits};
-use kiln_common::target::{LOCAL_TARGET, TargetName};
+use kiln_common::target::LOCAL_TARGET;
 use kiln_proto::v1::{self, kiln_client::KilnClient};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 
-use crate::{Connection, status_error};
+use crate::{Connection, runconfig, status_error};
 
 /// Default snapshot size cap, checked before anything is uploaded.
 const DEFAULT_MAX_SNAPSHOT: &str = "2GiB";
@@ -23,6 +23,9 @@ const LARGE_SNAPSHOT_BYTES: u64 = 100 << 20;
 
 /// Snapshot DIR, upload it if the coordinator lacks it, submit SCRIPT and follow its output.
 ///
+/// DIR/kiln.yaml (or --config FILE), when present, configures the run: script, args, target,
+/// environment, resources, env, timeout, retries, distributed keys. Flags override it.
+///
 /// Exits with the script's exit code (125 when the run could not start, 130 when it was
 /// cancelled). Ctrl-C stops following, not the run. DIR's .gitignore and .kilnignore are
 /// honoured; .git/, virtualenvs and __pycache__/ are left out unless re-included with a
@@ -30,12 +33,18 @@ const LARGE_SNAPSHOT_BYTES: u64 = 100 << 20;
 ///
 /// Examples:
 ///   kiln submit examples/quickstart train.py
+///   kiln submit examples/quickstart          # script and args from examples/quickstart/kiln.yaml
 ///   kiln submit --target gpu --name lr-sweep . train.py -- --lr 0.01
+///   kiln submit --env SEED=7 --timeout 2h --gpus 1 . train.py
 ///   kiln submit --detach . train.py
-///   kiln submit --dry-run . train.py      # what would be uploaded, nothing sent
+///   kiln submit --dry-run .                  # the effective configuration and snapshot, nothing sent
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct SubmitArgs {
+    /// The run configuration file (default: DIR/kiln.yaml when it exists), relative to the
+    /// current directory.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// The compute target (default: `local` without a coordinator).
     #[arg(long, env = "KILN_TARGET")]
     target: Option<String>,
@@ -45,32 +54,54 @@ pub struct SubmitArgs {
     /// Return once submitted; print the run id on stdout.
     #[arg(long)]
     detach: bool,
-    /// Place the run again, up to this many times, when its agent is lost.
-    #[arg(long, default_value_t = 0)]
-    max_retries: u32,
-    /// Upload $KILN_CHECKPOINT_DIR every this many seconds (and when the script ends), and
-    /// restore the last upload when the run is retried (see --max-retries). 0: off.
-    #[arg(long, default_value_t = 0)]
-    checkpoint_interval: u32,
+    /// An environment variable for the script (repeatable; adds to and overrides `env:`).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = runconfig::parse_env_flag)]
+    env: Vec<(String, String)>,
+    /// Run with this interpreter on the agent (a user-managed environment; replaces the
+    /// file's `environment:`).
+    #[arg(long, value_name = "PATH")]
+    python: Option<String>,
+    /// CPUs each node of the run needs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory each node of the run needs (e.g. 16GiB, 500MB, or bytes).
+    #[arg(long)]
+    memory: Option<runconfig::Size>,
+    /// GPUs each node of the run needs.
+    #[arg(long)]
+    gpus: Option<u32>,
+    /// Stop the run after this long: seconds, or e.g. 90s, 30m, 2h (0: no limit).
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<runconfig::Seconds>,
+    /// Place the run again, up to this many times, when its agent is lost (default 0).
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Upload $KILN_CHECKPOINT_DIR every this long (seconds, or e.g. 5m) and when the script
+    /// ends, and restore the last upload when the run is retried (see --max-retries). 0: off.
+    #[arg(long, value_name = "DURATION")]
+    checkpoint_interval: Option<runconfig::Seconds>,
     /// Run on this many agents of the target at once (a distributed run: every process gets
     /// torchrun's variables MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK, LOCAL_RANK, ...).
-    #[arg(long, default_value_t = 1)]
-    nodes: u32,
-    /// Processes to start on each node (one per GPU, typically).
-    #[arg(long, default_value_t = 1)]
-    procs_per_node: u32,
+    /// Default 1.
+    #[arg(long)]
+    nodes: Option<u32>,
+    /// Processes to start on each node (one per GPU, typically). Default 1.
+    #[arg(long)]
+    procs_per_node: Option<u32>,
     /// GPUs each node needs; CUDA_VISIBLE_DEVICES gives each local rank its share.
-    #[arg(long, default_value_t = 0)]
-    gpus_per_node: u32,
-    /// `kiln`: Kiln starts --procs-per-node processes per node. `none`: one process per node
-    /// that starts its own workers (e.g. `torchrun train.py`, which reads the PET_* variables).
-    #[arg(long, default_value = "kiln")]
-    launcher: String,
+    #[arg(long)]
+    gpus_per_node: Option<u32>,
+    /// `kiln` (default): Kiln starts --procs-per-node processes per node. `none`: one process
+    /// per node that starts its own workers (e.g. `torchrun train.py`, which reads the PET_*
+    /// variables).
+    #[arg(long)]
+    launcher: Option<runconfig::Launcher>,
     /// Restart the whole gang (new rendezvous) this many times when a rank fails or a node
-    /// is lost, before the run fails.
-    #[arg(long, default_value_t = 0)]
-    max_restarts: u32,
-    /// Plan and pack the snapshot and print what would be submitted; contact no coordinator.
+    /// is lost, before the run fails (default 0).
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// Print the effective run configuration (file and flags merged) and plan and pack the
+    /// snapshot; contact no coordinator.
     #[arg(long)]
     dry_run: bool,
     /// Refuse snapshots larger than this before uploading (e.g. 500MB, 2GiB).
@@ -79,26 +110,67 @@ pub struct SubmitArgs {
     /// The source directory to snapshot.
     dir: PathBuf,
     /// The script to run, relative to DIR (a .py file runs with the agent's Python; an
-    /// executable file runs directly).
-    script: String,
-    /// Arguments for the script (after `--`).
+    /// executable file runs directly). Optional when the run configuration names one.
+    script: Option<String>,
+    /// Arguments for the script (after `--`; they replace the configuration's `args:`).
     #[arg(last = true)]
     args: Vec<String>,
 }
 
+impl SubmitArgs {
+    /// The flags as a configuration layer: only what was given on the command line (or, for
+    /// --target, in KILN_TARGET).
+    fn layer(&self) -> runconfig::Layer {
+        let resources = runconfig::Resources {
+            cpus: self.cpus,
+            memory: self.memory,
+            gpus: self.gpus,
+        };
+        runconfig::Layer {
+            script: self.script.clone(),
+            args: (!self.args.is_empty())
+                .then(|| self.args.iter().cloned().map(runconfig::Text).collect()),
+            target: self.target.clone(),
+            name: self.name.clone(),
+            environment: self.python.clone().map(|python| {
+                runconfig::Environment::User(runconfig::UserEnv {
+                    python: Some(python),
+                })
+            }),
+            resources: (resources != runconfig::Resources::default()).then_some(resources),
+            env: (!self.env.is_empty()).then(|| {
+                self.env
+                    .iter()
+                    .map(|(key, value)| (key.clone(), runconfig::Text(value.clone())))
+                    .collect()
+            }),
+            max_retries: self.max_retries,
+            timeout: self.timeout,
+            nodes: self.nodes,
+            procs_per_node: self.procs_per_node,
+            gpus_per_node: self.gpus_per_node,
+            launcher: self.launcher,
+            max_restarts: self.max_restarts,
+            checkpoint_interval: self.checkpoint_interval,
+        }
+    }
+}
+
 pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result<i32> {
-    let target = match (&args.target, connection.local) {
-        (Some(target), _) => target.clone(),
-        (None, true) => LOCAL_TARGET.to_string(),
-        (None, false) => anyhow::bail!(
-            "--target is required with a coordinator: name the compute target to run on (see `kiln targets`)"
-        ),
-    };
-    let target = TargetName::new(&target)?;
-    let max_bytes = parse_size(&args.max_snapshot_size)?;
+    let max_bytes = runconfig::parse_size(&args.max_snapshot_size)?;
     let dir = args.dir.clone();
     anyhow::ensure!(dir.is_dir(), "directory `{}` does not exist", dir.display());
-    let script = args.script.trim_start_matches("./").to_string();
+    // The run configuration, before anything else: a bad file fails before any network I/O.
+    let (from_file, file) = runconfig::load(&dir, args.config.as_deref())?;
+    let default_target = connection.local.then_some(LOCAL_TARGET);
+    let origin = file
+        .clone()
+        .unwrap_or_else(|| dir.join(runconfig::DEFAULT_FILE));
+    let config = args
+        .layer()
+        .or(from_file)
+        .resolve(default_target, &origin)?;
+    let script = config.script.clone();
     let interactive = std::io::stderr().is_terminal();
 
     // Plan the snapshot: what goes in, and whether it is too big, before any upload.
@@ -115,6 +187,14 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
             );
         }
         anyhow::bail!("script `{script}` does not exist in `{}`", dir.display());
+    }
+    for (key, path) in config.spec_files() {
+        let relative = path.trim_start_matches("./");
+        anyhow::ensure!(
+            plan.contains(relative),
+            "{key} `{path}` is not in the snapshot of `{}`: name a file inside the directory, relative to it (and not excluded by an ignore rule)",
+            dir.display()
+        );
     }
     if plan.total_bytes > max_bytes {
         anyhow::bail!(
@@ -137,8 +217,13 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
     if args.dry_run {
         let biggest = plan.biggest_items(5);
         let (_archive, packed) = pack_snapshot(plan, options, interactive).await?;
-        println!("target          {target}");
-        println!("script          {script} {}", args.args.join(" "));
+        let source = match &file {
+            Some(path) => format!("{} and flags", path.display()),
+            None => "flags; no run configuration file".to_string(),
+        };
+        println!("# Run configuration ({source}):");
+        print!("{}", config.to_yaml());
+        println!("# Snapshot:");
         println!("snapshot        {}", packed.digest);
         println!("files           {}", packed.n_files);
         println!(
@@ -151,6 +236,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         }
         return Ok(0);
     }
+    let target = config.target.as_str();
 
     // Connect and check the target before packing and uploading.
     let channel = connection.channel().await?;
@@ -161,7 +247,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         .map_err(status_error)?
         .into_inner()
         .targets;
-    if !targets.iter().any(|t| t.name == target.as_str()) {
+    if !targets.iter().any(|t| t.name == target) {
         let known: Vec<_> = targets.iter().map(|t| t.name.as_str()).collect();
         anyhow::bail!(
             "target `{target}` does not exist on the coordinator at {} (known targets: {})",
@@ -216,21 +302,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
     );
 
     let run = client
-        .submit_run(v1::SubmitRunRequest {
-            name: args.name.unwrap_or_default(),
-            target: target.to_string(),
-            snapshot_digest: packed.digest,
-            script,
-            args: args.args,
-            max_retries: args.max_retries,
-            checkpoint_interval_s: args.checkpoint_interval,
-            nodes: args.nodes,
-            procs_per_node: args.procs_per_node,
-            launcher: args.launcher,
-            max_restarts: args.max_restarts,
-            gpus_per_node: args.gpus_per_node,
-            ..Default::default()
-        })
+        .submit_run(config.to_request(packed.digest))
         .await
         .map_err(status_error)?
         .into_inner();
@@ -330,31 +402,6 @@ fn progress_bar(interactive: bool, total: u64, what: &'static str) -> ProgressBa
     );
     bar.set_message(what);
     bar
-}
-
-/// Parses sizes as users write them: 1000, 500MB, 2GiB, 1.5G.
-pub fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .with_context(|| format!("`{text}` is not a size: write e.g. 500MB or 2GiB"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        "t" | "tb" => 1_000_000_000_000,
-        "tib" => 1 << 40,
-        other => anyhow::bail!("`{other}` is not a size unit: use B, KB, MB, GB, KiB, MiB or GiB"),
-    };
-    Ok((number * multiplier as f64) as u64)
 }
 
 /// Prints a run's log as stored so far (one rank's lines only, with `rank`).
@@ -560,19 +607,4 @@ pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyh
         HumanBytes(unpacked.total_bytes)
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1000").unwrap(), 1000);
-        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1.5 G").unwrap(), 1_500_000_000);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("5 parsecs").is_err());
-    }
 }

@@ -344,7 +344,12 @@ fn two_gangs_competing_for_three_agents_both_finish_and_never_start_half() {
         dir,
         "pair.py",
     ]);
-    assert!(text(&output.stderr).contains("unknown launcher `mpi`"));
+    // Refused by the CLI itself, before anything is packed or uploaded.
+    let error = text(&output.stderr);
+    assert!(
+        error.contains("invalid value 'mpi' for '--launcher") && error.contains("kiln, none"),
+        "{error}"
+    );
 
     let a = cluster.submit_detached(&["--target", "gpu", "--nodes", "2", dir, "pair.py"]);
     let b = cluster.submit_detached(&["--target", "gpu", "--nodes", "2", dir, "pair.py"]);
