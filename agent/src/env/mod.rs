@@ -2,11 +2,13 @@
 //! arrives in the assignment (`v1::Environment`); [`prepare`] turns it into a [`Prepared`]
 //! environment before the supervisor starts: the interpreter for `.py` scripts and the
 //! variables to add. User-managed environments are an existing interpreter; system-managed
-//! ones (Conda, venv) are built by the agent, cached by content and reused (see the
-//! submodules as they land); Docker runs the script in a container.
+//! ones (Conda, venv) are built by the agent, cached by content and reused ([`cache`]);
+//! Docker runs the script in a container.
 //!
 //! A build that fails is an [`EnvError`]: the run ends `env_failed` with the tail of the
 //! build output in its message.
+
+pub mod cache;
 
 use std::path::{Path, PathBuf};
 
