@@ -85,6 +85,13 @@ pub struct Settings {
     #[arg(long, env = "KILN_ADVERTISE_ADDRESS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_address: Option<String>,
+
+    /// Size limit of the environment cache (the venvs the agent built),
+    /// in bytes: least-recently-used environments that no run uses are removed while the
+    /// cache is larger. [default: 53687091200 (50 GiB)]
+    #[arg(long, env = "KILN_ENV_CACHE_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_cache_max_bytes: Option<u64>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -104,6 +111,7 @@ pub struct Effective {
     pub low_priority: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_address: Option<String>,
+    pub env_cache_max_bytes: u64,
 }
 
 impl Settings {
@@ -121,6 +129,7 @@ impl Settings {
             log: self.log.or(lower.log),
             low_priority: self.low_priority.or(lower.low_priority),
             advertise_address: self.advertise_address.or(lower.advertise_address),
+            env_cache_max_bytes: self.env_cache_max_bytes.or(lower.env_cache_max_bytes),
         }
     }
 
@@ -221,6 +230,9 @@ impl Settings {
             log,
             low_priority: self.low_priority.unwrap_or(false),
             advertise_address,
+            env_cache_max_bytes: self
+                .env_cache_max_bytes
+                .unwrap_or(crate::env::DEFAULT_CACHE_MAX_BYTES),
         })
     }
 }
@@ -241,6 +253,7 @@ impl Effective {
         config.hostname = self.hostname.clone();
         config.low_priority = self.low_priority;
         config.advertise_address = self.advertise_address.clone();
+        config.env.cache_max_bytes = self.env_cache_max_bytes;
         Ok(config)
     }
 
