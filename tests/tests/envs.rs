@@ -1,5 +1,6 @@
-//! Environments the agent builds, with a real coordinator and agent: a real
-//! `python -m venv` + pip installing a wheel the test builds, offline. Runs are submitted through the API
+//! Environments the agent builds (venv, conda), with a real coordinator and agent: a real
+//! `python -m venv` + pip installing a wheel the test builds, and a real conda solve and
+//! install from a channel the test builds, all offline. Runs are submitted through the API
 //! (`kiln_tests::grpc`): the CLI has no flag for environments yet.
 
 use std::os::unix::fs::MetadataExt as _;
@@ -25,6 +26,14 @@ fn venv(requirements: &str) -> v1::Environment {
         kind: Some(v1::environment::Kind::Venv(v1::VenvEnvironment {
             requirements: requirements.to_string(),
             python: python(),
+        })),
+    }
+}
+
+fn conda(file: &str) -> v1::Environment {
+    v1::Environment {
+        kind: Some(v1::environment::Kind::Conda(v1::CondaEnvironment {
+            file: file.to_string(),
         })),
     }
 }
@@ -236,6 +245,170 @@ fn an_unsatisfiable_requirement_fails_the_run_with_pips_message_and_caches_nothi
     let message = run["message"].as_str().unwrap();
     assert!(
         message.contains("`missing.txt` does not exist"),
+        "{message}"
+    );
+    cluster.stop();
+}
+
+/// A conda channel at `dir` with two noarch packages: `kiln-greeting` (a data file) and
+/// `hello-kiln` (depends on it; installs `bin/hello-kiln`, a script whose text names the
+/// install prefix through conda's placeholder, so prefix replacement is exercised).
+fn write_channel(dir: &Path) {
+    let script = r##"
+import hashlib, io, json, os, sys, tarfile
+channel = sys.argv[1]
+PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
+def package(name, depends, files):
+    index = {"name": name, "version": "1.0", "build": "0", "build_number": 0,
+             "depends": depends, "noarch": "generic", "subdir": "noarch",
+             "license": "MIT", "timestamp": 1700000000000}
+    paths = []
+    for path, (text, mode) in files.items():
+        data = text.encode()
+        entry = {"_path": path, "path_type": "hardlink",
+                 "sha256": hashlib.sha256(data).hexdigest(), "size_in_bytes": len(data)}
+        if PLACEHOLDER in text:
+            entry.update(file_mode="text", prefix_placeholder=PLACEHOLDER)
+        paths.append(entry)
+    meta = {"info/index.json": json.dumps(index),
+            "info/paths.json": json.dumps({"paths": paths, "paths_version": 1}),
+            "info/files": "".join(p + "\n" for p in files)}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:bz2") as tar:
+        for path, (text, mode) in list(files.items()) + [(k, (v, 0o644)) for k, v in meta.items()]:
+            data = text.encode()
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), mode, 1700000000
+            tar.addfile(info, io.BytesIO(data))
+    archive = buffer.getvalue()
+    filename = f"{name}-1.0-0.tar.bz2"
+    with open(os.path.join(channel, "noarch", filename), "wb") as f:
+        f.write(archive)
+    record = dict(index, md5=hashlib.md5(archive).hexdigest(),
+                  sha256=hashlib.sha256(archive).hexdigest(), size=len(archive))
+    return filename, record
+os.makedirs(os.path.join(channel, "noarch"), exist_ok=True)
+packages = dict([
+    package("kiln-greeting", [], {"share/kiln-greeting/greeting.txt": ("hello from conda\n", 0o644)}),
+    package("hello-kiln", ["kiln-greeting"], {"bin/hello-kiln": (
+        "#!/bin/sh\necho \"installed in " + PLACEHOLDER + "\"\ncat " + PLACEHOLDER
+        + "/share/kiln-greeting/greeting.txt\n", 0o755)}),
+])
+repodata = {"info": {"subdir": "noarch"}, "packages": packages, "packages.conda": {},
+            "repodata_version": 1}
+with open(os.path.join(channel, "noarch", "repodata.json"), "w") as f:
+    json.dump(repodata, f)
+"##;
+    let status = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the test channel failed");
+}
+
+const CHECK_CONDA: &str = "import os, shutil, subprocess\n\
+print('CONDA_PREFIX', os.environ['CONDA_PREFIX'])\n\
+print('CONDA_DEFAULT_ENV', os.environ['CONDA_DEFAULT_ENV'])\n\
+print('which', shutil.which('hello-kiln'))\n\
+print(subprocess.run(['hello-kiln'], capture_output=True, text=True, check=True).stdout, end='')\n";
+
+#[test]
+fn a_conda_environment_is_solved_installed_activated_and_reused() {
+    let cluster = one_agent(1);
+    let channel = tempfile::tempdir().unwrap();
+    write_channel(channel.path());
+    let src = tempfile::tempdir().unwrap();
+    write_tree(
+        src.path(),
+        &[
+            (
+                "environment.yml",
+                &format!(
+                    "name: greet\nchannels:\n  - file://{}\ndependencies:\n  - hello-kiln\n",
+                    channel.path().display()
+                ),
+            ),
+            ("check.py", CHECK_CONDA),
+        ],
+    );
+    let mut prefixes = Vec::new();
+    for expected in ["built", "reused"] {
+        let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
+        let run = wait_ended(&cluster, run_id);
+        let (stdout, kiln_lines) = logs(&cluster, run_id);
+        assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
+        assert_eq!(env_outcome(&kiln_lines), expected, "{kiln_lines}");
+        let prefix = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("CONDA_PREFIX "))
+            .unwrap_or_else(|| panic!("{stdout}"))
+            .to_string();
+        assert!(stdout.contains("CONDA_DEFAULT_ENV greet"), "{stdout}");
+        assert!(
+            stdout.contains(&format!("which {prefix}/bin/hello-kiln")),
+            "the environment's bin/ comes first on PATH: {stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("installed in {prefix}\nhello from conda")),
+            "the dependency is installed and the prefix replaced: {stdout}"
+        );
+        if expected == "built" {
+            assert!(kiln_lines.contains("Solved: 2 packages."), "{kiln_lines}");
+            assert!(kiln_lines.contains("+ kiln-greeting 1.0 0"), "{kiln_lines}");
+        }
+        prefixes.push(prefix);
+    }
+    assert_eq!(prefixes[0], prefixes[1]);
+    assert_eq!(cache_entries(&cluster).len(), 1);
+    cluster.stop();
+}
+
+#[test]
+fn a_conda_dependency_that_does_not_exist_fails_with_the_solvers_message() {
+    let cluster = one_agent(1);
+    let src = tempfile::tempdir().unwrap();
+    // A channel inside the submitted directory, named relative to it.
+    write_channel(&src.path().join("channel"));
+    write_tree(
+        src.path(),
+        &[
+            (
+                "environment.yml",
+                "channels:\n  - ./channel\ndependencies:\n  - hello-kiln\n  - no-such-package >=2\n",
+            ),
+            ("check.py", CHECK_CONDA),
+        ],
+    );
+    let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
+    let run = wait_ended(&cluster, run_id);
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(message.contains("cannot be solved"), "{message}");
+    assert!(
+        message.contains("no-such-package"),
+        "the solver names it: {message}"
+    );
+    let (stdout, _) = logs(&cluster, run_id);
+    assert!(stdout.is_empty(), "the script never ran: {stdout}");
+    assert!(cache_entries(&cluster).is_empty());
+    assert!(
+        cache_dirs(&cluster).is_empty(),
+        "{:?}",
+        cache_dirs(&cluster)
+    );
+
+    // Bad YAML is named, with the problem.
+    write_tree(
+        src.path(),
+        &[("environment.yml", "dependencies: [hello-kiln\n")],
+    );
+    let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
+    let run = wait_ended(&cluster, run_id);
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.contains("`environment.yml` is not a valid environment.yml"),
         "{message}"
     );
     cluster.stop();

@@ -3,13 +3,16 @@
 //! environment before the supervisor starts: the interpreter for `.py` scripts and the
 //! variables to add. User-managed environments are an existing interpreter; system-managed
 //! ones are built by the agent, cached by content and reused ([`cache`]): virtual
-//! environments from a requirements file ([`venv`]); Docker runs the script in a container.
+//! environments from a requirements file ([`venv`]) and conda environments from an
+//! environment.yml ([`conda`]); Docker runs the script in a container.
 //!
 //! A build that fails is an [`EnvError`]: the run ends `env_failed` with the tail of the
 //! build output in its message.
 
 pub mod cache;
 mod command;
+pub use command::find_program;
+pub mod conda;
 pub mod venv;
 
 use std::path::{Path, PathBuf};
@@ -25,12 +28,16 @@ pub const DEFAULT_CACHE_MAX_BYTES: u64 = 50 << 30;
 pub struct Settings {
     /// Least-recently-used environments not in use are removed while the cache is larger.
     pub cache_max_bytes: u64,
+    /// An external conda, mamba or micromamba that builds conda environments instead of the
+    /// agent's built-in solver (`CMD env create -p PREFIX -f FILE`).
+    pub conda_command: Option<PathBuf>,
 }
 
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            conda_command: None,
         }
     }
 }
@@ -87,9 +94,7 @@ pub async fn prepare(
     match environment.and_then(|e| e.kind.as_ref()) {
         None => Ok(user(None, context.default_python)),
         Some(Kind::User(user_env)) => Ok(user(Some(&user_env.python), context.default_python)),
-        Some(Kind::Conda(_)) => Err(EnvError(
-            "conda environments are not supported by this agent yet".into(),
-        )),
+        Some(Kind::Conda(spec)) => conda::prepare(spec, &mut context).await,
         Some(Kind::Venv(spec)) => venv::prepare(spec, &mut context).await,
         Some(Kind::Docker(_)) => Err(EnvError(
             "docker environments are not supported by this agent yet".into(),
