@@ -85,6 +85,21 @@ pub struct Settings {
     #[arg(long, env = "KILN_ADVERTISE_ADDRESS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_address: Option<String>,
+
+    /// Size limit of the environment cache (venv and conda environments the agent built),
+    /// in bytes: least-recently-used environments that no run uses are removed while the
+    /// cache is larger. [default: 53687091200 (50 GiB)]
+    #[arg(long, env = "KILN_ENV_CACHE_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env_cache_max_bytes: Option<u64>,
+
+    /// An external conda, mamba or micromamba (a name on PATH or a path) that builds the conda
+    /// environments runs ask for, as `CMD env create -p PREFIX -f FILE`, so that the site's
+    /// .condarc (mirrors, proxies, credentials) applies. [default: none: the agent solves and
+    /// installs them itself]
+    #[arg(long, env = "KILN_CONDA_COMMAND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conda_command: Option<String>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -104,6 +119,9 @@ pub struct Effective {
     pub low_priority: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_address: Option<String>,
+    pub env_cache_max_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conda_command: Option<String>,
 }
 
 impl Settings {
@@ -121,6 +139,8 @@ impl Settings {
             log: self.log.or(lower.log),
             low_priority: self.low_priority.or(lower.low_priority),
             advertise_address: self.advertise_address.or(lower.advertise_address),
+            env_cache_max_bytes: self.env_cache_max_bytes.or(lower.env_cache_max_bytes),
+            conda_command: self.conda_command.or(lower.conda_command),
         }
     }
 
@@ -203,6 +223,7 @@ impl Settings {
                 "advertise_address `{address}` is not an IP address (e.g. 10.0.0.5)"
             ));
         }
+        let conda_command = self.conda_command.filter(|c| !c.is_empty());
         if !problems.is_empty() {
             anyhow::bail!(
                 "the agent's configuration is invalid:\n  - {}",
@@ -221,6 +242,10 @@ impl Settings {
             log,
             low_priority: self.low_priority.unwrap_or(false),
             advertise_address,
+            env_cache_max_bytes: self
+                .env_cache_max_bytes
+                .unwrap_or(crate::env::DEFAULT_CACHE_MAX_BYTES),
+            conda_command,
         })
     }
 }
@@ -241,6 +266,11 @@ impl Effective {
         config.hostname = self.hostname.clone();
         config.low_priority = self.low_priority;
         config.advertise_address = self.advertise_address.clone();
+        config.env.cache_max_bytes = self.env_cache_max_bytes;
+        config.env.conda_command = self
+            .conda_command
+            .as_deref()
+            .map(|c| crate::env::find_program(c).unwrap_or_else(|| PathBuf::from(c)));
         Ok(config)
     }
 

@@ -58,6 +58,8 @@ pub struct Config {
     /// The IP address other agents reach this one on (gang runs); `None`: the address the
     /// coordinator sees.
     pub advertise_address: Option<String>,
+    /// Built environments (venv, conda): cache size, external conda.
+    pub env: env::Settings,
 }
 
 impl Config {
@@ -75,6 +77,7 @@ impl Config {
             supervisor_program: std::env::current_exe()
                 .unwrap_or_else(|_| PathBuf::from("kiln-agent")),
             advertise_address: None,
+            env: env::Settings::default(),
         }
     }
 }

@@ -177,6 +177,8 @@ async fn prepare(
                 default_python: &agent.config.python,
                 data_dir: &agent.config.data_dir,
                 work: &work,
+                settings: &agent.config.env,
+                cancel: &control.cancel,
                 log: &mut log,
             },
         )

@@ -3,6 +3,8 @@
 //! Binaries come from the same target directory as the test executable; build them first
 //! (`cargo build --workspace`, which `tests/run` does).
 
+pub mod grpc;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -2,15 +2,45 @@
 //! arrives in the assignment (`v1::Environment`); [`prepare`] turns it into a [`Prepared`]
 //! environment before the supervisor starts: the interpreter for `.py` scripts and the
 //! variables to add. User-managed environments are an existing interpreter; system-managed
-//! ones (Conda, venv) are built by the agent, cached by content and reused (see the
-//! submodules as they land); Docker runs the script in a container.
+//! ones are built by the agent, cached by content and reused ([`cache`]): virtual
+//! environments from a requirements file ([`venv`]) and conda environments from an
+//! environment.yml ([`conda`]); Docker runs the script in a container.
 //!
 //! A build that fails is an [`EnvError`]: the run ends `env_failed` with the tail of the
 //! build output in its message.
 
+pub mod cache;
+mod command;
+pub use command::find_program;
+pub mod conda;
+pub mod venv;
+
 use std::path::{Path, PathBuf};
 
 use kiln_proto::v1;
+use tokio_util::sync::CancellationToken;
+
+/// Default limit of the environment cache (`env_cache_max_bytes`): 50 GiB.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 50 << 30;
+
+/// The agent's settings for environments.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Least-recently-used environments not in use are removed while the cache is larger.
+    pub cache_max_bytes: u64,
+    /// An external conda, mamba or micromamba that builds conda environments instead of the
+    /// agent's built-in solver (`CMD env create -p PREFIX -f FILE`).
+    pub conda_command: Option<PathBuf>,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            conda_command: None,
+        }
+    }
+}
 
 /// The environment a run's processes start in.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,26 +64,38 @@ pub struct Context<'a> {
     pub default_python: &'a str,
     /// The agent's data directory: caches live under it.
     pub data_dir: &'a Path,
-    /// The unpacked snapshot (spec files such as environment.yml are relative to it).
+    /// The unpacked snapshot, `runs/<run>.<attempt>/work` (spec files such as
+    /// environment.yml are relative to it). Its parent, the run directory, records which
+    /// cached environment the run uses.
     pub work: &'a Path,
+    pub settings: &'a Settings,
+    /// Cancelled when the run is: a build in progress is stopped (and leaves nothing).
+    pub cancel: &'a CancellationToken,
     pub log: &'a mut (dyn FnMut(&str) + Send),
+}
+
+impl Context<'_> {
+    /// The run's directory (the parent of `work`).
+    fn run_dir(&self) -> &Path {
+        self.work.parent().unwrap_or(self.work)
+    }
+
+    fn cache(&self) -> cache::Cache {
+        cache::Cache::new(self.data_dir, self.settings.cache_max_bytes)
+    }
 }
 
 /// Prepares the environment a run asked for (unset: user-managed with the agent's Python).
 pub async fn prepare(
     environment: Option<&v1::Environment>,
-    context: Context<'_>,
+    mut context: Context<'_>,
 ) -> Result<Prepared, EnvError> {
     use v1::environment::Kind;
     match environment.and_then(|e| e.kind.as_ref()) {
         None => Ok(user(None, context.default_python)),
         Some(Kind::User(user_env)) => Ok(user(Some(&user_env.python), context.default_python)),
-        Some(Kind::Conda(_)) => Err(EnvError(
-            "conda environments are not supported by this agent yet".into(),
-        )),
-        Some(Kind::Venv(_)) => Err(EnvError(
-            "venv environments are not supported by this agent yet".into(),
-        )),
+        Some(Kind::Conda(spec)) => conda::prepare(spec, &mut context).await,
+        Some(Kind::Venv(spec)) => venv::prepare(spec, &mut context).await,
         Some(Kind::Docker(_)) => Err(EnvError(
             "docker environments are not supported by this agent yet".into(),
         )),
@@ -90,4 +132,9 @@ pub fn spec_file(work: &Path, name: &str) -> Result<PathBuf, EnvError> {
         )));
     }
     Ok(path)
+}
+
+/// The agent's platform as cache keys record it (`linux-x86_64`).
+fn platform() -> String {
+    format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
 }

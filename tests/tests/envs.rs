@@ -1,0 +1,415 @@
+//! Environments the agent builds (venv, conda), with a real coordinator and agent: a real
+//! `python -m venv` + pip installing a wheel the test builds, and a real conda solve and
+//! install from a channel the test builds, all offline. Runs are submitted through the API
+//! (`kiln_tests::grpc`): the CLI has no flag for environments yet.
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kiln_proto::v1;
+use kiln_tests::*;
+
+/// Environment builds run pip or a solver on a two-core machine next to other tests.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn one_agent(slots: u32) -> Cluster {
+    Cluster::start(&[AgentSpec {
+        target: "envs",
+        slots,
+        advertise: None,
+    }])
+}
+
+fn venv(requirements: &str) -> v1::Environment {
+    v1::Environment {
+        kind: Some(v1::environment::Kind::Venv(v1::VenvEnvironment {
+            requirements: requirements.to_string(),
+            python: python(),
+        })),
+    }
+}
+
+fn conda(file: &str) -> v1::Environment {
+    v1::Environment {
+        kind: Some(v1::environment::Kind::Conda(v1::CondaEnvironment {
+            file: file.to_string(),
+        })),
+    }
+}
+
+fn submit(cluster: &Cluster, dir: &Path, script: &str, environment: v1::Environment) -> i64 {
+    grpc::submit(&cluster.address, "envs", dir, script, environment)
+}
+
+/// Waits until the run has ended, however long its environment takes to build.
+fn wait_ended(cluster: &Cluster, run_id: i64) -> serde_json::Value {
+    wait_for(&format!("run {run_id} to end"), BUILD_TIMEOUT, || {
+        let run = cluster.run(run_id);
+        let status = run["status"].as_str().unwrap_or_default().to_string();
+        (!["queued", "assigned", "running"].contains(&status.as_str())).then_some(run)
+    })
+}
+
+/// The run's stored log: (the script's stdout, Kiln's own `[kiln]` lines).
+fn logs(cluster: &Cluster, run_id: i64) -> (String, String) {
+    let output = cluster.kiln(&["logs", &run_id.to_string()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    (text(&output.stdout), text(&output.stderr))
+}
+
+fn envs_dir(cluster: &Cluster) -> PathBuf {
+    cluster.dir.path().join("agent0/envs")
+}
+
+/// Names of the complete cache entries (`NAME.json`).
+fn cache_entries(cluster: &Cluster) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(envs_dir(cluster))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_suffix(".json")
+                        .filter(|_| !name.starts_with('.'))
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Environment directories in the cache, complete or not (a failed build must leave none).
+fn cache_dirs(cluster: &Cluster) -> Vec<String> {
+    std::fs::read_dir(envs_dir(cluster))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.path().is_dir())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The line of `kiln_lines` that says what happened to the environment ("Environment … built
+/// in …" or "… reused in …").
+fn env_outcome(kiln_lines: &str) -> &'static str {
+    let line = kiln_lines
+        .lines()
+        .find(|l| l.starts_with("[kiln] Environment ") && l.contains(" in "))
+        .unwrap_or_else(|| panic!("no environment line in:\n{kiln_lines}"));
+    if line.contains(" reused in ") {
+        "reused"
+    } else if line.contains(" built in ") {
+        "built"
+    } else {
+        panic!("unexpected environment line: {line}")
+    }
+}
+
+/// A wheel of package `name` (module `name` with `VALUE = value`), built with Python's
+/// zipfile the way a build backend lays it out.
+fn write_wheel(dir: &Path, name: &str, version: &str, value: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = r#"
+import sys, zipfile
+out, name, version, value = sys.argv[1:]
+dist = f"{name}-{version}.dist-info"
+files = {
+    f"{name}/__init__.py": f"VALUE = {value!r}\n",
+    f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+    f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: kiln-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+}
+record = "".join(f"{path},,\n" for path in files) + f"{dist}/RECORD,,\n"
+with zipfile.ZipFile(f"{out}/{name}-{version}-py3-none-any.whl", "w") as whl:
+    for path, text in files.items():
+        whl.writestr(path, text)
+    whl.writestr(f"{dist}/RECORD", record)
+"#;
+    let status = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(dir)
+        .args([name, version, value])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the test wheel failed");
+}
+
+const CHECK_VENV: &str = "import os, sys\nimport kilnwheel\nprint('value', kilnwheel.VALUE)\n\
+print('prefix', sys.prefix)\nprint('venv', os.environ['VIRTUAL_ENV'])\n";
+
+fn venv_source(requirement: &str) -> tempfile::TempDir {
+    let src = tempfile::tempdir().unwrap();
+    write_wheel(
+        &src.path().join("wheels"),
+        "kilnwheel",
+        "1.0",
+        "from the wheel",
+    );
+    write_tree(
+        src.path(),
+        &[
+            (
+                "requirements.txt",
+                &format!("--no-index\n--find-links wheels\n{requirement}\n"),
+            ),
+            ("check.py", CHECK_VENV),
+        ],
+    );
+    src
+}
+
+/// `prefix …` from the script's output.
+fn printed_prefix(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("prefix "))
+        .unwrap_or_else(|| panic!("no prefix in: {stdout}"))
+        .to_string()
+}
+
+#[test]
+fn a_venv_is_built_once_for_concurrent_runs_and_reused_later() {
+    let cluster = one_agent(2);
+    let src = venv_source("kilnwheel==1.0");
+
+    // Two runs at once on a two-slot agent: one builds, the other waits and reuses.
+    let first = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    let second = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    let mut outcomes = Vec::new();
+    let mut prefixes = Vec::new();
+    for run_id in [first, second] {
+        let run = wait_ended(&cluster, run_id);
+        let (stdout, kiln_lines) = logs(&cluster, run_id);
+        assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
+        assert!(stdout.contains("value from the wheel"), "{stdout}");
+        outcomes.push(env_outcome(&kiln_lines));
+        let prefix = printed_prefix(&stdout);
+        assert!(stdout.contains(&format!("venv {prefix}")), "{stdout}");
+        prefixes.push(prefix);
+    }
+    outcomes.sort();
+    assert_eq!(outcomes, ["built", "reused"], "built once for both runs");
+    assert_eq!(prefixes[0], prefixes[1]);
+    let entries = cache_entries(&cluster);
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let prefix = envs_dir(&cluster).join(&entries[0]);
+    assert_eq!(Path::new(&prefixes[0]), prefix);
+    let inode = std::fs::metadata(&prefix).unwrap().ino();
+
+    // A later run with the same requirements reuses the same directory.
+    let third = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    let run = wait_ended(&cluster, third);
+    let (stdout, kiln_lines) = logs(&cluster, third);
+    assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
+    assert_eq!(env_outcome(&kiln_lines), "reused");
+    assert_eq!(printed_prefix(&stdout), prefixes[0]);
+    assert_eq!(std::fs::metadata(&prefix).unwrap().ino(), inode);
+    cluster.stop();
+}
+
+#[test]
+fn an_unsatisfiable_requirement_fails_the_run_with_pips_message_and_caches_nothing() {
+    let cluster = one_agent(1);
+    let src = venv_source("kilnwheel==9.9");
+    let run_id = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    let run = wait_ended(&cluster, run_id);
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.contains("pip install -r requirements.txt failed"),
+        "{message}"
+    );
+    assert!(
+        message.contains("No matching distribution found for kilnwheel==9.9"),
+        "pip's own words reach the user: {message}"
+    );
+    let (stdout, kiln_lines) = logs(&cluster, run_id);
+    assert!(stdout.is_empty(), "the script never ran: {stdout}");
+    assert!(
+        kiln_lines.contains("Preparing environment venv-"),
+        "{kiln_lines}"
+    );
+    assert!(cache_entries(&cluster).is_empty());
+    assert!(
+        cache_dirs(&cluster).is_empty(),
+        "{:?}",
+        cache_dirs(&cluster)
+    );
+
+    // A requirements file that is not in the snapshot is named.
+    let run_id = submit(&cluster, src.path(), "check.py", venv("missing.txt"));
+    let run = wait_ended(&cluster, run_id);
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.contains("`missing.txt` does not exist"),
+        "{message}"
+    );
+    cluster.stop();
+}
+
+/// A conda channel at `dir` with two noarch packages: `kiln-greeting` (a data file) and
+/// `hello-kiln` (depends on it; installs `bin/hello-kiln`, a script whose text names the
+/// install prefix through conda's placeholder, so prefix replacement is exercised).
+fn write_channel(dir: &Path) {
+    let script = r##"
+import hashlib, io, json, os, sys, tarfile
+channel = sys.argv[1]
+PLACEHOLDER = "/opt/anaconda1anaconda2anaconda3"
+def package(name, depends, files):
+    index = {"name": name, "version": "1.0", "build": "0", "build_number": 0,
+             "depends": depends, "noarch": "generic", "subdir": "noarch",
+             "license": "MIT", "timestamp": 1700000000000}
+    paths = []
+    for path, (text, mode) in files.items():
+        data = text.encode()
+        entry = {"_path": path, "path_type": "hardlink",
+                 "sha256": hashlib.sha256(data).hexdigest(), "size_in_bytes": len(data)}
+        if PLACEHOLDER in text:
+            entry.update(file_mode="text", prefix_placeholder=PLACEHOLDER)
+        paths.append(entry)
+    meta = {"info/index.json": json.dumps(index),
+            "info/paths.json": json.dumps({"paths": paths, "paths_version": 1}),
+            "info/files": "".join(p + "\n" for p in files)}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:bz2") as tar:
+        for path, (text, mode) in list(files.items()) + [(k, (v, 0o644)) for k, v in meta.items()]:
+            data = text.encode()
+            info = tarfile.TarInfo(path)
+            info.size, info.mode, info.mtime = len(data), mode, 1700000000
+            tar.addfile(info, io.BytesIO(data))
+    archive = buffer.getvalue()
+    filename = f"{name}-1.0-0.tar.bz2"
+    with open(os.path.join(channel, "noarch", filename), "wb") as f:
+        f.write(archive)
+    record = dict(index, md5=hashlib.md5(archive).hexdigest(),
+                  sha256=hashlib.sha256(archive).hexdigest(), size=len(archive))
+    return filename, record
+os.makedirs(os.path.join(channel, "noarch"), exist_ok=True)
+packages = dict([
+    package("kiln-greeting", [], {"share/kiln-greeting/greeting.txt": ("hello from conda\n", 0o644)}),
+    package("hello-kiln", ["kiln-greeting"], {"bin/hello-kiln": (
+        "#!/bin/sh\necho \"installed in " + PLACEHOLDER + "\"\ncat " + PLACEHOLDER
+        + "/share/kiln-greeting/greeting.txt\n", 0o755)}),
+])
+repodata = {"info": {"subdir": "noarch"}, "packages": packages, "packages.conda": {},
+            "repodata_version": 1}
+with open(os.path.join(channel, "noarch", "repodata.json"), "w") as f:
+    json.dump(repodata, f)
+"##;
+    let status = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the test channel failed");
+}
+
+const CHECK_CONDA: &str = "import os, shutil, subprocess\n\
+print('CONDA_PREFIX', os.environ['CONDA_PREFIX'])\n\
+print('CONDA_DEFAULT_ENV', os.environ['CONDA_DEFAULT_ENV'])\n\
+print('which', shutil.which('hello-kiln'))\n\
+print(subprocess.run(['hello-kiln'], capture_output=True, text=True, check=True).stdout, end='')\n";
+
+#[test]
+fn a_conda_environment_is_solved_installed_activated_and_reused() {
+    let cluster = one_agent(1);
+    let channel = tempfile::tempdir().unwrap();
+    write_channel(channel.path());
+    let src = tempfile::tempdir().unwrap();
+    write_tree(
+        src.path(),
+        &[
+            (
+                "environment.yml",
+                &format!(
+                    "name: greet\nchannels:\n  - file://{}\ndependencies:\n  - hello-kiln\n",
+                    channel.path().display()
+                ),
+            ),
+            ("check.py", CHECK_CONDA),
+        ],
+    );
+    let mut prefixes = Vec::new();
+    for expected in ["built", "reused"] {
+        let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
+        let run = wait_ended(&cluster, run_id);
+        let (stdout, kiln_lines) = logs(&cluster, run_id);
+        assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
+        assert_eq!(env_outcome(&kiln_lines), expected, "{kiln_lines}");
+        let prefix = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("CONDA_PREFIX "))
+            .unwrap_or_else(|| panic!("{stdout}"))
+            .to_string();
+        assert!(stdout.contains("CONDA_DEFAULT_ENV greet"), "{stdout}");
+        assert!(
+            stdout.contains(&format!("which {prefix}/bin/hello-kiln")),
+            "the environment's bin/ comes first on PATH: {stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("installed in {prefix}\nhello from conda")),
+            "the dependency is installed and the prefix replaced: {stdout}"
+        );
+        if expected == "built" {
+            assert!(kiln_lines.contains("Solved: 2 packages."), "{kiln_lines}");
+            assert!(kiln_lines.contains("+ kiln-greeting 1.0 0"), "{kiln_lines}");
+        }
+        prefixes.push(prefix);
+    }
+    assert_eq!(prefixes[0], prefixes[1]);
+    assert_eq!(cache_entries(&cluster).len(), 1);
+    cluster.stop();
+}
+
+#[test]
+fn a_conda_dependency_that_does_not_exist_fails_with_the_solvers_message() {
+    let cluster = one_agent(1);
+    let src = tempfile::tempdir().unwrap();
+    // A channel inside the submitted directory, named relative to it.
+    write_channel(&src.path().join("channel"));
+    write_tree(
+        src.path(),
+        &[
+            (
+                "environment.yml",
+                "channels:\n  - ./channel\ndependencies:\n  - hello-kiln\n  - no-such-package >=2\n",
+            ),
+            ("check.py", CHECK_CONDA),
+        ],
+    );
+    let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
+    let run = wait_ended(&cluster, run_id);
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(message.contains("cannot be solved"), "{message}");
+    assert!(
+        message.contains("no-such-package"),
+        "the solver names it: {message}"
+    );
+    let (stdout, _) = logs(&cluster, run_id);
+    assert!(stdout.is_empty(), "the script never ran: {stdout}");
+    assert!(cache_entries(&cluster).is_empty());
+    assert!(
+        cache_dirs(&cluster).is_empty(),
+        "{:?}",
+        cache_dirs(&cluster)
+    );
+
+    // Bad YAML is named, with the problem.
+    write_tree(
+        src.path(),
+        &[("environment.yml", "dependencies: [hello-kiln\n")],
+    );
+    let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
+    let run = wait_ended(&cluster, run_id);
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.contains("`environment.yml` is not a valid environment.yml"),
+        "{message}"
+    );
+    cluster.stop();
+}
