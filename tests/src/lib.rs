@@ -2,6 +2,12 @@
 //! on loopback (port 0, temporary directories) and drives them with the real `kiln` CLI.
 //! Binaries come from the same target directory as the test executable; build them first
 //! (`cargo build --workspace`, which `tests/run` does).
+//!
+//! [`grpc`] submits runs through the public API directly, for run options the CLI has no
+//! flag for; [`docker`] provides the Docker tests' image.
+
+pub mod docker;
+pub mod grpc;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -156,6 +162,8 @@ pub struct Cluster {
     pub agents: Vec<Daemon>,
     specs: Vec<AgentSpec>,
     ttl: String,
+    /// Flags every agent gets on top of the harness's own (see [`Cluster::start_with_agent_args`]).
+    agent_args: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -174,6 +182,16 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with the coordinator's heartbeat TTL in seconds.
     pub fn start_with_ttl(agents: &[AgentSpec], ttl_s: u32) -> Cluster {
+        Cluster::start_full(agents, ttl_s, &[])
+    }
+
+    /// Like [`Cluster::start`], each agent started with `args` added to its command line
+    /// (e.g. `["--docker-cpu-image", "kiln-test/python:bookworm"]`).
+    pub fn start_with_agent_args(agents: &[AgentSpec], args: &[&str]) -> Cluster {
+        Cluster::start_full(agents, 5, args)
+    }
+
+    fn start_full(agents: &[AgentSpec], ttl_s: u32, agent_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
@@ -203,6 +221,7 @@ impl Cluster {
             agents: Vec::new(),
             specs: Vec::new(),
             ttl,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         for spec in agents {
             cluster.add_agent(spec.clone());
@@ -305,7 +324,8 @@ impl Cluster {
                     .unwrap_or_default(),
             )
             .arg("--data-dir")
-            .arg(&data);
+            .arg(&data)
+            .args(&self.agent_args);
         let log = self.dir.path().join(format!("agent{index}.log"));
         Daemon::spawn(&format!("agent{index}"), command, log)
     }
