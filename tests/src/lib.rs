@@ -17,13 +17,16 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-/// A built Kiln binary, next to the test executable's `deps/` directory.
+/// A built Kiln binary, next to the test executable's `deps/` directory (or next to the
+/// executable itself, for a harness binary such as `bench-docker`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
+    let parent = exe.parent().expect("target/<profile>/...");
+    let dir = if parent.file_name() == Some(std::ffi::OsStr::new("deps")) {
+        parent.parent().expect("target/<profile>/deps/<test>")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),
