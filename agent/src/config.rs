@@ -100,6 +100,41 @@ pub struct Settings {
     #[arg(long, env = "KILN_CONDA_COMMAND")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conda_command: Option<String>,
+    /// Docker runs: the image of `image: cpu`, and of `image: auto` when the run has no
+    /// GPUs. [default: python:3.12-slim]
+    #[arg(long, env = "KILN_DOCKER_CPU_IMAGE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_cpu_image: Option<String>,
+
+    /// Docker runs: the image of `image: gpu`, and of `image: auto` when the run was given
+    /// GPUs on this agent. [default: nvidia/cuda:12.4.1-runtime-ubuntu22.04]
+    #[arg(long, env = "KILN_DOCKER_GPU_IMAGE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_gpu_image: Option<String>,
+
+    /// Docker runs: the engine, unix:///PATH or tcp://HOST:PORT (plaintext). [default: the
+    /// local socket, /var/run/docker.sock]
+    #[arg(long, env = "KILN_DOCKER_HOST")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_host: Option<String>,
+
+    /// Docker runs: the registry whose login is used for pulls from it, e.g.
+    /// registry.example.org:5000 or docker.io. Set with docker_registry_username and
+    /// docker_registry_password_file.
+    #[arg(long, env = "KILN_DOCKER_REGISTRY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_registry: Option<String>,
+
+    /// Docker runs: the user name for docker_registry.
+    #[arg(long, env = "KILN_DOCKER_REGISTRY_USERNAME")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_registry_username: Option<String>,
+
+    /// Docker runs: a file holding the password or access token for docker_registry (read
+    /// at each pull; keep it readable by the agent only).
+    #[arg(long, env = "KILN_DOCKER_REGISTRY_PASSWORD_FILE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_registry_password_file: Option<PathBuf>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -122,6 +157,16 @@ pub struct Effective {
     pub env_cache_max_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conda_command: Option<String>,
+    pub docker_cpu_image: String,
+    pub docker_gpu_image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_registry: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_registry_username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_registry_password_file: Option<PathBuf>,
 }
 
 impl Settings {
@@ -141,6 +186,16 @@ impl Settings {
             advertise_address: self.advertise_address.or(lower.advertise_address),
             env_cache_max_bytes: self.env_cache_max_bytes.or(lower.env_cache_max_bytes),
             conda_command: self.conda_command.or(lower.conda_command),
+            docker_cpu_image: self.docker_cpu_image.or(lower.docker_cpu_image),
+            docker_gpu_image: self.docker_gpu_image.or(lower.docker_gpu_image),
+            docker_host: self.docker_host.or(lower.docker_host),
+            docker_registry: self.docker_registry.or(lower.docker_registry),
+            docker_registry_username: self
+                .docker_registry_username
+                .or(lower.docker_registry_username),
+            docker_registry_password_file: self
+                .docker_registry_password_file
+                .or(lower.docker_registry_password_file),
         }
     }
 
@@ -224,6 +279,58 @@ impl Settings {
             ));
         }
         let conda_command = self.conda_command.filter(|c| !c.is_empty());
+        let mut image = |key: &str, value: Option<String>, default: &str| {
+            let image = value.unwrap_or_else(|| default.to_string());
+            if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
+                problems.push(format!(
+                    "{key} `{image}` is not an image reference (e.g. python:3.12-slim)"
+                ));
+            }
+            image
+        };
+        let docker_cpu_image = image(
+            "docker_cpu_image",
+            self.docker_cpu_image,
+            crate::docker::DEFAULT_CPU_IMAGE,
+        );
+        let docker_gpu_image = image(
+            "docker_gpu_image",
+            self.docker_gpu_image,
+            crate::docker::DEFAULT_GPU_IMAGE,
+        );
+        let docker_host = self.docker_host.filter(|h| !h.is_empty());
+        if let Some(host) = &docker_host
+            && !["unix:///", "tcp://", "http://"]
+                .iter()
+                .any(|scheme| host.starts_with(scheme))
+        {
+            problems.push(format!(
+                "docker_host `{host}` is invalid: use unix:///PATH or tcp://HOST:PORT"
+            ));
+        }
+        let registry = [
+            ("docker_registry", self.docker_registry.is_some()),
+            (
+                "docker_registry_username",
+                self.docker_registry_username.is_some(),
+            ),
+            (
+                "docker_registry_password_file",
+                self.docker_registry_password_file.is_some(),
+            ),
+        ];
+        if registry.iter().any(|(_, set)| *set) && !registry.iter().all(|(_, set)| *set) {
+            let missing: Vec<&str> = registry
+                .iter()
+                .filter(|(_, set)| !set)
+                .map(|(key, _)| *key)
+                .collect();
+            problems.push(format!(
+                "a registry login needs docker_registry, docker_registry_username and \
+                 docker_registry_password_file together: {} missing",
+                missing.join(", ")
+            ));
+        }
         if !problems.is_empty() {
             anyhow::bail!(
                 "the agent's configuration is invalid:\n  - {}",
@@ -246,6 +353,12 @@ impl Settings {
                 .env_cache_max_bytes
                 .unwrap_or(crate::env::DEFAULT_CACHE_MAX_BYTES),
             conda_command,
+            docker_cpu_image,
+            docker_gpu_image,
+            docker_host,
+            docker_registry: self.docker_registry,
+            docker_registry_username: self.docker_registry_username,
+            docker_registry_password_file: self.docker_registry_password_file,
         })
     }
 }
@@ -271,6 +384,25 @@ impl Effective {
             .conda_command
             .as_deref()
             .map(|c| crate::env::find_program(c).unwrap_or_else(|| PathBuf::from(c)));
+        config.docker = crate::docker::Settings {
+            cpu_image: self.docker_cpu_image.clone(),
+            gpu_image: self.docker_gpu_image.clone(),
+            host: self.docker_host.clone(),
+            registry_auth: match (
+                &self.docker_registry,
+                &self.docker_registry_username,
+                &self.docker_registry_password_file,
+            ) {
+                (Some(server), Some(username), Some(password_file)) => {
+                    Some(crate::docker::RegistryAuth {
+                        server: server.clone(),
+                        username: username.clone(),
+                        password_file: password_file.clone(),
+                    })
+                }
+                _ => None,
+            },
+        };
         Ok(config)
     }
 

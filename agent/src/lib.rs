@@ -7,6 +7,7 @@
 //! coordinator `CancelRun` kills one run (reported as cancelled).
 
 pub mod config;
+pub mod docker;
 pub mod env;
 pub mod gpu;
 pub mod runner;
@@ -60,6 +61,8 @@ pub struct Config {
     pub advertise_address: Option<String>,
     /// Built environments (venv, conda): cache size, external conda.
     pub env: env::Settings,
+    /// Docker runs: images, engine, registry login.
+    pub docker: docker::Settings,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
                 .unwrap_or_else(|_| PathBuf::from("kiln-agent")),
             advertise_address: None,
             env: env::Settings::default(),
+            docker: docker::Settings::default(),
         }
     }
 }
@@ -166,6 +170,7 @@ impl Agent {
             python_dir,
         });
         agent.reattach_runs();
+        tokio::spawn(agent.clone().reap_docker_orphans());
         tokio::spawn(agent.clone().fence_watchdog());
         let session_stop = CancellationToken::new();
         let session = tokio::spawn(session::run(agent.clone(), uplink_rx, session_stop.clone()));
@@ -315,6 +320,23 @@ impl Agent {
             };
             let fenceable = spec.fenceable();
             self.spawn_attach(spec.run_id, spec.attempt, fenceable, root);
+        }
+    }
+
+    /// Removes this agent's containers whose attempt is gone from `runs/` (a crash between
+    /// the container and the bookkeeping). Nothing to do, and nothing said, without Docker.
+    async fn reap_docker_orphans(self: Arc<Self>) {
+        let runs_dir = self.config.data_dir.join("runs");
+        let host = self.config.docker.host.as_deref();
+        match docker::reap_orphans(host, &self.agent_id, &runs_dir).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                containers = n,
+                "Removed containers of runs this agent no longer has."
+            ),
+            Err(error) => {
+                tracing::debug!(error = %format!("{error:#}"), "No Docker leftovers checked.")
+            }
         }
     }
 

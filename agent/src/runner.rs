@@ -169,20 +169,33 @@ async fn prepare(
     );
     let outputs = work.join("outputs");
     std::fs::create_dir_all(&outputs).context("create outputs/")?;
-    let prepared = {
-        let mut log = |line: &str| system.line(line);
-        crate::env::prepare(
-            assignment.environment.as_ref(),
-            crate::env::Context {
-                default_python: &agent.config.python,
-                data_dir: &agent.config.data_dir,
-                work: &work,
-                settings: &agent.config.env,
-                cancel: &control.cancel,
-                log: &mut log,
-            },
-        )
-        .await?
+    // A Docker run gets its image ready here; its script runs with the image's python3.
+    let docker_image = match docker_environment(assignment) {
+        Some(environment) => {
+            Some(prepare_docker(agent, assignment, environment, &mut system).await?)
+        }
+        None => None,
+    };
+    let prepared = match &docker_image {
+        Some(_) => crate::env::Prepared {
+            python: PathBuf::from("python3"),
+            env: Vec::new(),
+        },
+        None => {
+            let mut log = |line: &str| system.line(line);
+            crate::env::prepare(
+                assignment.environment.as_ref(),
+                crate::env::Context {
+                    default_python: &agent.config.python,
+                    data_dir: &agent.config.data_dir,
+                    work: &work,
+                    settings: &agent.config.env,
+                    cancel: &control.cancel,
+                    log: &mut log,
+                },
+            )
+            .await?
+        }
     };
     let (program, args) = command_line(&prepared.python, assignment, &script)?;
     let socket = agent
@@ -213,7 +226,8 @@ async fn prepare(
         .collect();
     user_env.sort();
     env.extend(user_env);
-    if assignment.gang.is_none() && !assignment.gpus.is_empty() {
+    // A container sees only its GPUs (renumbered from 0): no CUDA_VISIBLE_DEVICES there.
+    if assignment.gang.is_none() && !assignment.gpus.is_empty() && docker_image.is_none() {
         env.push(("CUDA_VISIBLE_DEVICES".to_string(), join(&assignment.gpus)));
     }
     let checkpoint_dir = (assignment.checkpoint_interval_s > 0).then(|| root.join("checkpoint"));
@@ -276,6 +290,18 @@ async fn prepare(
         fenceable: assignment.gang.as_ref().map(|gang| gang.restartable),
         timeout_s: assignment.timeout_s,
         gpus: assignment.gpus.clone(),
+        docker: docker_image.map(|image| crate::docker::DockerSpec {
+            image: image.image,
+            host: agent.config.docker.host.clone(),
+            agent_id: agent.agent_id.clone(),
+            gpus: image.gpus,
+            gpu_driver: image.gpu_driver,
+            cpus: assignment.resources.map_or(0, |r| r.cpus),
+            memory_bytes: assignment.resources.map_or(0, |r| r.memory_bytes),
+            shm_size_bytes: environment_shm_size(assignment),
+            user: format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid()),
+            python_dir: agent.python_dir.clone(),
+        }),
     };
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(
@@ -285,6 +311,46 @@ async fn prepare(
     // Node 0's script binds the port next.
     drop(port_reservation);
     start_supervisor(agent, state)
+}
+
+/// The run's Docker environment, if it asked for one.
+fn docker_environment(assignment: &v1::Assignment) -> Option<&v1::DockerEnvironment> {
+    match assignment.environment.as_ref()?.kind.as_ref()? {
+        v1::environment::Kind::Docker(docker) => Some(docker),
+        _ => None,
+    }
+}
+
+fn environment_shm_size(assignment: &v1::Assignment) -> u64 {
+    docker_environment(assignment).map_or(0, |docker| docker.shm_size_bytes)
+}
+
+/// Picks, checks and (if missing) pulls the run's image; the pull's progress goes into the
+/// run's log.
+async fn prepare_docker(
+    agent: &Agent,
+    assignment: &v1::Assignment,
+    environment: &v1::DockerEnvironment,
+    system: &mut SystemLines,
+) -> Result<crate::docker::PreparedImage, crate::env::EnvError> {
+    if assignment.gang.is_some() {
+        return Err(crate::env::EnvError(
+            "docker environments are not supported for distributed runs (--nodes or \
+             --procs-per-node above 1) yet: use a user-managed environment"
+                .into(),
+        ));
+    }
+    let mut log = |line: &str| system.line(line);
+    crate::docker::prepare(
+        crate::docker::PrepareRequest {
+            environment,
+            allocated_gpus: &assignment.gpus,
+            host_gpus: agent.host.gpus.len(),
+            settings: &agent.config.docker,
+        },
+        &mut log,
+    )
+    .await
 }
 
 /// Binds a free port on this node's advertised address (any address when none is set) and
@@ -486,6 +552,8 @@ pub(crate) async fn attach(
     let mut stopping: Option<Instant> = None;
     let mut killed = false;
     let spec: Option<Spec> = spool::read_json(&state.spec()).ok().flatten();
+    let docker = spec.as_ref().and_then(|spec| spec.docker.clone());
+    follower.docker = docker.is_some();
     let mut checkpoints = Checkpoints::new(&agent, run_id, attempt, spec.as_ref());
     // The run's time limit counts from when it was set up (spec.json), so that it holds
     // across agent restarts.
@@ -549,6 +617,27 @@ pub(crate) async fn attach(
             _ = tokio::time::sleep(POLL) => {}
         }
     };
+    // The supervisor removes its container; if it died, nothing else would: remove what
+    // is left of this attempt, by label.
+    if let Some(docker) = &docker {
+        match crate::docker::remove_run_containers(
+            docker.host.as_deref(),
+            &docker.agent_id,
+            run_id,
+            attempt,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => warn!(
+                containers = n,
+                "Removed containers the run's supervisor left."
+            ),
+            Err(error) => {
+                warn!(error = %format!("{error:#}"), "Could not check for leftover containers.")
+            }
+        }
+    }
     // The script has ended: its last checkpoint goes up before the run is reported.
     checkpoints.finish().await;
     let cancelled = control.cancel.is_cancelled();
@@ -821,6 +910,8 @@ struct Follower {
     sent_metrics: usize,
     child: Option<ProcessRecord>,
     started_sent: bool,
+    /// A Docker run: its supervisor, not a process group, is signalled.
+    docker: bool,
 }
 
 impl Follower {
@@ -845,6 +936,7 @@ impl Follower {
             sent_metrics: 0,
             child: None,
             started_sent: false,
+            docker: false,
         }
     }
 
@@ -1017,13 +1109,20 @@ impl Follower {
         if let Some(exit) = self.exit() {
             return Some(exit);
         }
+        // A Docker run's container is removed by `attach` (by its labels).
         if let Some(child) = &self.child
             && child.boot_id == spool::boot_id()
+            && !self.docker
         {
             let _ = killpg(Pid::from_raw(child.pid), Signal::SIGKILL);
         }
-        let message =
-            "the run's supervisor process is gone (killed, or the machine restarted)".to_string();
+        let message = if self.docker {
+            "the run's supervisor process is gone (killed, or the machine restarted); its \
+             container was stopped and removed"
+                .to_string()
+        } else {
+            "the run's supervisor process is gone (killed, or the machine restarted)".to_string()
+        };
         Some(Exit {
             exit_code: None,
             description: message.clone(),
@@ -1034,6 +1133,18 @@ impl Follower {
     }
 
     fn signal_group(&self, signal: Signal) {
+        if self.docker {
+            // The supervisor stops the container on SIGTERM (Docker sends SIGKILL after the
+            // grace period); killing the supervisor would leave the container running.
+            if signal == Signal::SIGTERM
+                && let Ok(Some(supervisor)) =
+                    spool::read_json::<ProcessRecord>(&self.state.supervisor())
+                && supervisor.boot_id == spool::boot_id()
+            {
+                let _ = nix::sys::signal::kill(Pid::from_raw(supervisor.pid), signal);
+            }
+            return;
+        }
         if let Some(child) = &self.child {
             let _ = killpg(Pid::from_raw(child.pid), signal);
         }

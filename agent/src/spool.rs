@@ -7,7 +7,8 @@
 //! Files in a run's state directory:
 //! - `spec.json` — what to run ([`Spec`]), written by the agent before starting the supervisor.
 //! - `supervisor.json` — the supervisor's pid and the boot id it started under.
-//! - `child.json` — the script's pid (also its process group id), once started.
+//! - `child.json` — the script's pid (also its process group id), once started; for a Docker
+//!   run, the container's init process (signals go to the supervisor instead, see `docker.rs`).
 //! - `logs.spool`, `metrics.spool` — [`LogRecord`]s and [`MetricRecord`]s, one per line.
 //! - `exit.json` — how the script ended ([`Exit`]), written once everything was spooled.
 //! - `acked.json` — the highest sequence numbers the coordinator acknowledged.
@@ -55,6 +56,10 @@ pub struct Spec {
     /// The GPU indices allocated to the run: only these are sampled.
     #[serde(default)]
     pub gpus: Vec<u32>,
+    /// Docker runs: the container to run the program in (see `docker.rs`); `None`: the
+    /// program runs as a process of the supervisor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<crate::docker::DockerSpec>,
 }
 
 impl Spec {

@@ -96,6 +96,19 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let listener = std::os::unix::net::UnixListener::bind(&spec.metrics_socket)
         .with_context(|| format!("bind {}", spec.metrics_socket.display()))?;
 
+    if let Some(docker) = &spec.docker {
+        let files = SpoolFiles {
+            logs,
+            metrics: metrics_file,
+            log_seq,
+            metric_seq,
+        };
+        let exit = supervise_container(state, &spec, docker, files, listener)?;
+        let _ = std::fs::remove_file(&reserve);
+        spool::write_json(&state.exit(), &exit)?;
+        return Ok(());
+    }
+
     // One process for a single-node run; one per local rank for a gang node. They share the
     // first one's process group, so that one signal reaches all of them and what they left.
     let procs = if spec.procs.is_empty() {
@@ -240,6 +253,130 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&reserve);
     spool::write_json(&state.exit(), &exit)?;
     Ok(())
+}
+
+/// The spool files, open for appending, and the last sequence numbers in them.
+struct SpoolFiles {
+    logs: std::fs::File,
+    metrics: std::fs::File,
+    log_seq: u64,
+    metric_seq: u64,
+}
+
+/// A Docker run: the container takes the place of the script's process group (see
+/// `docker.rs`); the spool, metric socket and sampling work as for a process. SIGTERM to
+/// the supervisor stops the container.
+fn supervise_container(
+    state: &StateDir,
+    spec: &Spec,
+    docker: &crate::docker::DockerSpec,
+    files: SpoolFiles,
+    listener: std::os::unix::net::UnixListener,
+) -> anyhow::Result<Exit> {
+    let (records, records_rx) = mpsc::sync_channel::<Record>(8192);
+    let writer = std::thread::spawn(move || {
+        let result = write_records(
+            records_rx,
+            files.logs,
+            files.metrics,
+            files.log_seq,
+            files.metric_seq,
+        );
+        if result.is_err() {
+            // Output that cannot be kept must not be produced: stop the container now.
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
+        }
+        result
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let acceptor = {
+        let (records, done) = (records.clone(), done.clone());
+        std::thread::spawn(move || accept_metrics(listener, records, done, false, None))
+    };
+    let (stop_sampling, sampling_stopped) = mpsc::channel::<()>();
+
+    struct Events {
+        records: mpsc::SyncSender<Record>,
+        state: StateDir,
+        interval: Duration,
+        sampling_stopped: Option<mpsc::Receiver<()>>,
+        sampler: Option<std::thread::JoinHandle<()>>,
+        /// The run's GPUs (host indices): only these are sampled.
+        gpus: Vec<u32>,
+    }
+    impl crate::docker::ContainerEvents for Events {
+        fn line(&mut self, stream: i32, text: String) {
+            let _ = self.records.send(Record::Log(stream, None, text));
+        }
+        fn started(&mut self, pid: i32) {
+            let record = ProcessRecord {
+                pid,
+                boot_id: spool::boot_id(),
+            };
+            if let Err(error) = spool::write_json(&self.state.child(), &record) {
+                eprintln!("kiln supervisor: could not write child.json: {error}");
+            }
+            // The container's processes are the tree under its init process.
+            if let Some(stop) = self.sampling_stopped.take() {
+                let (records, interval) = (self.records.clone(), self.interval);
+                let gpus = self.gpus.clone();
+                self.sampler = Some(std::thread::spawn(move || {
+                    sample(pid as u32, interval, None, &gpus, records, stop)
+                }));
+            }
+        }
+    }
+    let mut events = Events {
+        records: records.clone(),
+        state: state.clone(),
+        interval: Duration::from_millis(spec.metrics_interval_ms.max(50)),
+        gpus: spec.gpus.clone(),
+        sampling_stopped: Some(sampling_stopped),
+        sampler: None,
+    };
+    drop(records);
+    let ran = crate::docker::run_container(spec, docker, &mut events);
+
+    done.store(true, Ordering::SeqCst);
+    drop(stop_sampling);
+    let _ = std::os::unix::net::UnixStream::connect(&spec.metrics_socket);
+    let _ = acceptor.join();
+    if let Some(sampler) = events.sampler.take() {
+        let _ = sampler.join();
+    }
+    drop(events);
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("spool writer panicked"))?;
+    let _ = std::fs::remove_file(&spec.metrics_socket);
+    Ok(match (written, ran) {
+        (Err(error), _) => Exit {
+            exit_code: None,
+            description: format!("stopped: the agent could not keep the run's output: {error:#}"),
+            start_error: None,
+            failed_rank: None,
+            env_failed: false,
+        },
+        (Ok(()), Ok(ended)) => Exit {
+            exit_code: ended.exit_code,
+            description: ended.description,
+            // A container that could not be created or started is the environment's fault
+            // (no such command in the image, a device the engine cannot give, ...).
+            env_failed: ended.start_error.is_some(),
+            start_error: ended.start_error,
+            failed_rank: None,
+        },
+        (Ok(()), Err(error)) => {
+            let message = format!("the container could not be run: {error:#}");
+            Exit {
+                exit_code: None,
+                description: message.clone(),
+                start_error: Some(message),
+                failed_rank: None,
+                env_failed: true,
+            }
+        }
+    })
 }
 
 /// Waits for every process. The first that fails (exits non-zero or is killed) stops the

@@ -2,7 +2,11 @@
 //! on loopback (port 0, temporary directories) and drives them with the real `kiln` CLI.
 //! Binaries come from the same target directory as the test executable; build them first
 //! (`cargo build --workspace`, which `tests/run` does).
+//!
+//! [`grpc`] submits runs through the public API directly, for run options the CLI has no
+//! flag for; [`docker`] provides the Docker tests' image.
 
+pub mod docker;
 pub mod grpc;
 
 use std::path::{Path, PathBuf};
@@ -13,13 +17,16 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-/// A built Kiln binary, next to the test executable's `deps/` directory.
+/// A built Kiln binary, next to the test executable's `deps/` directory (or next to the
+/// executable itself, for a harness binary such as `bench-docker`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
+    let parent = exe.parent().expect("target/<profile>/...");
+    let dir = if parent.file_name() == Some(std::ffi::OsStr::new("deps")) {
+        parent.parent().expect("target/<profile>/deps/<test>")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),
@@ -162,6 +169,8 @@ pub struct Cluster {
     /// A command agent `index` runs under (e.g. `ip netns exec NS`).
     agent_wrapper: std::collections::HashMap<usize, Vec<String>>,
     ttl: String,
+    /// Flags every agent gets on top of the harness's own (see [`Cluster::start_with_agent_args`]).
+    agent_args: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -180,12 +189,22 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with the coordinator's heartbeat TTL in seconds.
     pub fn start_with_ttl(agents: &[AgentSpec], ttl_s: u32) -> Cluster {
-        Cluster::start_listening("127.0.0.1:0", agents, ttl_s)
+        Cluster::start_full("127.0.0.1:0", agents, ttl_s, &[])
+    }
+
+    /// Like [`Cluster::start`], each agent started with `args` added to its command line
+    /// (e.g. `["--docker-cpu-image", "kiln-test/python:bookworm"]`).
+    pub fn start_with_agent_args(agents: &[AgentSpec], args: &[&str]) -> Cluster {
+        Cluster::start_full("127.0.0.1:0", agents, 5, args)
     }
 
     /// Like [`Cluster::start_with_ttl`], with the coordinator listening on `listen`
     /// (`IP:0` for any free port), e.g. an address agents in a network namespace reach.
     pub fn start_listening(listen: &str, agents: &[AgentSpec], ttl_s: u32) -> Cluster {
+        Cluster::start_full(listen, agents, ttl_s, &[])
+    }
+
+    fn start_full(listen: &str, agents: &[AgentSpec], ttl_s: u32, agent_args: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
@@ -211,6 +230,7 @@ impl Cluster {
             agent_env: Default::default(),
             agent_wrapper: Default::default(),
             ttl,
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         for spec in agents {
             cluster.add_agent(spec.clone());
@@ -356,7 +376,8 @@ impl Cluster {
             )
             .arg("--data-dir")
             .arg(&data)
-            .envs(self.agent_env.get(&index).into_iter().flatten().cloned());
+            .envs(self.agent_env.get(&index).into_iter().flatten().cloned())
+            .args(&self.agent_args);
         let log = self.dir.path().join(format!("agent{index}.log"));
         Daemon::spawn(&format!("agent{index}"), command, log)
     }

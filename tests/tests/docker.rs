@@ -1,0 +1,393 @@
+//! Docker runs against the real engine: a real coordinator and agent (as processes), the
+//! script in a container of the test image (`kiln_tests::docker::TEST_IMAGE`, built once
+//! per machine). #[ignore]d by default: `tests/run` runs them when `KILN_DOCKER_TESTS=1`
+//! (`.ci/run` sets it), and reports them as skipped otherwise.
+
+use std::time::Duration;
+
+use kiln_tests::docker::{TEST_IMAGE, containers_of_run, docker, ensure_test_image};
+use kiln_tests::grpc::{docker_run, submit_request as submit};
+use kiln_tests::*;
+
+const ONE_AGENT: &[AgentSpec] = &[AgentSpec {
+    target: "box",
+    slots: 1,
+    advertise: None,
+}];
+
+/// A GPU image that does not exist: a run that picked it would fail, so a passing run
+/// shows the CPU image was chosen.
+const MISSING_GPU_IMAGE: &str = "kiln-test/no-gpu-image-here:1";
+
+fn docker_cluster() -> Cluster {
+    Cluster::start_with_agent_args(
+        ONE_AGENT,
+        &[
+            "--docker-cpu-image",
+            TEST_IMAGE,
+            "--docker-gpu-image",
+            MISSING_GPU_IMAGE,
+        ],
+    )
+}
+
+fn source_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    dir
+}
+
+/// stdout and stderr of `kiln logs RUN` (Kiln's own lines are on stderr, `[kiln] ...`).
+fn logs(cluster: &Cluster, run_id: i64) -> (String, String) {
+    let output = cluster.kiln(&["logs", &run_id.to_string()]);
+    (text(&output.stdout), text(&output.stderr))
+}
+
+fn wait_for_line(cluster: &Cluster, run_id: i64, line: &str) {
+    wait_for(
+        &format!("`{line}` in run {run_id}'s log"),
+        Duration::from_secs(60),
+        || {
+            logs(cluster, run_id)
+                .0
+                .lines()
+                .any(|l| l == line)
+                .then_some(())
+        },
+    );
+}
+
+fn wait_end(cluster: &Cluster, run_id: i64, status: &str) -> serde_json::Value {
+    wait_for(
+        &format!("run {run_id} to be {status}"),
+        Duration::from_secs(90),
+        || {
+            let run = cluster.run(run_id);
+            let ended = !matches!(
+                run["status"].as_str(),
+                Some("queued" | "assigned" | "running")
+            );
+            ended.then_some(run)
+        },
+    )
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_run_in_a_container_streams_logs_metrics_outputs_and_its_exit_code() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    let src = source_dir(&[(
+        "train.py",
+        r#"
+import os, sys, kiln
+print(open("/etc/kiln-test-image").read().strip())
+print([l for l in open("/etc/os-release") if l.startswith("VERSION_CODENAME=")][0].strip())
+print("cwd", os.getcwd())
+print("lr", os.environ["LR"])
+for step in range(1, 4):
+    kiln.log("loss", 1.0 / step, step=step)
+print("to stderr", file=sys.stderr)
+with open(os.path.join(kiln.outputs_dir(), "result.txt"), "w") as f:
+    f.write("42")
+sys.exit(3)
+"#,
+    )]);
+    let mut request = docker_run("box", "train.py", "auto");
+    request.env.insert("LR".into(), "0.25".into());
+    let run_id = submit(&cluster.address, src.path(), request);
+    let run = wait_end(&cluster, run_id, "failed");
+    assert_eq!(run["status"], "failed", "{run}");
+    assert_eq!(run["exit_code"], 3, "{run} {:?}", logs(&cluster, run_id));
+
+    let (stdout, stderr) = logs(&cluster, run_id);
+    // The script ran in the image (its marker file, Debian 12), in the mounted snapshot.
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "kiln test image",
+            "VERSION_CODENAME=bookworm",
+            "cwd /kiln/work",
+            "lr 0.25"
+        ],
+        "{stderr}"
+    );
+    assert!(stderr.contains("to stderr"), "{stderr}");
+    // image: auto on this GPU-less agent is the CPU image.
+    assert!(
+        stderr.contains(&format!(
+            "Docker image {TEST_IMAGE}: the agent's CPU image (image: auto; the run has no GPUs)."
+        )),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("Image {TEST_IMAGE} found on this agent")),
+        "{stderr}"
+    );
+
+    let metrics = cluster.json(&["metrics", &run_id.to_string(), "--json"]);
+    let loss = metrics
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "loss")
+        .unwrap_or_else(|| panic!("no loss metric in {metrics}"));
+    assert_eq!(loss["count"], 3);
+    assert_eq!(loss["last_step"], 3);
+
+    let dest = cluster.dir.path().join("downloaded");
+    let download = cluster.kiln(&["download", &run_id.to_string(), dest.to_str().unwrap()]);
+    assert!(download.status.success(), "{}", text(&download.stderr));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("result.txt")).unwrap(),
+        "42"
+    );
+    assert_eq!(
+        containers_of_run(&cluster.agent_id(0), run_id),
+        Vec::<String>::new()
+    );
+    cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn cancel_stops_the_container_and_leaves_nothing() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    let src = source_dir(&[(
+        "train.py",
+        "import time\nprint('started', flush=True)\ntime.sleep(600)\n",
+    )]);
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", "cpu"),
+    );
+    wait_for_line(&cluster, run_id, "started");
+    let agent_id = cluster.agent_id(0);
+    assert_eq!(containers_of_run(&agent_id, run_id).len(), 1);
+
+    let output = cluster.kiln(&["cancel", &run_id.to_string()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    cluster.wait_status(run_id, "cancelled");
+    wait_for(
+        "the cancelled run's container to be removed",
+        Duration::from_secs(30),
+        || {
+            containers_of_run(&agent_id, run_id)
+                .is_empty()
+                .then_some(())
+        },
+    );
+    cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn an_image_that_does_not_exist_ends_the_run_env_failed_naming_it() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    let src = source_dir(&[("train.py", "print('never')\n")]);
+    let image = "kiln-test/no-such-image:1";
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", image),
+    );
+    let run = wait_end(&cluster, run_id, "env_failed");
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(&format!(
+            "image `{image}` is not on this agent and could not be pulled: "
+        )),
+        "{message}"
+    );
+    let (stdout, stderr) = logs(&cluster, run_id);
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains(&format!("Pulling image {image}")),
+        "{stderr}"
+    );
+    cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_gpu_run_names_the_missing_gpu_image_and_a_cpu_run_is_unaffected() {
+    ensure_test_image();
+    // `image: gpu` forces the GPU image; this agent's is configured to one that does not
+    // exist, and the message says so rather than falling back to the CPU image.
+    let cluster = docker_cluster();
+    let src = source_dir(&[("train.py", "print('ran')\n")]);
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", "gpu"),
+    );
+    let run = wait_end(&cluster, run_id, "env_failed");
+    assert_eq!(run["status"], "env_failed", "{run}");
+    assert!(
+        run["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("image `{MISSING_GPU_IMAGE}`")),
+        "{run}"
+    );
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", "cpu"),
+    );
+    assert_eq!(
+        wait_end(&cluster, run_id, "succeeded")["status"],
+        "succeeded"
+    );
+    cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_container_left_by_an_earlier_try_is_adopted_not_duplicated() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    let agent_id = cluster.agent_id(0);
+    // The first run of a new coordinator is run 1, attempt 1: its container's name is known.
+    let name = format!("kiln-{}-1-1", agent_id.trim_start_matches("ag-"));
+    docker(&[
+        "create",
+        "--name",
+        &name,
+        "--label",
+        "kiln.run_id=1",
+        "--label",
+        "kiln.attempt=1",
+        "--label",
+        &format!("kiln.agent_id={agent_id}"),
+        TEST_IMAGE,
+        "python3",
+        "-c",
+        "print('the adopted container ran')",
+    ]);
+    let src = source_dir(&[("train.py", "print('a second container ran')\n")]);
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", "cpu"),
+    );
+    assert_eq!(run_id, 1);
+    assert_eq!(
+        wait_end(&cluster, run_id, "succeeded")["status"],
+        "succeeded"
+    );
+    let (stdout, stderr) = logs(&cluster, run_id);
+    assert_eq!(stdout, "the adopted container ran\n", "{stderr}");
+    assert!(
+        stderr.contains(&format!("Adopted the existing container {name}")),
+        "{stderr}"
+    );
+    assert!(containers_of_run(&agent_id, run_id).is_empty());
+    cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_container_of_someone_else_under_the_name_is_refused_and_left_alone() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    let agent_id = cluster.agent_id(0);
+    let name = format!("kiln-{}-1-1", agent_id.trim_start_matches("ag-"));
+    docker(&["create", "--name", &name, TEST_IMAGE, "true"]);
+    let src = source_dir(&[("train.py", "print('ran')\n")]);
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", "cpu"),
+    );
+    assert_eq!(run_id, 1);
+    let run = wait_end(&cluster, run_id, "env_failed");
+    assert_eq!(run["status"], "env_failed", "{run}");
+    assert!(
+        run["message"].as_str().unwrap().contains(&format!(
+            "a container named {name} already exists and is not this run's"
+        )),
+        "{run}"
+    );
+    // Still there: not ours to remove.
+    docker(&["container", "inspect", &name]);
+    docker(&["rm", "-f", &name]);
+    cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn an_agent_restart_finds_the_container_run_again() {
+    ensure_test_image();
+    let mut cluster = docker_cluster();
+    // The script waits for a file the test creates in its (mounted) work directory.
+    let src = source_dir(&[(
+        "train.py",
+        "import os, time\nprint('before', flush=True)\nwhile not os.path.exists('go'):\n    time.sleep(0.05)\nprint('after')\n",
+    )]);
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", "cpu"),
+    );
+    wait_for_line(&cluster, run_id, "before");
+    cluster.crash_and_restart_agent(0);
+    let work = cluster
+        .dir
+        .path()
+        .join(format!("agent0/runs/{run_id}.1/work"));
+    std::fs::write(work.join("go"), "").unwrap();
+    assert_eq!(
+        wait_end(&cluster, run_id, "succeeded")["status"],
+        "succeeded"
+    );
+    assert_eq!(logs(&cluster, run_id).0, "before\nafter\n");
+    assert!(containers_of_run(&cluster.agent_id(0), run_id).is_empty());
+    cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_dead_supervisor_does_not_leave_its_container_running() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    let src = source_dir(&[(
+        "train.py",
+        "import time\nprint('started', flush=True)\ntime.sleep(600)\n",
+    )]);
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "train.py", "cpu"),
+    );
+    wait_for_line(&cluster, run_id, "started");
+    let agent_id = cluster.agent_id(0);
+    assert_eq!(containers_of_run(&agent_id, run_id).len(), 1);
+    let record = cluster
+        .dir
+        .path()
+        .join(format!("agent0/runs/{run_id}.1/state/supervisor.json"));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(record).unwrap()).unwrap();
+    let pid = record["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let run = wait_end(&cluster, run_id, "failed");
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["message"]
+            .as_str()
+            .unwrap()
+            .contains("supervisor process is gone"),
+        "{run}"
+    );
+    assert!(containers_of_run(&agent_id, run_id).is_empty());
+    cluster.stop();
+}
