@@ -351,7 +351,7 @@ impl Agent {
         );
         let agent = self.clone();
         self.run_tasks.spawn(async move {
-            runner::attach(agent.clone(), run_id, attempt, root, control).await;
+            runner::attach(agent.clone(), run_id, attempt, root, control, None).await;
             agent.run_ended(key);
         });
     }

@@ -37,6 +37,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(5);
 /// Most unacknowledged lines (or points) held in memory; the rest waits in the spool file.
 const MAX_UNACKED: usize = 50_000;
+/// How often the spool is read while the attempt is being prepared.
+const PREPARE_POLL: Duration = Duration::from_millis(100);
 /// Largest batch sent in one message.
 const MAX_BATCH: usize = 1000;
 
@@ -81,7 +83,35 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
         info!(script = %assignment.script, snapshot = %assignment.snapshot_digest, "Run assigned.");
         let root = run_root(&agent, assignment.run_id, assignment.attempt);
         let state = StateDir(root.join("state"));
-        if let Err(error) = prepare(&agent, &assignment, &root, &state, &control).await {
+        // The preparation's own lines (snapshot fetch, environment build output, image pull)
+        // stream to the coordinator while it runs, not only once the script has started.
+        let mut follower = Follower::new(&agent, assignment.run_id, assignment.attempt, &state);
+        let prepared = {
+            let preparing = prepare(&agent, &assignment, &root, &state, &control);
+            tokio::pin!(preparing);
+            let mut sessions = agent.session_generation.subscribe();
+            let mut acks = control.acks.clone();
+            loop {
+                tokio::select! {
+                    result = &mut preparing => break result,
+                    _ = tokio::time::sleep(PREPARE_POLL) => {
+                        follower.read_spool();
+                        follower.send_new().await;
+                    }
+                    changed = acks.changed() => {
+                        if changed.is_ok() {
+                            follower.acknowledged(*acks.borrow_and_update());
+                        }
+                    }
+                    changed = sessions.changed() => {
+                        if changed.is_ok() {
+                            follower.resend().await;
+                        }
+                    }
+                }
+            }
+        };
+        if let Err(error) = prepared {
             // Nothing started: record why, and report it like any other end.
             let message = format!("{error:#}");
             let env_failed = error.chain().any(|e| e.is::<crate::env::EnvError>());
@@ -101,7 +131,15 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
                 return;
             }
         }
-        attach(agent, assignment.run_id, assignment.attempt, root, control).await;
+        attach(
+            agent,
+            assignment.run_id,
+            assignment.attempt,
+            root,
+            control,
+            Some(follower),
+        )
+        .await;
     }
     .instrument(span)
     .await
@@ -544,9 +582,10 @@ pub(crate) async fn attach(
     attempt: u32,
     root: PathBuf,
     mut control: RunControl,
+    follower: Option<Follower>,
 ) {
     let state = StateDir(root.join("state"));
-    let mut follower = Follower::new(&agent, run_id, attempt, &state);
+    let mut follower = follower.unwrap_or_else(|| Follower::new(&agent, run_id, attempt, &state));
     let mut sessions = agent.session_generation.subscribe();
     sessions.mark_changed();
     let mut stopping: Option<Instant> = None;
@@ -893,7 +932,7 @@ impl Checkpoints {
 }
 
 /// Reads one attempt's spool and keeps what is not yet acknowledged.
-struct Follower {
+pub(crate) struct Follower {
     agent: Arc<Agent>,
     run_id: i64,
     attempt: u32,

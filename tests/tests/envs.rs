@@ -62,6 +62,15 @@ fn envs_dir(cluster: &Cluster) -> PathBuf {
     cluster.dir.path().join("agent0/envs")
 }
 
+/// Like [`cache_entries`], but empty before the cache directory exists.
+fn cache_entries_if_any(cluster: &Cluster) -> Vec<String> {
+    if envs_dir(cluster).is_dir() {
+        cache_entries(cluster)
+    } else {
+        Vec::new()
+    }
+}
+
 /// Names of the complete cache entries (`NAME.json`).
 fn cache_entries(cluster: &Cluster) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(envs_dir(cluster))
@@ -177,6 +186,17 @@ fn a_venv_is_built_once_for_concurrent_runs_and_reused_later() {
     // Two runs at once on a two-slot agent: one builds, the other waits and reuses.
     let first = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
     let second = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    // The build's output streams while it runs: once its first line can be read, the build
+    // (seconds: venv + pip) is still going — no complete cache entry yet.
+    wait_for("a preparation line", BUILD_TIMEOUT, || {
+        let (_, kiln_lines) = logs(&cluster, first);
+        kiln_lines.contains("Preparing environment").then_some(())
+    });
+    assert_eq!(
+        cache_entries_if_any(&cluster),
+        Vec::<String>::new(),
+        "the first preparation line arrived only after the build had finished"
+    );
     let mut outcomes = Vec::new();
     let mut prefixes = Vec::new();
     for run_id in [first, second] {
