@@ -82,6 +82,8 @@ async fn connected(
         .send_modify(|generation| *generation += 1);
 
     let mut heartbeat = tokio::time::interval(agent.config.heartbeat_interval);
+    // The environment cache as last reported on this session (none yet: report it).
+    let mut reported_environments: Option<Vec<v1::CachedEnvironment>> = None;
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     loop {
@@ -109,7 +111,17 @@ async fn connected(
                 None => anyhow::bail!("the coordinator closed the session"),
             },
             _ = heartbeat.tick() => {
-                out.send(up(Up::Heartbeat(v1::Heartbeat {}))).await?;
+                let environments = cached_environments(agent);
+                let beat = if reported_environments.as_ref() == Some(&environments) {
+                    v1::Heartbeat::default()
+                } else {
+                    reported_environments = Some(environments.clone());
+                    v1::Heartbeat {
+                        environments_included: true,
+                        environments,
+                    }
+                };
+                out.send(up(Up::Heartbeat(beat))).await?;
             }
             Some(message) = uplink.recv() => {
                 out.send(message).await?;
@@ -140,6 +152,29 @@ fn handle(agent: &Arc<Agent>, kind: Down) {
         }
         Down::Welcome(_) => {}
     }
+}
+
+/// The agent's environment cache (a directory listing and small JSON files: cheap enough to
+/// read at every heartbeat), most recently used first.
+fn cached_environments(agent: &Agent) -> Vec<v1::CachedEnvironment> {
+    let cache =
+        crate::env::cache::Cache::new(&agent.config.data_dir, agent.config.env.cache_max_bytes);
+    let ms = |time: std::time::SystemTime| {
+        time.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    let mut entries = cache.entries();
+    entries.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+    entries
+        .into_iter()
+        .map(|(used, info)| v1::CachedEnvironment {
+            name: info.name,
+            size_bytes: info.size_bytes,
+            built_unix_ms: info.built_unix_ms as i64,
+            last_used_unix_ms: ms(used),
+            source: info.source,
+        })
+        .collect()
 }
 
 pub(crate) fn up(kind: Up) -> v1::AgentMessage {

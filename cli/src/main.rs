@@ -36,6 +36,17 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum AgentsCommand {
+    /// One agent: host, GPUs, state, and the environments (venv, conda) it keeps cached.
+    Show {
+        /// The agent's id or host name.
+        agent: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
     Submit(Box<submit::SubmitArgs>),
     /// Print a run's log; with --follow keep printing until the run ends.
@@ -107,10 +118,13 @@ enum Command {
     },
     /// List agents: host, target, CPUs, memory, GPUs, last heartbeat, state.
     ///
-    /// Example:
+    /// Examples:
     ///   kiln agents
+    ///   kiln agents show gpu-node-3     # one agent, with its cached environments
     #[command(verbatim_doc_comment)]
     Agents {
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
         #[arg(long)]
         json: bool,
     },
@@ -286,7 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             output::targets(&targets, json);
             Ok(0)
         }
-        Command::Agents { json } => {
+        Command::Agents { command, json } => {
             let mut client = kiln_proto::clients::kiln(connection.channel().await?);
             let agents = client
                 .list_agents(v1::ListAgentsRequest {})
@@ -294,6 +308,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(status_error)?
                 .into_inner()
                 .agents;
+            if let Some(AgentsCommand::Show { agent, json }) = command {
+                let found = agents.iter().find(|a| {
+                    a.id == agent || a.host.as_ref().is_some_and(|h| h.hostname == agent)
+                });
+                let Some(found) = found else {
+                    let known: Vec<&str> = agents.iter().map(|a| a.id.as_str()).collect();
+                    anyhow::bail!(
+                        "no agent `{agent}` (give an id or a host name; agents: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    );
+                };
+                output::agent(found, json);
+                return Ok(0);
+            }
             output::agents(&agents, json);
             Ok(0)
         }

@@ -394,38 +394,120 @@ pub fn targets(targets: &[v1::Target], as_json: bool) {
 pub fn agents(agents: &[v1::Agent], as_json: bool) {
     let default_host = v1::HostInfo::default();
     if as_json {
-        let values = agents
-            .iter()
-            .map(|a| {
-                let host = a.host.as_ref().unwrap_or(&default_host);
-                json!({
-                    "id": a.id,
-                    "hostname": host.hostname,
-                    "target": a.target,
-                    "cpus": host.cpus,
-                    "memory_bytes": host.memory_bytes,
-                    "gpus": host.gpus.iter().map(|g| json!({
-                        "index": g.index, "name": g.name, "uuid": g.uuid, "memory_bytes": g.memory_bytes,
-                    })).collect::<Vec<_>>(),
-                    "gpu_probe_error": if host.gpu_probe_error.is_empty() { Value::Null } else { Value::String(host.gpu_probe_error.clone()) },
-                    "cuda_driver_version": if host.cuda_driver_version.is_empty() { Value::Null } else { Value::String(host.cuda_driver_version.clone()) },
-                    "os": host.os,
-                    "agent_version": host.agent_version,
-                    "state": a.state,
-                    "slots": a.slots,
-                    "low_priority": host.low_priority,
-                    "runs_active": a.runs_active,
-                    "last_heartbeat": time(a.last_heartbeat_unix_ms),
-                })
-            })
-            .collect();
+        let values = agents.iter().map(agent_json).collect();
         print_json(&Value::Array(values));
         return;
     }
+    agents_table(agents, &default_host);
+}
+
+fn cached_environment_json(e: &v1::CachedEnvironment) -> Value {
+    json!({
+        "name": e.name,
+        "source": e.source,
+        "size_bytes": e.size_bytes,
+        "built_at": time(e.built_unix_ms),
+        "last_used_at": time(e.last_used_unix_ms),
+    })
+}
+
+fn agent_json(a: &v1::Agent) -> Value {
+    let default_host = v1::HostInfo::default();
+    let host = a.host.as_ref().unwrap_or(&default_host);
+    let mut value = agent_json_fields(a, host);
+    value["environments"] =
+        Value::Array(a.environments.iter().map(cached_environment_json).collect());
+    value
+}
+
+/// `kiln agents show AGENT`: the agent's host and its cached environments.
+pub fn agent(a: &v1::Agent, as_json: bool) {
+    if as_json {
+        print_json(&agent_json(a));
+        return;
+    }
+    let default_host = v1::HostInfo::default();
+    let host = a.host.as_ref().unwrap_or(&default_host);
+    let field = |name: &str, value: String| println!("{name:<16}{value}");
+    field("id", a.id.clone());
+    field("host", host.hostname.clone());
+    field("target", a.target.clone());
+    field("state", a.state.clone());
+    field("os", host.os.clone());
+    field("agent version", host.agent_version.clone());
+    field("cpus", host.cpus.to_string());
+    field("memory", HumanBytes(host.memory_bytes).to_string());
+    field("slots", format!("{} ({} active)", a.slots, a.runs_active));
+    if host.gpus.is_empty() {
+        field("gpus", format!("none ({})", dash(&host.gpu_probe_error)));
+    } else {
+        field(
+            "gpus",
+            format!(
+                "{} (driver CUDA {})",
+                host.gpus.len(),
+                dash(&host.cuda_driver_version)
+            ),
+        );
+        for gpu in &host.gpus {
+            field(
+                &format!("  gpu {}", gpu.index),
+                format!("{} {} {}", gpu.name, HumanBytes(gpu.memory_bytes), gpu.uuid),
+            );
+        }
+    }
+    field("last heartbeat", time(a.last_heartbeat_unix_ms));
+    println!();
+    if a.environments.is_empty() {
+        println!("No cached environments.");
+        return;
+    }
+    let rows = a
+        .environments
+        .iter()
+        .map(|e| {
+            vec![
+                e.name.clone(),
+                e.source.clone(),
+                HumanBytes(e.size_bytes).to_string(),
+                time(e.built_unix_ms),
+                time(e.last_used_unix_ms),
+            ]
+        })
+        .collect();
+    table(
+        &["ENVIRONMENT", "SOURCE", "SIZE", "BUILT", "LAST USED"],
+        rows,
+    );
+}
+
+fn agent_json_fields(a: &v1::Agent, host: &v1::HostInfo) -> Value {
+    json!({
+        "id": a.id,
+        "hostname": host.hostname,
+        "target": a.target,
+        "cpus": host.cpus,
+        "memory_bytes": host.memory_bytes,
+        "gpus": host.gpus.iter().map(|g| json!({
+            "index": g.index, "name": g.name, "uuid": g.uuid, "memory_bytes": g.memory_bytes,
+        })).collect::<Vec<_>>(),
+        "gpu_probe_error": if host.gpu_probe_error.is_empty() { Value::Null } else { Value::String(host.gpu_probe_error.clone()) },
+        "cuda_driver_version": if host.cuda_driver_version.is_empty() { Value::Null } else { Value::String(host.cuda_driver_version.clone()) },
+        "os": host.os,
+        "agent_version": host.agent_version,
+        "state": a.state,
+        "slots": a.slots,
+        "low_priority": host.low_priority,
+        "runs_active": a.runs_active,
+        "last_heartbeat": time(a.last_heartbeat_unix_ms),
+    })
+}
+
+fn agents_table(agents: &[v1::Agent], default_host: &v1::HostInfo) {
     let rows = agents
         .iter()
         .map(|a| {
-            let host = a.host.as_ref().unwrap_or(&default_host);
+            let host = a.host.as_ref().unwrap_or(default_host);
             let gpus = match host.gpus.first() {
                 Some(first) => format!("{}x {}", host.gpus.len(), first.name),
                 None => "0".into(),

@@ -583,10 +583,17 @@ impl Coordinator {
         self.heard_from(agent_id);
         match message {
             Kind::Hello(_) => anyhow::bail!("hello sent twice"),
-            Kind::Heartbeat(_) => {
+            Kind::Heartbeat(mut beat) => {
                 let agent_id = agent_id.to_string();
+                beat.environments.truncate(1000);
                 self.db
-                    .call(move |s| s.heartbeat(&agent_id, now_ms()))
+                    .call(move |s| {
+                        s.heartbeat(&agent_id, now_ms())?;
+                        if beat.environments_included {
+                            s.set_agent_environments(&agent_id, &beat.environments)?;
+                        }
+                        anyhow::Ok(())
+                    })
                     .await?;
                 // An empty ack answers the heartbeat: the agent knows the coordinator hears it.
                 Ok(Some(ack(0, 0, 0, 0, false)))

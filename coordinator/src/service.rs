@@ -581,6 +581,7 @@ impl Kiln for Api {
                 slots: row.slots,
                 state: row.state,
                 last_heartbeat_unix_ms: row.last_heartbeat_ms,
+                environments: row.environments,
             })
             .collect();
         Ok(Response::new(v1::ListAgentsReply { agents }))

@@ -160,6 +160,10 @@ ALTER TABLE runs ADD COLUMN env TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE runs ADD COLUMN timeout_s INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE run_nodes ADD COLUMN gpus TEXT NOT NULL DEFAULT '[]';
 "#,
+    // What each agent keeps in its environment cache (a prost-encoded Heartbeat).
+    r#"
+ALTER TABLE agents ADD COLUMN environments BLOB;
+"#,
 ];
 
 pub struct Store {
@@ -277,6 +281,7 @@ pub struct AgentRow {
     pub slots: u32,
     pub state: String,
     pub last_heartbeat_ms: i64,
+    pub environments: Vec<v1::CachedEnvironment>,
 }
 
 impl Store {
@@ -389,6 +394,23 @@ impl Store {
         Ok(())
     }
 
+    /// Records the environment cache an agent reported.
+    pub fn set_agent_environments(
+        &self,
+        id: &str,
+        environments: &[v1::CachedEnvironment],
+    ) -> anyhow::Result<()> {
+        let report = v1::Heartbeat {
+            environments_included: true,
+            environments: environments.to_vec(),
+        };
+        self.conn.execute(
+            "UPDATE agents SET environments = ?2 WHERE id = ?1",
+            params![id, report.encode_to_vec()],
+        )?;
+        Ok(())
+    }
+
     pub fn set_agent_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
         self.conn.execute(
             "UPDATE agents SET state = ?2 WHERE id = ?1",
@@ -399,7 +421,8 @@ impl Store {
 
     pub fn list_agents(&self) -> anyhow::Result<Vec<AgentRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, target, host, slots, state, last_heartbeat_ms FROM agents ORDER BY target, id",
+            "SELECT id, target, host, slots, state, last_heartbeat_ms, environments FROM agents
+             ORDER BY target, id",
         )?;
         let rows = stmt
             .query_map([], |row| {
@@ -411,6 +434,11 @@ impl Store {
                     slots: row.get(3)?,
                     state: row.get(4)?,
                     last_heartbeat_ms: row.get(5)?,
+                    environments: row
+                        .get::<_, Option<Vec<u8>>>(6)?
+                        .and_then(|b| v1::Heartbeat::decode(b.as_slice()).ok())
+                        .map(|report| report.environments)
+                        .unwrap_or_default(),
                 })
             })?
             .collect::<Result<_, _>>()?;

@@ -63,7 +63,7 @@ fn message() -> impl Strategy<Value = Kind> {
     let run = prop_oneof![3 => Just(1i64), 1 => 0i64..4];
     let attempt = prop_oneof![3 => Just(1u32), 1 => 0u32..3];
     prop_oneof![
-        Just(Kind::Heartbeat(v1::Heartbeat {})),
+        Just(Kind::Heartbeat(v1::Heartbeat::default())),
         (run.clone(), attempt.clone(), batch(text())).prop_map(|(run_id, attempt, lines)| {
             Kind::Logs(v1::LogBatch {
                 run_id,

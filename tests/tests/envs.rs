@@ -226,6 +226,34 @@ fn a_venv_is_built_once_for_concurrent_runs_and_reused_later() {
     assert_eq!(env_outcome(&kiln_lines), "reused");
     assert_eq!(printed_prefix(&stdout), prefixes[0]);
     assert_eq!(std::fs::metadata(&prefix).unwrap().ino(), inode);
+
+    // The agent reports its cache: `kiln agents show` lists the environment.
+    let name = entries[0].trim_end_matches(".json").to_string();
+    let shown = wait_for(
+        "the agent to report its cache",
+        Duration::from_secs(20),
+        || {
+            let agent = cluster.json(&["agents", "show", "host0", "--json"]);
+            let listed = agent["environments"]
+                .as_array()?
+                .iter()
+                .any(|e| e["name"] == name.as_str());
+            listed.then_some(agent)
+        },
+    );
+    let environment = shown["environments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name.as_str())
+        .unwrap()
+        .clone();
+    assert!(
+        environment["size_bytes"].as_u64().unwrap() > 0,
+        "{environment}"
+    );
+    let text = text(&cluster.kiln(&["agents", "show", "host0"]).stdout);
+    assert!(text.contains(&name) && text.contains("LAST USED"), "{text}");
     cluster.stop();
 }
 

@@ -441,7 +441,7 @@ async fn simulated_agent(
                     },
                     _ = heartbeat.tick() => {
                         let beat = v1::AgentMessage {
-                            kind: Some(v1::agent_message::Kind::Heartbeat(v1::Heartbeat {})),
+                            kind: Some(v1::agent_message::Kind::Heartbeat(v1::Heartbeat::default())),
                         };
                         tx.send(beat).await?;
                     }
