@@ -461,3 +461,95 @@ fn a_conda_dependency_that_does_not_exist_fails_with_the_solvers_message() {
     );
     cluster.stop();
 }
+
+/// Waits until the run's log shows its environment build has started.
+fn wait_building(cluster: &Cluster, run_id: i64) {
+    wait_for("the environment build to start", BUILD_TIMEOUT, || {
+        let (_, kiln_lines) = logs(cluster, run_id);
+        kiln_lines.contains("Preparing environment").then_some(())
+    });
+}
+
+/// Processes whose command line mentions `path` (an environment being built there).
+fn processes_using(path: &Path) -> Vec<String> {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(&needle) && !cmdline.contains("cargo"))
+        .collect()
+}
+
+/// Directories in the cache that are not a complete entry's (a build's leftovers).
+fn stray_directories(cluster: &Cluster) -> Vec<String> {
+    let complete = cache_entries_if_any(cluster);
+    let Ok(dir) = std::fs::read_dir(envs_dir(cluster)) else {
+        return Vec::new();
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !complete.contains(name))
+        .collect()
+}
+
+#[test]
+fn killing_the_agent_during_an_environment_build_builds_it_once_and_runs_the_script_once() {
+    let mut cluster = one_agent(1);
+    let src = venv_source("kilnwheel==1.0");
+    let run_id = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    wait_building(&cluster, run_id);
+    // SIGKILL mid-build: the build's processes die with the agent (nothing goes on writing
+    // into the environment), the attempt never started, so it is placed again.
+    cluster.crash_and_restart_agent(0);
+    let run = wait_ended(&cluster, run_id);
+    let (stdout, kiln_lines) = logs(&cluster, run_id);
+    assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
+    assert_eq!(run["attempt"], 2, "{run}");
+    assert_eq!(
+        stdout.matches("value from the wheel").count(),
+        1,
+        "the script ran once: {stdout}"
+    );
+    assert_eq!(cache_entries(&cluster).len(), 1);
+    assert_eq!(stray_directories(&cluster), Vec::<String>::new());
+    assert_eq!(processes_using(&envs_dir(&cluster)), Vec::<String>::new());
+    cluster.stop();
+}
+
+#[test]
+fn cancelling_during_an_environment_build_stops_it_twice_harmlessly() {
+    let cluster = one_agent(1);
+    let src = venv_source("kilnwheel==1.0");
+    let run_id = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    wait_building(&cluster, run_id);
+    let id = run_id.to_string();
+    let first = cluster.kiln(&["cancel", &id]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(text(&first.stderr).contains("cancelled"));
+    // Cancelling again is harmless: same answer, nothing else happens.
+    let second = cluster.kiln(&["cancel", &id]);
+    assert!(second.status.success(), "{}", text(&second.stderr));
+    assert!(text(&second.stderr).contains("cancelled"));
+    assert_eq!(cluster.run(run_id)["status"], "cancelled");
+    // The build stops and leaves nothing in the cache.
+    wait_for("the build to stop", Duration::from_secs(30), || {
+        processes_using(&envs_dir(&cluster))
+            .is_empty()
+            .then_some(())
+    });
+    wait_for(
+        "the cancelled build to be cleaned up",
+        Duration::from_secs(30),
+        || stray_directories(&cluster).is_empty().then_some(()),
+    );
+    assert_eq!(cache_entries_if_any(&cluster), Vec::<String>::new());
+    // The agent goes on: the same environment builds and runs afterwards.
+    let again = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
+    let run = wait_ended(&cluster, again);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    cluster.stop();
+}

@@ -33,6 +33,17 @@ pub async fn run(
         .stdout(writer)
         .stderr(writer_too)
         .kill_on_drop(true);
+    // If the agent itself dies (SIGKILL, OOM), the build must not go on writing into an
+    // environment that the restarted agent builds again.
+    // SAFETY: the closure only calls prctl(2), which is async-signal-safe, between fork and
+    // exec; it allocates nothing and touches no lock.
+    #[allow(unsafe_code)]
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
     let mut child = command
         .spawn()
         .map_err(|e| EnvError(format!("could not start {what}: {e}")))?;
