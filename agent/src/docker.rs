@@ -429,13 +429,6 @@ pub async fn prepare(
     request: PrepareRequest<'_>,
     log: &mut (dyn FnMut(&str) + Send),
 ) -> Result<PreparedImage, EnvError> {
-    if !request.environment.conda.is_empty() {
-        return Err(EnvError(format!(
-            "docker.conda (`{}` baked into a derived image) is not supported by this agent \
-             yet: install the packages in your image instead",
-            request.environment.conda
-        )));
-    }
     let selected = select_image(
         &request.environment.image,
         request.allocated_gpus,
@@ -461,6 +454,133 @@ pub async fn prepare(
         gpus: selected.gpus,
         gpu_driver,
     })
+}
+
+/// The image of a Docker run with `conda:`: `base` plus the conda environment the agent
+/// built at `prefix` (cached like any conda environment), copied into the image at the same
+/// absolute path — so the paths conda wrote into it at install time hold — and committed as
+/// `kiln-env/<environment>:<base image id>`. Built once; every later run with the same
+/// environment and base finds it by that tag.
+pub async fn derive_conda_image(
+    settings: &Settings,
+    base: &str,
+    prefix: &Path,
+    log: &mut (dyn FnMut(&str) + Send),
+) -> Result<String, EnvError> {
+    use bollard::query_parameters::{CommitContainerOptions, UploadToContainerOptions};
+    let docker = connect(settings.host.as_deref()).await?;
+    let base_id = docker
+        .inspect_image(base)
+        .await
+        .map_err(|e| EnvError(format!("image {base}: {}", engine_message(&e))))?
+        .id
+        .unwrap_or_default();
+    let environment = prefix
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let short_id: String = base_id
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(12)
+        .collect();
+    let repo = format!("kiln-env/{environment}");
+    let tag = format!("{repo}:{short_id}");
+    // One build per derived image at a time; a waiting run finds it done.
+    let lock = pull_lock(&tag);
+    let _building = lock.lock().await;
+    if docker.inspect_image(&tag).await.is_ok() {
+        log(&format!(
+            "Image {tag} ({base} + the conda environment) reused."
+        ));
+        return Ok(tag);
+    }
+    log(&format!(
+        "Building image {tag}: {base} + the conda environment at {}.",
+        prefix.display()
+    ));
+    let started = std::time::Instant::now();
+    let archive = tempfile::NamedTempFile::new()
+        .map_err(|e| EnvError(format!("could not create a temporary file: {e}")))?;
+    {
+        let (prefix, path) = (prefix.to_path_buf(), archive.path().to_path_buf());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let mut builder =
+                tar::Builder::new(std::io::BufWriter::new(std::fs::File::create(&path)?));
+            builder.follow_symlinks(false);
+            let inside = prefix.strip_prefix("/").unwrap_or(&prefix);
+            builder.append_dir_all(inside, &prefix)?;
+            builder.into_inner()?.into_inner()?.sync_all()
+        })
+        .await
+        .map_err(|e| EnvError(format!("packing the conda environment failed: {e}")))?
+        .map_err(|e| EnvError(format!("could not pack the conda environment: {e}")))?;
+    }
+    let body = ContainerCreateBody {
+        image: Some(base.to_string()),
+        cmd: Some(vec!["true".to_string()]),
+        labels: Some(HashMap::from([(
+            "kiln.derived-image".to_string(),
+            tag.clone(),
+        )])),
+        ..Default::default()
+    };
+    let container = docker
+        .create_container(None::<CreateContainerOptions>, body)
+        .await
+        .map_err(|e| EnvError(format!("could not derive {tag}: {}", engine_message(&e))))?
+        .id;
+    let result = async {
+        let file = tokio::fs::File::open(archive.path())
+            .await
+            .map_err(|e| EnvError(format!("could not read the packed environment: {e}")))?;
+        let stream = tokio_util::io::ReaderStream::new(file);
+        docker
+            .upload_to_container(
+                &container,
+                Some(UploadToContainerOptions {
+                    path: "/".to_string(),
+                    ..Default::default()
+                }),
+                bollard::body_try_stream(stream),
+            )
+            .await
+            .map_err(|e| {
+                EnvError(format!(
+                    "could not copy the environment into {tag}: {}",
+                    engine_message(&e)
+                ))
+            })?;
+        docker
+            .commit_container(
+                CommitContainerOptions {
+                    container: Some(container.clone()),
+                    repo: Some(repo.clone()),
+                    tag: Some(short_id.clone()),
+                    ..Default::default()
+                },
+                bollard::models::ContainerConfig::default(),
+            )
+            .await
+            .map_err(|e| EnvError(format!("could not commit {tag}: {}", engine_message(&e))))?;
+        Ok::<(), EnvError>(())
+    }
+    .await;
+    let _ = docker
+        .remove_container(
+            &container,
+            Some(RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await;
+    result?;
+    log(&format!(
+        "Built image {tag} in {:.1}s.",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(tag)
 }
 
 /// One pull per image at a time on this agent: a second run waiting for the same image

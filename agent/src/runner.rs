@@ -207,34 +207,61 @@ async fn prepare(
     );
     let outputs = work.join("outputs");
     std::fs::create_dir_all(&outputs).context("create outputs/")?;
-    // A Docker run gets its image ready here; its script runs with the image's python3.
-    let docker_image = match docker_environment(assignment) {
+    // A Docker run gets its image ready here; its script runs with the image's python3, or
+    // with the conda environment's python baked into a derived image (`docker.conda`).
+    let mut docker_image = match docker_environment(assignment) {
         Some(environment) => {
             Some(prepare_docker(agent, assignment, environment, &mut system).await?)
         }
         None => None,
     };
-    let prepared = match &docker_image {
-        Some(_) => crate::env::Prepared {
+    let docker_conda = docker_environment(assignment)
+        .map(|docker| docker.conda.clone())
+        .filter(|conda| !conda.is_empty());
+    let environment = match &docker_conda {
+        Some(file) => Some(v1::Environment {
+            kind: Some(v1::environment::Kind::Conda(v1::CondaEnvironment {
+                file: file.clone(),
+            })),
+        }),
+        None => assignment.environment.clone(),
+    };
+    let prepared = if docker_image.is_some() && docker_conda.is_none() {
+        crate::env::Prepared {
             python: PathBuf::from("python3"),
             env: Vec::new(),
-        },
-        None => {
-            let mut log = |line: &str| system.line(line);
-            crate::env::prepare(
-                assignment.environment.as_ref(),
-                crate::env::Context {
-                    default_python: &agent.config.python,
-                    data_dir: &agent.config.data_dir,
-                    work: &work,
-                    settings: &agent.config.env,
-                    cancel: &control.cancel,
-                    log: &mut log,
-                },
-            )
-            .await?
         }
+    } else {
+        let mut log = |line: &str| system.line(line);
+        crate::env::prepare(
+            environment.as_ref(),
+            crate::env::Context {
+                default_python: &agent.config.python,
+                data_dir: &agent.config.data_dir,
+                work: &work,
+                settings: &agent.config.env,
+                cancel: &control.cancel,
+                log: &mut log,
+            },
+        )
+        .await?
     };
+    if let (Some(image), Some(_)) = (docker_image.as_mut(), &docker_conda) {
+        let prefix = prepared
+            .env
+            .iter()
+            .find(|(key, _)| key == "CONDA_PREFIX")
+            .map(|(_, value)| PathBuf::from(value))
+            .ok_or_else(|| crate::env::EnvError("the conda environment has no prefix".into()))?;
+        let mut log = |line: &str| system.line(line);
+        image.image = crate::docker::derive_conda_image(
+            &agent.config.docker,
+            &image.image,
+            &prefix,
+            &mut log,
+        )
+        .await?;
+    }
     let (program, args) = command_line(&prepared.python, assignment, &script)?;
     let socket = agent
         .config

@@ -6,6 +6,7 @@
 //! [`grpc`] submits runs through the public API directly, for run options the CLI has no
 //! flag for; [`docker`] provides the Docker tests' image.
 
+pub mod conda;
 pub mod docker;
 pub mod grpc;
 

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use kiln_proto::v1;
 use kiln_tests::docker::{TEST_IMAGE, containers_of_run, docker, ensure_test_image};
 use kiln_tests::grpc::{docker_run, submit_request as submit};
 use kiln_tests::*;
@@ -390,4 +391,57 @@ fn a_dead_supervisor_does_not_leave_its_container_running() {
     );
     assert!(containers_of_run(&agent_id, run_id).is_empty());
     cluster.stop();
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_conda_environment_is_baked_into_a_derived_image_once_and_reused() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    let channel = tempfile::tempdir().unwrap();
+    kiln_tests::conda::write_channel(channel.path());
+    let src = source_dir(&[
+        (
+            "environment.yml",
+            &format!(
+                "name: greet\nchannels:\n  - file://{}\ndependencies:\n  - hello-kiln\n",
+                channel.path().display()
+            ),
+        ),
+        ("check.py", kiln_tests::conda::CHECK_CONDA),
+    ]);
+    let request = || {
+        let mut request = docker_run("box", "check.py", TEST_IMAGE);
+        if let Some(v1::environment::Kind::Docker(docker)) =
+            request.environment.as_mut().and_then(|e| e.kind.as_mut())
+        {
+            docker.conda = "environment.yml".into();
+        }
+        request
+    };
+    let mut derived = Vec::new();
+    for expected in ["Built image", "reused"] {
+        let run_id = submit(&cluster.address, src.path(), request());
+        let run = wait_end(&cluster, run_id, "succeeded");
+        let (stdout, stderr) = logs(&cluster, run_id);
+        assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{stderr}");
+        // In the container, the environment is activated: its program runs from its prefix.
+        assert!(stdout.contains("hello from conda"), "{stdout}");
+        assert!(stdout.contains("CONDA_DEFAULT_ENV greet"), "{stdout}");
+        let tag = stderr
+            .lines()
+            .find(|l| l.contains(expected) && l.contains("kiln-env/"))
+            .unwrap_or_else(|| panic!("no `{expected}` line:\n{stderr}"))
+            .split_whitespace()
+            .find(|w| w.starts_with("kiln-env/"))
+            .unwrap()
+            .trim_end_matches([':', '.'])
+            .to_string();
+        derived.push(tag);
+    }
+    assert_eq!(derived[0], derived[1], "the second run used the same image");
+    // The derived image is on the engine, built from the test image.
+    docker(&["image", "inspect", &derived[0]]);
+    cluster.stop();
+    docker(&["image", "rm", &derived[0]]);
 }
