@@ -118,6 +118,12 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_host: Option<String>,
 
+    /// Docker runs: the most processes (and threads) one container may have; a fork bomb
+    /// stops there instead of taking the machine. [default: 4096]
+    #[arg(long, env = "KILN_DOCKER_PIDS_LIMIT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_pids_limit: Option<u32>,
+
     /// Docker runs: the registry whose login is used for pulls from it, e.g.
     /// registry.example.org:5000 or docker.io. Set with docker_registry_username and
     /// docker_registry_password_file.
@@ -161,6 +167,7 @@ pub struct Effective {
     pub docker_gpu_image: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_host: Option<String>,
+    pub docker_pids_limit: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_registry: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -189,6 +196,7 @@ impl Settings {
             docker_cpu_image: self.docker_cpu_image.or(lower.docker_cpu_image),
             docker_gpu_image: self.docker_gpu_image.or(lower.docker_gpu_image),
             docker_host: self.docker_host.or(lower.docker_host),
+            docker_pids_limit: self.docker_pids_limit.or(lower.docker_pids_limit),
             docker_registry: self.docker_registry.or(lower.docker_registry),
             docker_registry_username: self
                 .docker_registry_username
@@ -356,6 +364,10 @@ impl Settings {
             docker_cpu_image,
             docker_gpu_image,
             docker_host,
+            docker_pids_limit: self
+                .docker_pids_limit
+                .filter(|limit| *limit > 0)
+                .unwrap_or(crate::docker::CONTAINER_PIDS_LIMIT),
             docker_registry: self.docker_registry,
             docker_registry_username: self.docker_registry_username,
             docker_registry_password_file: self.docker_registry_password_file,
@@ -388,6 +400,7 @@ impl Effective {
             cpu_image: self.docker_cpu_image.clone(),
             gpu_image: self.docker_gpu_image.clone(),
             host: self.docker_host.clone(),
+            pids_limit: self.docker_pids_limit,
             registry_auth: match (
                 &self.docker_registry,
                 &self.docker_registry_username,

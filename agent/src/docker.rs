@@ -67,6 +67,8 @@ pub struct Settings {
     pub host: Option<String>,
     /// Credentials used when pulling from one registry.
     pub registry_auth: Option<RegistryAuth>,
+    /// Most processes one container may have.
+    pub pids_limit: u32,
 }
 
 impl Default for Settings {
@@ -76,6 +78,7 @@ impl Default for Settings {
             gpu_image: DEFAULT_GPU_IMAGE.to_string(),
             host: None,
             registry_auth: None,
+            pids_limit: CONTAINER_PIDS_LIMIT,
         }
     }
 }
@@ -107,9 +110,12 @@ pub struct DockerSpec {
     pub cpus: u32,
     pub memory_bytes: u64,
     pub shm_size_bytes: u64,
-    /// `UID:GID` the script runs as: the agent's own, so that what it writes into the
-    /// mounted directories belongs to the agent.
+    /// `UID:GID` the script runs as: the agent's own, or `nobody` when the agent is root
+    /// (never root; the run's directories are handed to it).
     pub user: String,
+    /// Most processes the container may have (0: the default, [`CONTAINER_PIDS_LIMIT`]).
+    #[serde(default)]
+    pub pids_limit: u32,
     /// The host directory holding the `kiln` Python module.
     pub python_dir: PathBuf,
 }
@@ -344,6 +350,18 @@ pub fn container_config(spec: &Spec, docker: &DockerSpec) -> (String, ContainerC
     let host_config = HostConfig {
         mounts: Some(mounts),
         init: Some(true),
+        // Other people's code on a shared machine: no capabilities, no privilege gain
+        // through setuid binaries, the engine's default seccomp profile, never privileged,
+        // the default bridge network (not the host's), a bounded number of processes (a
+        // fork bomb stops at it), and never the Docker socket.
+        privileged: Some(false),
+        cap_drop: Some(vec!["ALL".to_string()]),
+        security_opt: Some(vec!["no-new-privileges".to_string()]),
+        pids_limit: Some(i64::from(if docker.pids_limit == 0 {
+            CONTAINER_PIDS_LIMIT
+        } else {
+            docker.pids_limit
+        })),
         memory,
         // Swap = memory: the limit is a limit, not a hint to swap.
         memory_swap: memory,
@@ -373,6 +391,59 @@ pub fn container_config(spec: &Spec, docker: &DockerSpec) -> (String, ContainerC
         ..Default::default()
     };
     (name, body)
+}
+
+/// Most processes (and threads) one container may have.
+pub const CONTAINER_PIDS_LIMIT: u32 = 4096;
+/// The user a container runs as when the agent itself runs as root: `nobody`, never root.
+pub const UNPRIVILEGED_USER: &str = "65534:65534";
+
+/// The user a run's container runs as: the agent's own uid:gid, or `nobody` when the agent
+/// is root (a container never runs as root).
+pub fn container_user() -> String {
+    let (uid, gid) = (nix::unistd::getuid(), nix::unistd::getgid());
+    if uid.is_root() {
+        UNPRIVILEGED_USER.to_string()
+    } else {
+        format!("{uid}:{gid}")
+    }
+}
+
+/// Gives the container's user the run's directories and socket it must write (the agent's
+/// files otherwise), when that user is not the agent's.
+pub fn hand_over(paths: &[&Path], user: &str) -> std::io::Result<()> {
+    let Some((uid, gid)) = user.split_once(':') else {
+        return Ok(());
+    };
+    let (Ok(uid), Ok(gid)) = (uid.parse::<u32>(), gid.parse::<u32>()) else {
+        return Ok(());
+    };
+    if uid == nix::unistd::getuid().as_raw() {
+        return Ok(());
+    }
+    let owner = (
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+    );
+    for path in paths {
+        if !path.exists() {
+            continue;
+        }
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(path) = stack.pop() {
+            std::os::unix::fs::lchown(
+                &path,
+                owner.0.map(|u| u.as_raw()),
+                owner.1.map(|g| g.as_raw()),
+            )?;
+            if path.is_dir() && !path.is_symlink() {
+                for entry in std::fs::read_dir(&path)? {
+                    stack.push(entry?.path());
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A host path under the work directory, as the container sees it; other paths (a
@@ -1171,6 +1242,7 @@ mod tests {
             memory_bytes: 8 << 30,
             shm_size_bytes: 1 << 30,
             user: "998:997".into(),
+            pids_limit: 0,
             python_dir: PathBuf::from("/var/lib/kiln/agent/python"),
         }
     }
@@ -1225,6 +1297,22 @@ mod tests {
             )
         );
         let host = body.host_config.unwrap();
+        // Hardening: no capabilities, no privilege gain, never privileged, bounded
+        // processes, the default network, no Docker socket among the mounts.
+        assert_eq!(host.privileged, Some(false));
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges".to_string()])
+        );
+        assert_eq!(host.pids_limit, Some(i64::from(CONTAINER_PIDS_LIMIT)));
+        assert_eq!(host.network_mode, None);
+        assert!(host.mounts.iter().flatten().all(|m| {
+            !m.source
+                .as_deref()
+                .unwrap_or_default()
+                .ends_with("docker.sock")
+        }));
         assert_eq!(
             host.device_requests,
             Some(vec![DeviceRequest {

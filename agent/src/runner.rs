@@ -364,10 +364,18 @@ async fn prepare(
             cpus: assignment.resources.map_or(0, |r| r.cpus),
             memory_bytes: assignment.resources.map_or(0, |r| r.memory_bytes),
             shm_size_bytes: environment_shm_size(assignment),
-            user: format!("{}:{}", nix::unistd::getuid(), nix::unistd::getgid()),
+            user: crate::docker::container_user(),
+            pids_limit: agent.config.docker.pids_limit,
             python_dir: agent.python_dir.clone(),
         }),
     };
+    if let Some(docker) = &spec.docker {
+        // The container's user (never root) writes outputs/ and checkpoints.
+        let mut paths = vec![spec.cwd.as_path()];
+        paths.extend(spec.checkpoint_dir.as_deref());
+        crate::docker::hand_over(&paths, &docker.user)
+            .context("give the run's directories to the container's user")?;
+    }
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(
         !control.cancel.is_cancelled(),

@@ -97,6 +97,9 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
         .with_context(|| format!("bind {}", spec.metrics_socket.display()))?;
 
     if let Some(docker) = &spec.docker {
+        // The container's user connects to the metrics socket.
+        crate::docker::hand_over(&[spec.metrics_socket.as_path()], &docker.user)
+            .context("give the metrics socket to the container's user")?;
         let files = SpoolFiles {
             logs,
             metrics: metrics_file,

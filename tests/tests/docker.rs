@@ -445,3 +445,102 @@ fn a_conda_environment_is_baked_into_a_derived_image_once_and_reused() {
     cluster.stop();
     docker(&["image", "rm", &derived[0]]);
 }
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_container_runs_unprivileged_and_a_fork_bomb_or_memory_hog_kills_only_its_run() {
+    ensure_test_image();
+    let cluster = Cluster::start_with_agent_args(
+        ONE_AGENT,
+        &[
+            "--docker-cpu-image",
+            TEST_IMAGE,
+            "--docker-pids-limit",
+            "64",
+        ],
+    );
+    let src = source_dir(&[
+        (
+            "inside.py",
+            r#"
+import os
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+print("uid", os.getuid())
+print("capeff", status["CapEff"].strip())
+print("nonewprivs", status["NoNewPrivs"].strip())
+print("docker socket", any(os.path.exists(p) for p in ("/var/run/docker.sock", "/run/docker.sock")))
+with open(os.path.join(os.environ["KILN_OUTPUTS_DIR"], "written.txt"), "w") as f:
+    f.write("by the container")
+"#,
+        ),
+        (
+            "forkbomb.py",
+            r#"
+import os, time
+n = 0
+try:
+    while True:
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        n += 1
+except OSError as error:
+    print("fork refused after", n, "processes:", error.strerror, flush=True)
+    raise SystemExit(7)
+"#,
+        ),
+        (
+            "hog.py",
+            "chunks = []\nwhile True:\n    chunks.append(bytearray(16 << 20))\n",
+        ),
+    ]);
+    let run_id = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "inside.py", "auto"),
+    );
+    let run = wait_end(&cluster, run_id, "succeeded");
+    let (stdout, stderr) = logs(&cluster, run_id);
+    assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{stderr}");
+    assert!(stdout.contains("uid 65534"), "not root inside: {stdout}");
+    assert!(stdout.contains("capeff 0000000000000000"), "{stdout}");
+    assert!(stdout.contains("nonewprivs 1"), "{stdout}");
+    assert!(stdout.contains("docker socket False"), "{stdout}");
+    let dest = tempfile::tempdir().unwrap();
+    let out = dest.path().join("out");
+    let download = cluster.kiln(&["download", &run_id.to_string(), out.to_str().unwrap()]);
+    assert!(download.status.success(), "{}", text(&download.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.join("written.txt")).unwrap(),
+        "by the container"
+    );
+
+    // A fork bomb stops at the container's process limit: only its run fails.
+    let bomb = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "forkbomb.py", "auto"),
+    );
+    let run = wait_end(&cluster, bomb, "failed");
+    assert_eq!(run["exit_code"], 7, "{run} {:?}", logs(&cluster, bomb));
+    assert!(logs(&cluster, bomb).0.contains("fork refused after"));
+
+    // A memory hog over its run's memory limit is killed; only its run fails.
+    let mut request = docker_run("box", "hog.py", "auto");
+    request.resources = Some(v1::Resources {
+        memory_bytes: 96 << 20,
+        ..Default::default()
+    });
+    let hog = submit(&cluster.address, src.path(), request);
+    let run = wait_end(&cluster, hog, "failed");
+    assert_eq!(run["exit_code"], 137, "{run} {:?}", logs(&cluster, hog));
+
+    // The agent is fine and runs the next one.
+    let again = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "inside.py", "auto"),
+    );
+    wait_end(&cluster, again, "succeeded");
+    cluster.stop();
+}
