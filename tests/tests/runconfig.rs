@@ -218,25 +218,38 @@ fn a_bad_run_configuration_fails_before_anything_is_uploaded() {
 /// ends `env_failed`. When conda environments land, this test should expect the run to
 /// succeed in the environment instead.
 #[test]
-fn a_conda_environment_reaches_the_agent() {
+fn a_conda_environment_in_kiln_yaml_is_built_and_activated() {
     let cluster = Cluster::start(ONE_AGENT);
+    let channel = tempfile::tempdir().unwrap();
+    kiln_tests::conda::write_channel(channel.path());
     let src = source_dir(&[
-        ("train.py", "print('hi')\n"),
+        ("check.py", kiln_tests::conda::CHECK_CONDA),
         (
             "environment.yml",
-            "name: demo\nchannels: [conda-forge]\ndependencies: [python=3.11]\n",
+            &format!(
+                "name: greet\nchannels: [\"file://{}\"]\ndependencies: [hello-kiln]\n",
+                channel.path().display()
+            ),
         ),
         (
             "kiln.yaml",
-            "script: train.py\ntarget: alpha\nenvironment:\n  conda:\n    file: environment.yml\n",
+            "script: check.py\ntarget: alpha\nenvironment:\n  conda:\n    file: environment.yml\n",
         ),
     ]);
-    let run_id = cluster.submit_detached(&[src.path().to_str().unwrap()]);
-    let run = cluster.wait_status(run_id, "env_failed");
+    let output = cluster.kiln(&["submit", src.path().to_str().unwrap()]);
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    // The script ran in the environment kiln.yaml named: its program is on PATH.
+    assert!(stdout.contains("CONDA_DEFAULT_ENV greet"), "{stdout}");
+    assert!(stdout.contains("hello from conda"), "{stdout}");
+    let run = cluster.run(kiln_tests::submitted_run_id(&output.stderr));
     assert_eq!(
         run["environment"],
         serde_json::json!({"conda": {"file": "environment.yml"}})
     );
-    assert!(run["message"].as_str().unwrap().contains("conda"), "{run}");
     cluster.stop();
 }
