@@ -816,7 +816,7 @@ impl Coordinator {
                 "rank {rank} (node {node}, agent {agent_id}) failed: {}",
                 finished.message
             );
-            let restart = run.restarts < run.max_restarts;
+            let restart = may_restart(&run);
             let message = if restart {
                 format!(
                     "restarting the gang ({} of {}): {cause}",
@@ -950,6 +950,11 @@ fn sanitize_points(points: &mut [v1::MetricPoint]) {
     }
 }
 
+/// Whether a gang run may be restarted once more (`--max-restarts`).
+fn may_restart(run: &v1::Run) -> bool {
+    run.restarts < run.max_restarts
+}
+
 /// A run attempt taken away from its agents: the nodes that must be told to stop.
 struct Released {
     run_id: i64,
@@ -965,7 +970,7 @@ fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option
     let event = if run.status() == v1::RunStatus::Assigned {
         RunEvent::Requeue
     } else if is_gang(run) {
-        if run.restarts < run.max_restarts {
+        if may_restart(run) {
             RunEvent::Retry
         } else {
             RunEvent::Lose
@@ -1029,7 +1034,7 @@ fn assignment(run: &v1::Run, node_rank: u32) -> v1::Assignment {
             launcher: run.launcher.clone(),
             restart_count: run.restarts,
             gpus_per_node: run.gpus_per_node,
-            restartable: run.restarts < run.max_restarts,
+            restartable: may_restart(run),
         }),
     }
 }
