@@ -236,16 +236,7 @@ impl Cluster {
         for spec in agents {
             cluster.add_agent(spec.clone());
         }
-        let n = cluster.agents.len();
-        wait_for("all agents online", Duration::from_secs(20), || {
-            let agents = cluster.json(&["agents", "--json"]);
-            let online = agents
-                .as_array()?
-                .iter()
-                .filter(|a| a["state"] == "online")
-                .count();
-            (online == n).then_some(())
-        });
+        cluster.wait_agents_online(cluster.agents.len());
         cluster
     }
 

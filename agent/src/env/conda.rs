@@ -202,17 +202,7 @@ pub async fn prepare(
             }
         })
         .await?;
-    let verb = if entry.reused { "reused" } else { "built" };
-    log(&format!(
-        "Environment {key} {verb} in {:.1}s: {}",
-        started.elapsed().as_secs_f64(),
-        entry.prefix.display()
-    ));
-    for name in &entry.evicted {
-        log(&format!(
-            "Environment {name} evicted from the cache (least recently used)."
-        ));
-    }
+    super::report(&mut *log, &key, &entry, started);
     let env_name = file.name.clone().unwrap_or_else(|| key.to_string());
     Ok(activate(
         &entry.prefix,

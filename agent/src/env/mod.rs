@@ -110,6 +110,27 @@ fn user(python: Option<&str>, default_python: &str) -> Prepared {
     }
 }
 
+/// The run's log lines about a cache lookup: built or reused (and how long it took), and
+/// what was evicted to make room.
+fn report(
+    log: &mut (dyn FnMut(&str) + Send),
+    key: &impl std::fmt::Display,
+    entry: &cache::Entry,
+    started: std::time::Instant,
+) {
+    let verb = if entry.reused { "reused" } else { "built" };
+    log(&format!(
+        "Environment {key} {verb} in {:.1}s: {}",
+        started.elapsed().as_secs_f64(),
+        entry.prefix.display()
+    ));
+    for name in &entry.evicted {
+        log(&format!(
+            "Environment {name} evicted from the cache (least recently used)."
+        ));
+    }
+}
+
 /// A path inside the snapshot named by the run configuration, refused if it leaves it.
 pub fn spec_file(work: &Path, name: &str) -> Result<PathBuf, EnvError> {
     let relative = Path::new(name);
