@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// Read when it exists and no `--config` is given; `kiln-agent join` writes it.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kiln/agent.toml";
 /// The coordinator unless configured.
-pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_COORDINATOR: &str = "https://127.0.0.1:7070";
 /// The log filter unless configured.
 pub const DEFAULT_LOG: &str = "info";
 
@@ -25,7 +25,9 @@ pub const DEFAULT_LOG: &str = "info";
 #[derive(clap::Args, Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// The coordinator: http://HOST:PORT or unix:///PATH. [default: http://127.0.0.1:7070]
+    /// The coordinator: https://HOST:PORT (the identity `kiln-agent join` stored in
+    /// DATA_DIR/identity authenticates the agent), http://HOST:PORT for one started with
+    /// --insecure, or unix:///PATH. [default: https://127.0.0.1:7070]
     #[arg(long, env = "KILN_COORDINATOR")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coordinator: Option<String>,
@@ -376,6 +378,11 @@ impl Settings {
 }
 
 impl Effective {
+    /// Whether the coordinator is reached over TLS (and so needs the joined identity).
+    pub fn coordinator_is_tls(&self) -> bool {
+        Address::parse(&self.coordinator).is_ok_and(|address| address.is_tls())
+    }
+
     /// The library's [`crate::Config`] for these settings.
     pub fn agent_config(&self) -> anyhow::Result<crate::Config> {
         use std::time::Duration;

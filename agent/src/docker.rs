@@ -785,6 +785,18 @@ pub async fn remove_run_containers(
     remove_matching(&docker, filters, |_| true).await
 }
 
+/// Stops and removes every container of a previous identity of this host (the agent joined
+/// again after its certificate expired or was revoked): that identity's runs were given
+/// away long ago. Containers of other agent ids are never touched.
+pub async fn remove_agent_containers(host: Option<&str>, agent_id: &str) -> anyhow::Result<usize> {
+    let docker = connect(host).await?;
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{LABEL_AGENT_ID}={agent_id}")],
+    )]);
+    remove_matching(&docker, filters, |_| true).await
+}
+
 /// At agent start-up: removes this agent's containers whose attempt has no run directory
 /// any more (left by a crash between container and bookkeeping). Other agents' containers
 /// are never touched.

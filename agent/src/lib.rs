@@ -10,6 +10,7 @@ pub mod config;
 pub mod docker;
 pub mod env;
 pub mod gpu;
+pub mod identity;
 pub mod runner;
 mod session;
 pub mod spool;
@@ -27,7 +28,7 @@ use kiln_proto::{Address, v1};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The interpreter for `.py` scripts unless configured otherwise.
 pub const DEFAULT_PYTHON: &str = "python3";
@@ -171,6 +172,10 @@ impl Agent {
         });
         agent.reattach_runs();
         tokio::spawn(agent.clone().reap_docker_orphans());
+        tokio::spawn(agent.clone().reap_previous_identities());
+        if agent.config.coordinator.is_tls() {
+            tokio::spawn(session::renewal(agent.clone()));
+        }
         tokio::spawn(agent.clone().fence_watchdog());
         let session_stop = CancellationToken::new();
         let session = tokio::spawn(session::run(agent.clone(), uplink_rx, session_stop.clone()));
@@ -337,6 +342,55 @@ impl Agent {
             Err(error) => {
                 tracing::debug!(error = %format!("{error:#}"), "No Docker leftovers checked.")
             }
+        }
+    }
+
+    /// Removes the containers of this host's earlier identities (see
+    /// [`identity::PREVIOUS_IDS`]), then forgets those ids. Without Docker there is nothing
+    /// to remove.
+    async fn reap_previous_identities(self: Arc<Self>) {
+        let path = self.config.data_dir.join(identity::PREVIOUS_IDS);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return;
+        };
+        let host = self.config.docker.host.as_deref();
+        let mut left = Vec::new();
+        for old in text
+            .lines()
+            .map(str::trim)
+            .filter(|id| !id.is_empty() && *id != self.agent_id)
+        {
+            match docker::remove_agent_containers(host, old).await {
+                Ok(n) => {
+                    info!(previous_agent_id = %old, containers = n, "Removed the containers of this host's previous identity.")
+                }
+                Err(error) => {
+                    // No Docker engine: no containers either. Anything else: try next start.
+                    let message = format!("{error:#}");
+                    if !message.contains("Docker") {
+                        left.push(old.to_string());
+                    }
+                    tracing::debug!(error = %message, "Previous identity's containers not checked.");
+                }
+            }
+        }
+        let _ = if left.is_empty() {
+            std::fs::remove_file(&path)
+        } else {
+            std::fs::write(&path, left.join("\n") + "\n")
+        };
+    }
+
+    /// The coordinator revoked this agent: stop every run it holds (their processes and
+    /// containers; the coordinator has requeued them already) and delete the key. The agent
+    /// then waits for a new `kiln-agent join`.
+    fn revoked(&self, reason: &str) {
+        warn!(reason = %reason, "This agent was revoked: stopping its runs and deleting its key.");
+        for handle in self.runs().values() {
+            handle.cancel.cancel();
+        }
+        if let Err(error) = identity::wipe(&self.config.data_dir) {
+            warn!(error = %format!("{error:#}"), "Could not delete the agent's key.");
         }
     }
 

@@ -20,9 +20,10 @@ use tracing::info;
 /// also a key of that file (`--data-dir` is `data_dir`).
 ///
 /// Examples:
-///   kiln-agent --coordinator http://10.0.0.5:7070 --target gpu --slots 2
+///   sudo kiln-agent join --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX \
+///       --token ID.SECRET --target gpu
 ///   kiln-agent --print-config
-///   sudo kiln-agent join --coordinator http://10.0.0.5:7070 --token ID.SECRET --target gpu
+///   kiln-agent --coordinator http://127.0.0.1:7070 --target cpu   (an --insecure coordinator)
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -49,16 +50,23 @@ enum Command {
     /// and `target` into the config file (keeping the rest) and restart kiln-agent.service.
     ///
     /// Run it as root on a new agent host; `kiln-coordinator token create` on the coordinator
-    /// host prints the exact command. The token gates `join` only: this version does not
-    /// authenticate agent sessions yet.
+    /// host prints the exact command. The agent trusts the coordinator only if its CA has the
+    /// hash given with --ca-hash; it makes its key here, sends a certificate signing request
+    /// with the token, and stores the client certificate it gets in DATA_DIR/identity. From
+    /// then on it authenticates with that certificate (and renews it by itself).
     ///
     /// Example:
-    ///   sudo kiln-agent join --coordinator http://10.0.0.5:7070 --token ID.SECRET --target gpu
+    ///   sudo kiln-agent join --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX \
+    ///       --token ID.SECRET --target gpu
     #[command(verbatim_doc_comment)]
     Join {
-        /// The coordinator: http://HOST:PORT or unix:///PATH.
+        /// The coordinator: https://HOST:PORT (http:// for an --insecure one).
         #[arg(long)]
         coordinator: String,
+        /// The SHA-256 of the coordinator's CA certificate, `sha256:HEX`, as `token create`
+        /// printed it. Required for https.
+        #[arg(long)]
+        ca_hash: Option<String>,
         /// The join token (ID.SECRET) that `kiln-coordinator token create` printed.
         #[arg(long, env = "KILN_JOIN_TOKEN", hide_env_values = true)]
         token: String,
@@ -72,11 +80,13 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    kiln_proto::tls::install_provider();
     kiln_agent::supervisor::run_if_requested();
     kiln_agent::limit_malloc_arenas();
     let args = Args::parse();
     if let Some(Command::Join {
         coordinator,
+        ca_hash,
         token,
         target,
         no_restart,
@@ -85,7 +95,14 @@ fn main() -> anyhow::Result<()> {
         let path = args
             .config
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
-        return join(&coordinator, &token, &target, &path, no_restart);
+        return join(
+            &coordinator,
+            ca_hash.as_deref(),
+            &token,
+            &target,
+            &path,
+            no_restart,
+        );
     }
     let (file, file_settings) =
         config::load(args.config.as_deref()).unwrap_or_else(|error| exit_config_error(error));
@@ -110,6 +127,17 @@ fn main() -> anyhow::Result<()> {
         print!("{}", effective.to_toml());
         return Ok(());
     }
+    if effective.coordinator_is_tls() {
+        match kiln_agent::identity::load(&effective.data_dir) {
+            Ok(Some(_)) => {}
+            Ok(None) => exit_config_error(anyhow::anyhow!(
+                "this agent has no certificate for {} (it never joined, or was revoked): run \
+                 the `kiln-agent join` command that `kiln-coordinator token create` prints",
+                effective.coordinator
+            )),
+            Err(error) => exit_config_error(error),
+        }
+    }
     kiln_common::logging::init_logging(&effective.log);
     let config_file = file.map(|path| path.display().to_string());
     info!(
@@ -131,16 +159,28 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `kiln-agent join`: checks what it can before spending a use of the token, asks the
-/// coordinator, writes the config file, restarts the service.
+/// coordinator (pinning its CA), writes the identity and the config file, restarts the
+/// service.
 fn join(
     coordinator: &str,
+    ca_hash: Option<&str>,
     token: &str,
     target: &str,
     path: &Path,
     no_restart: bool,
 ) -> anyhow::Result<()> {
+    use kiln_agent::identity;
+    use kiln_proto::tls::{ClientTls, Trust};
     let address = Address::parse(coordinator)?;
     let target_name = TargetName::new(target)?;
+    let pin = match (address.is_tls(), ca_hash) {
+        (true, Some(hash)) => Some(kiln_proto::tls::parse_ca_hash(hash)?),
+        (true, None) => anyhow::bail!(
+            "--ca-hash is required for {address}: use the whole command `kiln-coordinator token \
+             create` printed (the hash lets this host check that it talks to your coordinator)"
+        ),
+        (false, _) => None,
+    };
     let dir = path
         .parent()
         .filter(|dir| !dir.as_os_str().is_empty())
@@ -154,18 +194,27 @@ fn join(
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_string())
         .unwrap_or_default();
+    let key_and_csr = match pin {
+        Some(_) => Some(identity::new_key_and_csr()?),
+        None => None,
+    };
     let request = v1::JoinRequest {
         token: token.trim().to_string(),
         target: target_name.as_str().to_string(),
         hostname,
+        csr_pem: key_and_csr
+            .as_ref()
+            .map(|(_, csr)| csr.clone())
+            .unwrap_or_default(),
     };
+    let tls = pin.map(|pin| ClientTls::trusting(Trust::Pinned(pin)));
     let reply = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("start the tokio runtime")?
         .block_on(async {
-            let channel = kiln_proto::connect(&address).await?;
-            let mut client = v1::enrollment_client::EnrollmentClient::new(channel);
+            let channel = kiln_proto::connect_with(&address, tls.as_ref()).await?;
+            let mut client = kiln_proto::clients::enrollment(channel);
             match client.join(request).await {
                 Ok(reply) => Ok(reply.into_inner()),
                 Err(status) if status.code() == tonic::Code::Unimplemented => anyhow::bail!(
@@ -181,11 +230,44 @@ fn join(
                 }
             }
         })?;
-    config::write_joined(path, &address.to_string(), target_name.as_str())?;
+    if let Some(pin) = pin {
+        // The handshake already proved the CA; the reply must carry that same CA.
+        let sent = kiln_proto::tls::pem_ca_hash(&reply.ca_pem)?;
+        anyhow::ensure!(
+            kiln_proto::tls::parse_ca_hash(&sent)? == pin,
+            "the coordinator sent a CA certificate other than the pinned one"
+        );
+    }
+    let effective = config::write_joined(path, &address.to_string(), target_name.as_str())?;
+    let data_dir = &effective.data_dir;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+    if !reply.agent_id.is_empty() {
+        let id_path = data_dir.join("agent-id");
+        if let Ok(previous) = std::fs::read_to_string(&id_path)
+            && !previous.trim().is_empty()
+            && previous.trim() != reply.agent_id
+        {
+            // Its containers are removed when the agent starts under the new identity.
+            use std::io::Write as _;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(data_dir.join(identity::PREVIOUS_IDS))
+                .and_then(|mut file| writeln!(file, "{}", previous.trim()))
+                .context("record the previous agent id")?;
+        }
+        std::fs::write(&id_path, &reply.agent_id)
+            .with_context(|| format!("write {}", id_path.display()))?;
+    }
+    if let Some((key_pem, _)) = &key_and_csr {
+        identity::save(data_dir, &reply.ca_pem, &reply.certificate_pem, key_pem)?;
+    }
+    give_to_data_dir_owner(data_dir)?;
     eprintln!(
-        "Joined target `{}` at {address} (coordinator {}); wrote {}.",
+        "Joined target `{}` at {address} (coordinator {}) as agent {}; wrote {}.",
         reply.target,
         reply.coordinator_version,
+        reply.agent_id,
         path.display()
     );
     if no_restart {
@@ -216,6 +298,38 @@ fn join(
     eprintln!(
         "kiln-agent.service enabled and restarted; follow it with `journalctl -u kiln-agent -f`."
     );
+    Ok(())
+}
+
+/// As root, hands what `join` wrote in the data directory to the directory's owner (the
+/// `kiln` user when installed from the package), so that the service can read its key and
+/// renew its certificate.
+fn give_to_data_dir_owner(data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(data_dir)?;
+    if meta.uid() == 0 {
+        return Ok(());
+    }
+    let owner = (
+        Some(nix::unistd::Uid::from_raw(meta.uid())),
+        Some(nix::unistd::Gid::from_raw(meta.gid())),
+    );
+    let identity = data_dir.join("identity");
+    for path in [
+        data_dir.join("agent-id"),
+        data_dir.join(kiln_agent::identity::PREVIOUS_IDS),
+        identity.join("ca.crt"),
+        identity.join("agent.pem"),
+        identity,
+    ] {
+        if path.exists() {
+            nix::unistd::chown(&path, owner.0, owner.1)
+                .with_context(|| format!("give {} to the agent's user", path.display()))?;
+        }
+    }
     Ok(())
 }
 

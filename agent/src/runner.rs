@@ -1309,7 +1309,7 @@ async fn download_blob(
 ) -> anyhow::Result<(tempfile::NamedTempFile, u64)> {
     let temp = tempfile::NamedTempFile::new_in(agent.config.data_dir.join("snapshots/tmp"))?;
     let channel = agent.coordinator_channel().await;
-    let mut client = kiln_proto::clients::blobs(channel);
+    let mut client = kiln_proto::clients::blobs(channel, kiln_proto::Bearer::none());
     let mut stream = client
         .download_blob(v1::DownloadBlobRequest {
             digest: digest.to_string(),
@@ -1405,7 +1405,7 @@ async fn upload_dir(agent: &Agent, outputs: &Path) -> anyhow::Result<String> {
     })
     .await??;
     let channel = agent.coordinator_channel().await;
-    let mut client = kiln_proto::clients::blobs(channel.clone());
+    let mut client = kiln_proto::clients::blobs(channel.clone(), kiln_proto::Bearer::none());
     let present = client
         .has_blob(v1::HasBlobRequest {
             digest: packed.digest.clone(),

@@ -13,8 +13,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::Agent;
+use crate::identity;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Without usable credentials (revoked, expired, never joined) the agent only waits for a
+/// new join: it checks its identity files this often at most, and never dials.
+const MAX_CREDENTIALS_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The agent cannot connect until it joins again; retrying sooner would only hammer the
+/// coordinator with handshakes it must refuse.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NeedsJoin(String);
 
 pub(crate) async fn run(
     agent: Arc<Agent>,
@@ -22,9 +32,22 @@ pub(crate) async fn run(
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut credentials_backoff = Duration::from_secs(5);
     loop {
-        match connected(&agent, &mut uplink, &stop).await {
+        let wait = match connected(&agent, &mut uplink, &stop).await {
             Ok(()) => return,
+            Err(error) if error.is::<NeedsJoin>() => {
+                warn!(
+                    coordinator = %agent.config.coordinator,
+                    error = %format!("{error:#}"),
+                    retry_in_ms = credentials_backoff.as_millis() as u64,
+                    "Not connecting: this agent needs a new join token (kiln-agent join)."
+                );
+                let wait = credentials_backoff;
+                credentials_backoff = (credentials_backoff * 2).min(MAX_CREDENTIALS_BACKOFF);
+                backoff = Duration::from_millis(100);
+                wait
+            }
             Err(error) => {
                 warn!(
                     coordinator = %agent.config.coordinator,
@@ -32,16 +55,100 @@ pub(crate) async fn run(
                     retry_in_ms = backoff.as_millis() as u64,
                     "Not connected to the coordinator."
                 );
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                wait
             }
-        }
+        };
         agent.channel.send_replace(None);
         let jitter = rand::rng().random_range(0.5..1.5);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            _ = tokio::time::sleep(wait.mul_f64(jitter)) => {}
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
+}
+
+/// The TLS settings for the next connection: the stored identity, read afresh each time (a
+/// renewal or a new join replaces it). `Err(NeedsJoin)` when it is missing or expired.
+fn client_tls(agent: &Agent) -> anyhow::Result<Option<kiln_proto::tls::ClientTls>> {
+    if !agent.config.coordinator.is_tls() {
+        return Ok(None);
+    }
+    match identity::load(&agent.config.data_dir)? {
+        None => Err(NeedsJoin(
+            "no certificate (this agent was revoked, or never joined)".to_string(),
+        )
+        .into()),
+        Some(id) if id.expired(identity::now_ms()) => Err(NeedsJoin(format!(
+            "its certificate expired at {} (the host was off longer than the certificate \
+             lives)",
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + Duration::from_millis(id.not_after_ms.max(0) as u64)
+            )
+        ))
+        .into()),
+        Some(id) => Ok(Some(id.client_tls())),
+    }
+}
+
+/// Renews the agent's certificate at two thirds of its lifetime, with a new key, over the
+/// current session's channel; the next connection uses the new one. Runs for the agent's
+/// life.
+pub(crate) async fn renewal(agent: Arc<Agent>) {
+    loop {
+        let identity = match identity::load(&agent.config.data_dir) {
+            Ok(Some(identity)) if !identity.expired(identity::now_ms()) => identity,
+            _ => {
+                // Nothing to renew (revoked, expired, not joined): look again later.
+                tokio::select! {
+                    _ = agent.detach.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => continue,
+                }
+            }
+        };
+        tokio::select! {
+            _ = agent.detach.cancelled() => return,
+            _ = tokio::time::sleep(identity::until(identity.renew_at_ms())) => {}
+        }
+        let channel = tokio::select! {
+            _ = agent.detach.cancelled() => return,
+            channel = agent.coordinator_channel() => channel,
+        };
+        match renew(&agent, &identity, channel).await {
+            Ok(not_after_ms) => info!(not_after_ms, "Certificate renewed."),
+            Err(error) => {
+                // Try again in a tenth of what is left (at least a second).
+                let left = (identity.not_after_ms - identity::now_ms()).max(0) as u64;
+                let retry = Duration::from_millis((left / 10).max(1000));
+                warn!(error = %format!("{error:#}"), retry_in_ms = retry.as_millis() as u64, "Certificate renewal failed.");
+                tokio::select! {
+                    _ = agent.detach.cancelled() => return,
+                    _ = tokio::time::sleep(retry) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn renew(
+    agent: &Agent,
+    identity: &identity::Identity,
+    channel: tonic::transport::Channel,
+) -> anyhow::Result<i64> {
+    let (key_pem, csr_pem) = identity::new_key_and_csr()?;
+    let reply = kiln_proto::clients::enrollment(channel)
+        .renew(v1::RenewRequest { csr_pem })
+        .await
+        .map_err(|status| anyhow::anyhow!("{}", status.message()))?
+        .into_inner();
+    identity::save(
+        &agent.config.data_dir,
+        &identity.ca_pem,
+        &reply.certificate_pem,
+        &key_pem,
+    )?;
+    Ok(reply.not_after_unix_ms)
 }
 
 /// One session. Returns Ok when asked to stop, Err when the connection broke.
@@ -50,7 +157,8 @@ async fn connected(
     uplink: &mut mpsc::Receiver<v1::AgentMessage>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = kiln_proto::connect(&agent.config.coordinator).await?;
+    let tls = client_tls(agent)?;
+    let channel = kiln_proto::connect_with(&agent.config.coordinator, tls.as_ref()).await?;
     let mut client = kiln_proto::clients::agent(channel.clone());
     let (out, out_rx) = mpsc::channel::<v1::AgentMessage>(256);
     let hello = v1::Hello {
@@ -62,10 +170,17 @@ async fn connected(
     };
     out.try_send(up(Up::Hello(hello)))
         .expect("a new channel has room");
-    let mut inbound = client
-        .session(ReceiverStream::new(out_rx))
-        .await?
-        .into_inner();
+    let mut inbound = match client.session(ReceiverStream::new(out_rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status)
+            if status.code() == tonic::Code::PermissionDenied
+                && status.message().contains("revoked") =>
+        {
+            agent.revoked(status.message());
+            return Err(NeedsJoin(status.message().to_string()).into());
+        }
+        Err(status) => return Err(status.into()),
+    };
     match inbound.message().await? {
         Some(v1::CoordinatorMessage {
             kind: Some(Down::Welcome(welcome)),
@@ -103,6 +218,10 @@ async fn connected(
                 return Ok(());
             }
             message = inbound.message() => match message? {
+                Some(v1::CoordinatorMessage { kind: Some(Down::Revoked(revoked)) }) => {
+                    agent.revoked(&revoked.reason);
+                    return Err(NeedsJoin(format!("revoked: {}", revoked.reason)).into());
+                }
                 Some(v1::CoordinatorMessage { kind: Some(kind) }) => {
                     agent.coordinator_contact(None);
                     handle(agent, kind);
@@ -150,7 +269,7 @@ fn handle(agent: &Arc<Agent>, kind: Down) {
             );
             agent.launch_run(launch);
         }
-        Down::Welcome(_) => {}
+        Down::Welcome(_) | Down::Revoked(_) => {}
     }
 }
 

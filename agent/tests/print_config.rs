@@ -40,7 +40,7 @@ fn flag_beats_environment_beats_file_beats_default() {
         "target = \"flag-target\"",        // flag over environment and file
         "slots = 5",                       // environment over file
         "python = \"/opt/py/bin/python\"", // file over default
-        "coordinator = \"http://127.0.0.1:7070\"", // default
+        "coordinator = \"https://127.0.0.1:7070\"", // default
     ] {
         assert!(
             printed.lines().any(|l| l == line),

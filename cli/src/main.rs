@@ -1,6 +1,7 @@
 //! `kiln`: the user's command line. A client of the coordinator's public API only; with no
 //! coordinator configured it uses the local target (see `local.rs`).
 
+mod credentials;
 mod local;
 mod output;
 mod runconfig;
@@ -8,6 +9,7 @@ mod submit;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kiln_proto::{Address, v1};
 use tonic::transport::Channel;
@@ -15,17 +17,20 @@ use tonic::transport::Channel;
 /// Kiln runs your training scripts on your own machines: on this one (the local target) or
 /// on a pool of GPU VMs (a compute target of kiln-agents).
 ///
-/// With no coordinator configured, commands use the local target: a background daemon on
-/// this machine that keeps run history under $XDG_DATA_HOME/kiln/local.
+/// With no coordinator configured (no --coordinator, no KILN_COORDINATOR, no `kiln login`),
+/// commands use the local target: a background daemon on this machine that keeps run
+/// history under $XDG_DATA_HOME/kiln/local.
 ///
 /// Examples:
 ///   kiln submit examples/quickstart train.py -- --epochs 5
-///   kiln --coordinator http://10.0.0.5:7070 submit --target gpu . train.py
+///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token ID.SECRET
+///   kiln submit --target gpu . train.py
 ///   kiln runs
 #[derive(Parser, Debug)]
 #[command(name = "kiln", verbatim_doc_comment, disable_version_flag = true)]
 struct Cli {
-    /// The coordinator: http://HOST:PORT or unix:///PATH. Unset: the local target.
+    /// The coordinator: https://HOST:PORT, http://HOST:PORT (an --insecure one) or
+    /// unix:///PATH. Unset: the one `kiln login` stored, else the local target.
     #[arg(long, env = "KILN_COORDINATOR", global = true)]
     coordinator: Option<String>,
     /// Print kiln's version and the coordinator's, when one is reachable.
@@ -37,6 +42,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum AgentsCommand {
+    /// Revoke an agent (admins): its certificate is refused from now on, its open session
+    /// is closed, its runs are requeued, and it stops its workloads and deletes its key.
+    /// The host needs a new join token to come back.
+    ///
+    /// Example:
+    ///   kiln agents revoke gpu-node-3
+    #[command(verbatim_doc_comment)]
+    Revoke {
+        /// The agent's id or host name.
+        agent: String,
+    },
     /// One agent: host, GPUs, state, and the environments (venv, conda) it keeps cached.
     Show {
         /// The agent's id or host name.
@@ -49,6 +65,28 @@ enum AgentsCommand {
 #[derive(Subcommand, Debug)]
 enum Command {
     Submit(Box<submit::SubmitArgs>),
+    /// Log in to a coordinator with the API token an admin made (`kiln-coordinator user
+    /// create`), checking the coordinator's CA against --ca-hash; later commands use it.
+    /// Stored in $XDG_CONFIG_HOME/kiln/credentials.toml, readable by you only.
+    ///
+    /// Example:
+    ///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token ID.SECRET
+    #[command(verbatim_doc_comment)]
+    Login {
+        /// The API token (ID.SECRET).
+        #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The SHA-256 of the coordinator's CA certificate, as `user create` printed it.
+        #[arg(long, conflicts_with = "ca_file")]
+        ca_hash: Option<String>,
+        /// The coordinator's CA certificate (PEM), instead of --ca-hash.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+    },
+    /// Forget the stored credentials (commands go to the local target again).
+    Logout,
+    /// Who the coordinator takes you for.
+    Whoami,
     /// Print a run's log; with --follow keep printing until the run ends.
     ///
     /// Example:
@@ -144,6 +182,7 @@ enum Command {
 }
 
 fn main() {
+    kiln_proto::tls::install_provider();
     kiln_agent::supervisor::run_if_requested();
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::LocalDaemon)) {
@@ -168,33 +207,155 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Where the commands go: an explicit coordinator, or the local target.
+/// Where the commands go (an explicit coordinator, the one `kiln login` stored, or the
+/// local target) and with which credentials.
 pub struct Connection {
     pub address: Address,
     pub local: bool,
+    tls: Option<kiln_proto::tls::ClientTls>,
+    pub bearer: kiln_proto::Bearer,
 }
 
 impl Connection {
     fn from_cli(coordinator: Option<&str>) -> anyhow::Result<Connection> {
-        match coordinator {
-            Some(text) if !text.is_empty() => Ok(Connection {
-                address: Address::parse(text)?,
-                local: false,
-            }),
-            _ => Ok(Connection {
-                address: local::address()?,
-                local: true,
-            }),
-        }
+        let stored = credentials::load()?;
+        let address = match coordinator.filter(|text| !text.is_empty()) {
+            Some(text) => Address::parse(text)?,
+            None => match &stored {
+                Some(stored) => Address::parse(&stored.coordinator)?,
+                None => {
+                    return Ok(Connection {
+                        address: local::address()?,
+                        local: true,
+                        tls: None,
+                        bearer: kiln_proto::Bearer::none(),
+                    });
+                }
+            },
+        };
+        // Stored credentials count for the coordinator they were made for only.
+        let stored =
+            stored.filter(|c| Address::parse(&c.coordinator).ok().as_ref() == Some(&address));
+        let token = match std::env::var("KILN_TOKEN") {
+            Ok(token) if !token.is_empty() => Some(token),
+            _ => stored.as_ref().map(|c| c.token.clone()),
+        };
+        let ca = match std::env::var_os("KILN_CA_FILE") {
+            Some(path) => Some(
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("read KILN_CA_FILE {}", path.to_string_lossy()))?,
+            ),
+            None => stored.map(|c| c.ca).filter(|ca| !ca.is_empty()),
+        };
+        let tls = match (address.is_tls(), ca) {
+            (true, Some(ca)) => Some(kiln_proto::tls::ClientTls::trusting(
+                kiln_proto::tls::Trust::CaPem(ca),
+            )),
+            (true, None) => anyhow::bail!(
+                "{address} uses TLS and you are not logged in to it: run `kiln login --coordinator \
+                 {address} --ca-hash ... --token ...` with what `kiln-coordinator user create` \
+                 printed"
+            ),
+            (false, _) => None,
+        };
+        let bearer = match token {
+            Some(token) => kiln_proto::Bearer::new(&token)?,
+            None => kiln_proto::Bearer::none(),
+        };
+        Ok(Connection {
+            address,
+            local: false,
+            tls,
+            bearer,
+        })
     }
 
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         if self.local {
             local::connect_or_start().await
         } else {
-            kiln_proto::connect(&self.address).await
+            kiln_proto::connect_with(&self.address, self.tls.as_ref()).await
         }
     }
+
+    /// A user-API client on a new channel, carrying the token.
+    pub async fn kiln(
+        &self,
+    ) -> anyhow::Result<v1::kiln_client::KilnClient<kiln_proto::AuthChannel>> {
+        Ok(kiln_proto::clients::kiln(
+            self.channel().await?,
+            self.bearer.clone(),
+        ))
+    }
+}
+
+/// `kiln login`: fetches and checks the CA (pinned by hash) or reads it from a file, checks
+/// the token with `WhoAmI`, and stores all three.
+async fn login(
+    coordinator: Option<&str>,
+    token: &str,
+    ca_hash: Option<&str>,
+    ca_file: Option<&std::path::Path>,
+) -> anyhow::Result<i32> {
+    use kiln_proto::tls::{ClientTls, Trust};
+    let Some(text) = coordinator.filter(|text| !text.is_empty()) else {
+        anyhow::bail!("which coordinator? give --coordinator https://HOST:PORT");
+    };
+    let address = Address::parse(text)?;
+    let ca = if !address.is_tls() {
+        String::new()
+    } else if let Some(path) = ca_file {
+        std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?
+    } else if let Some(hash) = ca_hash {
+        let pin = kiln_proto::tls::parse_ca_hash(hash)?;
+        let tls = ClientTls::trusting(Trust::Pinned(pin));
+        let channel = kiln_proto::connect_with(&address, Some(&tls)).await?;
+        let ca = kiln_proto::clients::enrollment(channel)
+            .get_ca(v1::GetCaRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .ca_pem;
+        anyhow::ensure!(
+            kiln_proto::tls::parse_ca_hash(&kiln_proto::tls::pem_ca_hash(&ca)?)? == pin,
+            "the coordinator sent a CA certificate other than the one pinned with --ca-hash"
+        );
+        ca
+    } else {
+        anyhow::bail!(
+            "give --ca-hash (printed by `kiln-coordinator user create`) or --ca-file, so that \
+             kiln can check it talks to your coordinator"
+        );
+    };
+    let tls = address
+        .is_tls()
+        .then(|| ClientTls::trusting(Trust::CaPem(ca.clone())));
+    let channel = kiln_proto::connect_with(&address, tls.as_ref()).await?;
+    let me = kiln_proto::clients::kiln(channel, kiln_proto::Bearer::new(token)?)
+        .who_am_i(v1::WhoAmIRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let path = credentials::save(&credentials::Credentials {
+        coordinator: address.to_string(),
+        user: me.user.clone(),
+        token: token.trim().to_string(),
+        ca,
+    })?;
+    if me.authenticated {
+        eprintln!(
+            "Logged in to {address} as {} ({}); credentials in {}.",
+            me.user,
+            me.role,
+            path.display()
+        );
+    } else {
+        eprintln!(
+            "{address} authenticates nobody (--insecure); saved it as your coordinator in {}.",
+            path.display()
+        );
+    }
+    Ok(0)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -204,14 +365,44 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         local::daemon().await?;
         return Ok(0);
     }
+    match &cli.command {
+        Some(Command::Login {
+            token,
+            ca_hash,
+            ca_file,
+        }) => {
+            return login(
+                cli.coordinator.as_deref(),
+                token,
+                ca_hash.as_deref(),
+                ca_file.as_deref(),
+            )
+            .await;
+        }
+        Some(Command::Logout) => {
+            if credentials::remove()? {
+                eprintln!("Logged out: commands go to the local target again.");
+            } else {
+                eprintln!("Not logged in.");
+            }
+            return Ok(0);
+        }
+        _ => {}
+    }
     let connection = Connection::from_cli(cli.coordinator.as_deref())?;
     if cli.version {
         println!("kiln {}", kiln_common::VERSION);
-        match kiln_proto::connect(&connection.address).await {
+        let channel = if connection.local {
+            kiln_proto::connect(&connection.address).await
+        } else {
+            connection.channel().await
+        };
+        match channel {
             Ok(channel) => {
-                let reply = kiln_proto::clients::kiln(channel)
+                let reply = kiln_proto::clients::kiln(channel, connection.bearer.clone())
                     .version(v1::VersionRequest {})
-                    .await?
+                    .await
+                    .map_err(status_error)?
                     .into_inner();
                 println!("coordinator {} at {}", reply.version, connection.address);
             }
@@ -230,7 +421,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     match command {
         Command::Submit(args) => submit::submit(&connection, *args).await,
         Command::Logs { run, follow, rank } => {
-            let mut client = kiln_proto::clients::kiln(connection.channel().await?);
+            let mut client = connection.kiln().await?;
             if follow {
                 submit::follow(&connection, run, 0, rank).await.map(|_| 0)
             } else {
@@ -242,7 +433,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             limit,
             json,
         } => {
-            let mut client = kiln_proto::clients::kiln(connection.channel().await?);
+            let mut client = connection.kiln().await?;
             let runs = client
                 .list_runs(v1::ListRunsRequest {
                     target: target.unwrap_or_default(),
@@ -256,7 +447,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Show { run, json } => {
-            let mut client = kiln_proto::clients::kiln(connection.channel().await?);
+            let mut client = connection.kiln().await?;
             let run = client
                 .get_run(v1::GetRunRequest { run_id: run })
                 .await
@@ -266,7 +457,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Metrics { run, rank, json } => {
-            let mut client = kiln_proto::clients::kiln(connection.channel().await?);
+            let mut client = connection.kiln().await?;
             let metrics = client
                 .list_metrics(v1::ListMetricsRequest { run_id: run, rank })
                 .await
@@ -277,7 +468,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Cancel { run } => {
-            let mut client = kiln_proto::clients::kiln(connection.channel().await?);
+            let mut client = connection.kiln().await?;
             let run = client
                 .cancel_run(v1::CancelRunRequest { run_id: run })
                 .await
@@ -290,7 +481,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Targets { json } => {
-            let mut client = kiln_proto::clients::kiln(connection.channel().await?);
+            let mut client = connection.kiln().await?;
             let targets = client
                 .list_targets(v1::ListTargetsRequest {})
                 .await
@@ -300,8 +491,43 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             output::targets(&targets, json);
             Ok(0)
         }
+        Command::Agents {
+            command: Some(AgentsCommand::Revoke { agent }),
+            ..
+        } => {
+            let agent = connection
+                .kiln()
+                .await?
+                .revoke_agent(v1::RevokeAgentRequest { agent })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let host = agent.host.map(|h| h.hostname).unwrap_or_default();
+            eprintln!(
+                "Revoked agent {} ({host}): its certificate is refused, its runs are requeued. \
+                 The host needs a new join token to come back.",
+                agent.id
+            );
+            Ok(0)
+        }
+        Command::Whoami => {
+            let me = connection
+                .kiln()
+                .await?
+                .who_am_i(v1::WhoAmIRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if me.authenticated {
+                println!("{} ({}) at {}", me.user, me.role, connection.address);
+            } else {
+                println!("nobody: {} authenticates no one", connection.address);
+            }
+            Ok(0)
+        }
+        Command::Login { .. } | Command::Logout => unreachable!("handled above"),
         Command::Agents { command, json } => {
-            let mut client = kiln_proto::clients::kiln(connection.channel().await?);
+            let mut client = connection.kiln().await?;
             let agents = client
                 .list_agents(v1::ListAgentsRequest {})
                 .await

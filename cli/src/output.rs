@@ -33,6 +33,7 @@ pub fn run_json(run: &v1::Run) -> Value {
         "name": run.name,
         "status": run.status().domain().as_str(),
         "target": run.target,
+        "owner": if run.owner.is_empty() { Value::Null } else { Value::String(run.owner.clone()) },
         "agent": if run.agent_id.is_empty() { Value::Null } else { Value::String(run.agent_id.clone()) },
         "exit_code": run.exit_code,
         "message": run.message,
@@ -241,6 +242,9 @@ pub fn show(run: &v1::Run, as_json: bool) {
         field("message", run.message.clone());
     }
     field("target", run.target.clone());
+    if !run.owner.is_empty() {
+        field("owner", run.owner.clone());
+    }
     field("agent", dash(&run.agent_id));
     field(
         "attempt",

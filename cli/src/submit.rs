@@ -12,7 +12,6 @@ use kiln_common::snapshot::{self, PackOptions, UnpackLimits};
 use kiln_common::target::LOCAL_TARGET;
 use kiln_proto::v1::{self, kiln_client::KilnClient};
 use tokio_stream::StreamExt as _;
-use tonic::transport::Channel;
 
 use crate::{Connection, runconfig, status_error};
 
@@ -240,7 +239,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
 
     // Connect and check the target before packing and uploading.
     let channel = connection.channel().await?;
-    let mut client = kiln_proto::clients::kiln(channel.clone());
+    let mut client = kiln_proto::clients::kiln(channel.clone(), connection.bearer.clone());
     let targets = client
         .list_targets(v1::ListTargetsRequest {})
         .await
@@ -263,7 +262,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
     let (archive, packed) = pack_snapshot(plan, options, interactive).await?;
 
     // Upload unless the coordinator already has this digest.
-    let mut blobs = kiln_proto::clients::blobs(channel.clone());
+    let mut blobs = kiln_proto::clients::blobs(channel.clone(), connection.bearer.clone());
     let present = blobs
         .has_blob(v1::HasBlobRequest {
             digest: packed.digest.clone(),
@@ -321,7 +320,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
 }
 
 /// One line with the last value of each user metric, after a followed run ended.
-async fn print_metrics_summary(client: &mut KilnClient<Channel>, run_id: i64) {
+async fn print_metrics_summary(client: &mut KilnClient<kiln_proto::AuthChannel>, run_id: i64) {
     let request = v1::ListMetricsRequest { run_id, rank: None };
     let Ok(reply) = client.list_metrics(request).await else {
         return;
@@ -406,7 +405,7 @@ fn progress_bar(interactive: bool, total: u64, what: &'static str) -> ProgressBa
 
 /// Prints a run's log as stored so far (one rank's lines only, with `rank`).
 pub async fn print_logs(
-    client: &mut KilnClient<Channel>,
+    client: &mut KilnClient<kiln_proto::AuthChannel>,
     run_id: i64,
     rank: Option<u32>,
 ) -> anyhow::Result<()> {
@@ -466,7 +465,7 @@ pub async fn follow(
     loop {
         let attempt = async {
             let channel = connection.channel().await?;
-            let mut client = kiln_proto::clients::kiln(channel);
+            let mut client = kiln_proto::clients::kiln(channel, connection.bearer.clone());
             let mut stream = client
                 .stream_logs(v1::StreamLogsRequest {
                     run_id,
@@ -549,7 +548,7 @@ fn report_end(run: &v1::Run) -> i32 {
 /// Downloads a run's outputs into `dest` (created; must be empty if it exists).
 pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyhow::Result<()> {
     let channel = connection.channel().await?;
-    let run = kiln_proto::clients::kiln(channel.clone())
+    let run = kiln_proto::clients::kiln(channel.clone(), connection.bearer.clone())
         .get_run(v1::GetRunRequest { run_id })
         .await
         .map_err(status_error)?
@@ -568,7 +567,7 @@ pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyh
     }
     let archive = tempfile::NamedTempFile::new()?;
     let mut file = tokio::fs::File::from_std(archive.reopen()?);
-    let mut stream = kiln_proto::clients::blobs(channel)
+    let mut stream = kiln_proto::clients::blobs(channel, connection.bearer.clone())
         .download_blob(v1::DownloadBlobRequest {
             digest: run.outputs_digest.clone(),
         })

@@ -20,8 +20,9 @@ pub const DEFAULT_LOG: &str = "info";
 #[derive(clap::Args, Serialize, Deserialize, Debug, Default, Clone, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Address to serve gRPC on: HOST:PORT, or unix:///PATH for a Unix socket. The transport
-    /// is plaintext in this version: keep it on a trusted network. [default: 127.0.0.1:7070]
+    /// Address to serve gRPC on: HOST:PORT (TLS, unless `insecure`), or unix:///PATH for a
+    /// Unix socket (plaintext and unauthenticated: access is the socket file's permissions).
+    /// [default: 127.0.0.1:7070]
     #[arg(long, env = "KILN_LISTEN")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
@@ -55,22 +56,48 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_url: Option<String>,
 
-    /// Reserved for TLS (not implemented in this version): the server certificate (PEM).
-    /// Setting it is an error, so that nobody believes traffic is encrypted when it is not.
+    /// Serve plaintext gRPC and authenticate nobody: agents connect by target name, the CLI
+    /// needs no token. For experiments and tests on loopback only; logged as a warning at
+    /// start. [default: false]
+    #[arg(long, env = "KILN_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub insecure: Option<bool>,
+
+    /// The server certificate chain (PEM) from an existing PKI; with `tls_key`. It must be
+    /// signed by the CA (`tls_ca_cert`). [default: made at each start by the coordinator's CA,
+    /// in DATA_DIR/pki/server.crt]
     #[arg(long, env = "KILN_TLS_CERT")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
 
-    /// Reserved for TLS (not implemented in this version): the server's private key (PEM).
+    /// The server certificate's private key (PEM), with `tls_cert`.
     #[arg(long, env = "KILN_TLS_KEY")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
 
-    /// Reserved for mutual TLS (not implemented in this version): the CA that signs agent
-    /// certificates (PEM).
-    #[arg(long, env = "KILN_TLS_CLIENT_CA")]
+    /// The CA certificate (PEM) that signs agent certificates and the server's, from an
+    /// existing PKI; with `tls_ca_key`. [default: DATA_DIR/pki/ca.crt, made on first start]
+    #[arg(long, env = "KILN_TLS_CA_CERT")]
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub tls_client_ca: Option<PathBuf>,
+    pub tls_ca_cert: Option<PathBuf>,
+
+    /// The CA's private key (PEM), with `tls_ca_cert`.
+    #[arg(long, env = "KILN_TLS_CA_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_key: Option<PathBuf>,
+
+    /// More host names or IP addresses for the server certificate the coordinator makes,
+    /// besides those of `listen` and `advertise_url`, this host's name and loopback
+    /// (comma-separated on the command line).
+    #[arg(long, env = "KILN_TLS_NAMES", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_names: Option<Vec<String>>,
+
+    /// Lifetime of agent certificates, in seconds; agents renew at about two thirds of it.
+    /// [default: 2592000 (30 days)]
+    #[arg(long, env = "KILN_AGENT_CERT_TTL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_cert_ttl: Option<u64>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -83,6 +110,17 @@ pub struct Effective {
     pub max_blob_bytes: u64,
     pub log: String,
     pub advertise_url: String,
+    pub insecure: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_key: Option<PathBuf>,
+    pub tls_names: Vec<String>,
+    pub agent_cert_ttl: u64,
 }
 
 impl Settings {
@@ -95,9 +133,13 @@ impl Settings {
             max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
             log: self.log.or(lower.log),
             advertise_url: self.advertise_url.or(lower.advertise_url),
+            insecure: self.insecure.or(lower.insecure),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
-            tls_client_ca: self.tls_client_ca.or(lower.tls_client_ca),
+            tls_ca_cert: self.tls_ca_cert.or(lower.tls_ca_cert),
+            tls_ca_key: self.tls_ca_key.or(lower.tls_ca_key),
+            tls_names: self.tls_names.or(lower.tls_names),
+            agent_cert_ttl: self.agent_cert_ttl.or(lower.agent_cert_ttl),
         }
     }
 
@@ -133,22 +175,47 @@ impl Settings {
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log) {
             problems.push(format!("log filter `{log}` is invalid: {error}"));
         }
-        for (key, value) in [
-            ("tls_cert", &self.tls_cert),
-            ("tls_key", &self.tls_key),
-            ("tls_client_ca", &self.tls_client_ca),
+        let insecure = self.insecure.unwrap_or(false);
+        let tls = !insecure && !listen.starts_with("unix://");
+        for (a, b, value_a, value_b) in [
+            ("tls_cert", "tls_key", &self.tls_cert, &self.tls_key),
+            (
+                "tls_ca_cert",
+                "tls_ca_key",
+                &self.tls_ca_cert,
+                &self.tls_ca_key,
+            ),
         ] {
-            if let Some(path) = value {
+            if value_a.is_some() != value_b.is_some() {
+                problems.push(format!("{a} and {b} must be set together"));
+            }
+            if !tls && (value_a.is_some() || value_b.is_some()) {
                 problems.push(format!(
-                    "{key} = {} is set, but TLS is not implemented in this version of \
-                     kiln-coordinator (it serves plaintext gRPC): remove it",
-                    path.display()
+                    "{a}/{b} are set, but this coordinator serves no TLS ({}): remove them",
+                    if insecure {
+                        "insecure = true"
+                    } else {
+                        "a unix:// listen address"
+                    }
                 ));
             }
         }
+        if self.tls_cert.is_some() && self.tls_ca_cert.is_none() {
+            problems.push(
+                "tls_cert needs tls_ca_cert and tls_ca_key: the CA that signed it also signs \
+                 agent certificates"
+                    .to_string(),
+            );
+        }
+        let agent_cert_ttl = self
+            .agent_cert_ttl
+            .unwrap_or(crate::pki::DEFAULT_AGENT_CERT_TTL.as_secs());
+        if agent_cert_ttl < 3 {
+            problems.push("agent_cert_ttl must be at least 3 (seconds)".to_string());
+        }
         let advertise_url = match self.advertise_url {
             Some(url) => url,
-            None => advertise_url_for(&listen),
+            None => advertise_url_for(&listen, tls),
         };
         if let Err(error) = kiln_proto::Address::parse(&advertise_url) {
             problems.push(format!("advertise_url: {error:#}"));
@@ -166,6 +233,13 @@ impl Settings {
             max_blob_bytes,
             log,
             advertise_url,
+            insecure,
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
+            tls_ca_cert: self.tls_ca_cert,
+            tls_ca_key: self.tls_ca_key,
+            tls_names: self.tls_names.unwrap_or_default(),
+            agent_cert_ttl,
         })
     }
 }
@@ -177,6 +251,34 @@ impl Effective {
         config.heartbeat_ttl = std::time::Duration::from_secs(self.heartbeat_ttl.max(1));
         config.max_blob_bytes = self.max_blob_bytes;
         config
+    }
+
+    /// Whether this coordinator serves TLS and authenticates its callers: on TCP unless
+    /// `insecure`.
+    pub fn tls(&self) -> bool {
+        !self.insecure && !self.listen.starts_with("unix://")
+    }
+
+    /// Where the PKI comes from: the names the server certificate is made for are those of
+    /// `listen` and `advertise_url` (when they are names, not 0.0.0.0), `tls_names` and this
+    /// host's name.
+    pub fn pki_config(&self) -> crate::pki::PkiConfig {
+        let mut names = self.tls_names.clone();
+        for url in [self.listen.as_str(), self.advertise_url.as_str()] {
+            if let Some(host) = host_of(url) {
+                names.push(host);
+            }
+        }
+        names.push(host_name());
+        crate::pki::PkiConfig {
+            dir: self.data_dir.join("pki"),
+            ca_cert: self.tls_ca_cert.clone(),
+            ca_key: self.tls_ca_key.clone(),
+            server_cert: self.tls_cert.clone(),
+            server_key: self.tls_key.clone(),
+            server_names: names,
+            agent_cert_ttl: Some(std::time::Duration::from_secs(self.agent_cert_ttl)),
+        }
     }
 
     /// The configuration as TOML, in the config file's syntax.
@@ -203,9 +305,24 @@ fn load_from(
     kiln_common::config_file::load(explicit, default)
 }
 
+/// The host of `HOST:PORT` or `SCHEME://HOST:PORT`, unless it is unspecified (0.0.0.0, ::).
+fn host_of(url: &str) -> Option<String> {
+    if url.starts_with("unix://") {
+        return None;
+    }
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let host = match hostport.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => hostport,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!matches!(host, "" | "0.0.0.0" | "::")).then(|| host.to_string())
+}
+
 /// What `token create` tells agents to dial when `advertise_url` is not set: the listen
-/// address, with this host's name in place of an unspecified address.
-fn advertise_url_for(listen: &str) -> String {
+/// address, with this host's name in place of an unspecified address (https with TLS).
+fn advertise_url_for(listen: &str, tls: bool) -> String {
     if listen.starts_with("unix://") {
         return listen.to_string();
     }
@@ -218,7 +335,8 @@ fn advertise_url_for(listen: &str) -> String {
         "0.0.0.0" | "[::]" | "" => host_name(),
         host => host.to_string(),
     };
-    format!("http://{host}:{port}")
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{host}:{port}")
 }
 
 fn host_name() -> String {
@@ -246,8 +364,7 @@ mod tests {
     #[test]
     fn every_commented_key_of_the_shipped_config_is_a_real_key() {
         // Uncommenting `# key = value` lines must give a file that parses: the example
-        // documents only keys that exist, with values of the right type (TLS keys aside:
-        // they parse but are refused when resolved).
+        // documents only keys that exist, with values of the right type, that resolve.
         let uncommented: String = EXAMPLE
             .lines()
             .map(|line| match line.strip_prefix("# ") {
@@ -258,9 +375,12 @@ mod tests {
             .collect();
         let settings = parse(&uncommented, Path::new("uncommented")).unwrap();
         assert!(settings.listen.is_some() && settings.advertise_url.is_some());
-        assert!(settings.tls_cert.is_some());
-        let error = settings.resolve().unwrap_err().to_string();
-        assert!(error.contains("TLS is not implemented"), "{error}");
+        assert!(settings.tls_cert.is_some() && settings.tls_ca_cert.is_some());
+        let effective = settings.resolve().unwrap();
+        assert!(
+            effective.tls(),
+            "the example's keys describe a TLS coordinator"
+        );
     }
 
     #[test]
@@ -318,24 +438,81 @@ mod tests {
             log: Some("info,=[".into()),
             tls_key: Some("/k".into()),
             data_dir: Some("/d".into()),
+            agent_cert_ttl: Some(1),
             ..Settings::default()
         };
         let error = settings.resolve().unwrap_err().to_string();
-        for part in ["heartbeat_ttl", "log filter", "tls_key"] {
+        for part in ["heartbeat_ttl", "log filter", "tls_key", "agent_cert_ttl"] {
             assert!(error.contains(part), "{part} missing from: {error}");
         }
     }
 
     #[test]
     fn advertise_url_defaults_from_listen() {
-        fn check(listen: &str, expected: &str) {
-            assert_eq!(advertise_url_for(listen), expected, "listen {listen}");
+        fn check(listen: &str, tls: bool, expected: &str) {
+            assert_eq!(advertise_url_for(listen, tls), expected, "listen {listen}");
         }
-        check("127.0.0.1:7070", "http://127.0.0.1:7070");
-        check("coord.example:9000", "http://coord.example:9000");
-        check("unix:///run/k.sock", "unix:///run/k.sock");
-        assert!(advertise_url_for("0.0.0.0:7070").ends_with(":7070"));
-        assert!(!advertise_url_for("0.0.0.0:7070").contains("0.0.0.0"));
+        check("127.0.0.1:7070", true, "https://127.0.0.1:7070");
+        check("127.0.0.1:7070", false, "http://127.0.0.1:7070");
+        check("coord.example:9000", true, "https://coord.example:9000");
+        check("unix:///run/k.sock", false, "unix:///run/k.sock");
+        assert!(advertise_url_for("0.0.0.0:7070", true).ends_with(":7070"));
+        assert!(!advertise_url_for("0.0.0.0:7070", true).contains("0.0.0.0"));
+    }
+
+    #[test]
+    fn the_server_certificate_names_come_from_listen_advertise_url_and_tls_names() {
+        assert_eq!(
+            host_of("https://coord.example:7070").as_deref(),
+            Some("coord.example")
+        );
+        assert_eq!(host_of("10.0.0.5:7070").as_deref(), Some("10.0.0.5"));
+        assert_eq!(host_of("[::1]:7070").as_deref(), Some("::1"));
+        assert_eq!(host_of("0.0.0.0:7070"), None);
+        assert_eq!(host_of("unix:///run/k.sock"), None);
+        let effective = Settings {
+            data_dir: Some("/d".into()),
+            listen: Some("0.0.0.0:7070".into()),
+            advertise_url: Some("https://kiln.example:7070".into()),
+            tls_names: Some(vec!["10.1.2.3".into()]),
+            ..Settings::default()
+        }
+        .resolve()
+        .unwrap();
+        let names = effective.pki_config().server_names;
+        assert!(names.contains(&"kiln.example".to_string()), "{names:?}");
+        assert!(names.contains(&"10.1.2.3".to_string()), "{names:?}");
+        assert!(!names.contains(&"0.0.0.0".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn insecure_or_a_unix_socket_means_no_tls_and_no_tls_files() {
+        let base = Settings {
+            data_dir: Some("/d".into()),
+            ..Settings::default()
+        };
+        assert!(base.clone().resolve().unwrap().tls());
+        let insecure = Settings {
+            insecure: Some(true),
+            ..base.clone()
+        };
+        let effective = insecure.clone().resolve().unwrap();
+        assert!(!effective.tls());
+        assert!(effective.advertise_url.starts_with("http://"));
+        let error = Settings {
+            tls_ca_cert: Some("/ca.crt".into()),
+            tls_ca_key: Some("/ca.key".into()),
+            ..insecure
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("serves no TLS"), "{error}");
+        let unix = Settings {
+            listen: Some("unix:///run/k.sock".into()),
+            ..base
+        };
+        assert!(!unix.resolve().unwrap().tls());
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! the blob store; [`serve`] exposes it over gRPC. `main.rs` (and the `kiln` CLI's local mode)
 //! only parse configuration and call [`Coordinator::start`] and [`serve`].
 
+pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod join;
+pub mod pki;
 pub mod scheduler;
 mod service;
 pub mod store;
@@ -27,7 +29,7 @@ pub use service::{Listener, serve};
 use crate::blobs::BlobStore;
 use crate::store::{EventFields, Store, TransitionError, is_gang};
 
-/// Default gRPC address: loopback only, since the transport is plaintext for now.
+/// Default gRPC address: loopback only; set `listen` to serve other hosts.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Default time without a heartbeat after which an agent is lost.
 pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(30);
@@ -40,6 +42,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub heartbeat_ttl: Duration,
     pub max_blob_bytes: u64,
+    /// TLS and authentication: with a PKI every call is authenticated (see `auth.rs`);
+    /// without (`--insecure`, the local target's Unix socket) nobody is.
+    pub pki: Option<Arc<pki::Pki>>,
 }
 
 impl Config {
@@ -48,6 +53,7 @@ impl Config {
             data_dir,
             heartbeat_ttl: DEFAULT_HEARTBEAT_TTL,
             max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
+            pki: None,
         }
     }
 }
@@ -120,6 +126,7 @@ impl Coordinator {
     /// Opens the data directory and starts the scheduler and liveness tasks. They stop when
     /// `shutdown` is cancelled; [`Coordinator::stopped`] waits for them.
     pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Arc<Coordinator>> {
+        kiln_proto::tls::install_provider();
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
         let store = Store::open(&config.data_dir.join("kiln.db"))?;
@@ -404,40 +411,117 @@ impl Coordinator {
         };
         for agent_id in silent {
             warn!(agent_id = %agent_id, ttl_s = ttl.as_secs(), "Agent missed heartbeats; marking it lost.");
-            if let Some(session) = self.sessions().remove(&agent_id) {
-                session.closed.cancel();
-            }
             let message = format!(
                 "node_lost: agent {agent_id} missed heartbeats for {}s",
                 ttl.as_secs()
             );
-            let lost = self
-                .db
-                .call(move |s| -> anyhow::Result<Vec<Released>> {
-                    s.set_agent_state(&agent_id, "lost")?;
-                    let runs = s.active_runs_of_agent(&agent_id)?;
-                    let fields = EventFields {
-                        message: Some(&message),
-                        now_ms: now_ms(),
-                        ..Default::default()
-                    };
-                    Ok(runs
-                        .iter()
-                        .filter_map(|run| release_run(s, run, &fields))
-                        .collect())
-                })
-                .await?;
-            for released in lost {
-                warn!(
-                    run_id = released.run_id,
-                    "Run released from its lost agent."
-                );
-                self.stop_nodes(&released);
-                self.run_changed(released.run_id);
-            }
-            self.kick_scheduler();
+            self.release_agent(&agent_id, message, Loss::Silent).await?;
         }
         Ok(())
+    }
+
+    /// Takes every run away from an agent (see [`release_run`]) and closes its session: the
+    /// agent went silent, or was revoked. A revoked agent is told so first, and its running
+    /// runs are queued again whatever their retry budget (their agent did not fail them).
+    async fn release_agent(
+        &self,
+        agent_id: &str,
+        message: String,
+        loss: Loss,
+    ) -> anyhow::Result<()> {
+        if let Some(session) = self.sessions().remove(agent_id) {
+            if loss == Loss::Revoked {
+                let _ = session.tx.try_send(Ok(v1::CoordinatorMessage {
+                    kind: Some(v1::coordinator_message::Kind::Revoked(v1::Revoked {
+                        reason: message.clone(),
+                    })),
+                }));
+            }
+            session.closed.cancel();
+        }
+        self.last_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(agent_id);
+        let agent_id = agent_id.to_string();
+        let lost = self
+            .db
+            .call(move |s| -> anyhow::Result<Vec<Released>> {
+                if loss == Loss::Silent {
+                    s.set_agent_state(&agent_id, "lost")?;
+                }
+                let runs = s.active_runs_of_agent(&agent_id)?;
+                let fields = EventFields {
+                    message: Some(&message),
+                    now_ms: now_ms(),
+                    ..Default::default()
+                };
+                Ok(runs
+                    .iter()
+                    .filter_map(|run| release_run(s, run, &fields, loss == Loss::Revoked))
+                    .collect())
+            })
+            .await?;
+        for released in lost {
+            warn!(run_id = released.run_id, "Run released from its agent.");
+            self.stop_nodes(&released);
+            self.run_changed(released.run_id);
+        }
+        self.kick_scheduler();
+        Ok(())
+    }
+
+    /// `kiln agents revoke`: the agent's certificate is refused from now on (checked at every
+    /// call, so also by the open session's next message, which is closed right away
+    /// anyway: a long-lived stream never handshakes again), its runs are requeued, and the
+    /// agent is told to stop its workloads and delete its key.
+    pub async fn revoke_agent(&self, agent: &str) -> Result<v1::Agent, tonic::Status> {
+        let wanted = agent.to_string();
+        let found = self
+            .db
+            .call(move |s| {
+                anyhow::Ok(
+                    s.list_agents()?
+                        .into_iter()
+                        .filter(|a| a.id == wanted || a.host.hostname == wanted)
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .await
+            .map_err(service::internal)?;
+        let row = match found.len() {
+            0 => {
+                return Err(tonic::Status::not_found(format!(
+                    "no agent has id or host name `{agent}`: see `kiln agents`"
+                )));
+            }
+            1 => found.into_iter().next().expect("one"),
+            _ => {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "several agents have host name `{agent}`: name one by its id"
+                )));
+            }
+        };
+        let (id, target) = (row.id.clone(), row.target.clone());
+        self.db
+            .call(move |s| s.revoke_agent(&id, &target, now_ms()))
+            .await
+            .map_err(service::internal)?;
+        warn!(agent_id = %row.id, hostname = %row.host.hostname, "Agent revoked.");
+        let message = format!("node_lost: agent {} was revoked", row.id);
+        self.release_agent(&row.id, message, Loss::Revoked)
+            .await
+            .map_err(service::internal)?;
+        Ok(v1::Agent {
+            id: row.id,
+            target: row.target,
+            host: Some(row.host),
+            slots: row.slots,
+            runs_active: 0,
+            state: "revoked".to_string(),
+            last_heartbeat_unix_ms: row.last_heartbeat_ms,
+            environments: row.environments,
+        })
     }
 
     // ---- agent sessions ----
@@ -485,7 +569,7 @@ impl Coordinator {
                                 now_ms: now_ms(),
                                 ..Default::default()
                             };
-                            lost.extend(release_run(s, &run, &fields));
+                            lost.extend(release_run(s, &run, &fields, false));
                         }
                     }
                     let mut to_cancel = Vec::new();
@@ -955,6 +1039,15 @@ fn may_restart(run: &v1::Run) -> bool {
     run.restarts < run.max_restarts
 }
 
+/// Why an agent's runs are taken away from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// It missed heartbeats for the TTL.
+    Silent,
+    /// An admin revoked it.
+    Revoked,
+}
+
 /// A run attempt taken away from its agents: the nodes that must be told to stop.
 struct Released {
     run_id: i64,
@@ -966,9 +1059,17 @@ struct Released {
 /// to the queue (nothing of it ran); a running one is queued again for a new attempt while
 /// its retry budget lasts (`max_retries`; a gang's `max_restarts`), and is lost after that.
 /// Every node of the attempt is released with it (a gang never runs with a node missing).
-fn release_run(store: &mut Store, run: &v1::Run, fields: &EventFields) -> Option<Released> {
+/// With `requeue`, a running run is queued again whatever its budget.
+fn release_run(
+    store: &mut Store,
+    run: &v1::Run,
+    fields: &EventFields,
+    requeue: bool,
+) -> Option<Released> {
     let event = if run.status() == v1::RunStatus::Assigned {
         RunEvent::Requeue
+    } else if requeue {
+        RunEvent::Retry
     } else if is_gang(run) {
         if may_restart(run) {
             RunEvent::Retry

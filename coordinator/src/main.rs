@@ -8,10 +8,11 @@ use clap::{Parser, Subcommand};
 use kiln_common::target::TargetName;
 use kiln_coordinator::config::{self, Settings};
 use kiln_coordinator::join;
-use kiln_coordinator::store::Store;
+use kiln_coordinator::pki::Pki;
+use kiln_coordinator::store::{NewUser, Role, Store};
 use kiln_coordinator::{Coordinator, Listener};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Kiln's coordinator: holds compute targets, the run queue, run history, logs, metrics and
 /// snapshot blobs, and assigns runs to agents.
@@ -21,9 +22,10 @@ use tracing::info;
 /// is also a key of that file (`--data-dir` is `data_dir`).
 ///
 /// Examples:
-///   kiln-coordinator --listen 127.0.0.1:7070 --data-dir /var/lib/kiln/coordinator
+///   kiln-coordinator --listen 0.0.0.0:7070 --data-dir /var/lib/kiln/coordinator
 ///   kiln-coordinator --config /etc/kiln/coordinator.toml --print-config
 ///   sudo kiln-coordinator token create --target gpu
+///   sudo kiln-coordinator user create alice --role admin
 #[derive(Parser, Debug)]
 #[command(version, verbatim_doc_comment)]
 struct Args {
@@ -50,14 +52,42 @@ enum Command {
     /// may be running); as root they act as the owner of the data directory.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Users of the user API and their API tokens. `user create` prints the `kiln login`
+    /// command to give the user. Like `token`, these open the database directly.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Create a user with an API token and print the `kiln login` command that uses it.
+    ///
+    /// Members submit runs and see and cancel their own; admins see and cancel every run and
+    /// revoke agents. The token is shown once: only its SHA-256 is kept.
+    ///
+    /// Example:
+    ///   sudo kiln-coordinator user create alice --role admin
+    #[command(verbatim_doc_comment)]
+    Create {
+        name: String,
+        #[arg(long, default_value = "member", value_parser = ["admin", "member"])]
+        role: String,
+    },
+    /// Give a user a new API token; the old one stops working at once.
+    Token { name: String },
+    /// List users: name, role, last use (tokens are never shown again).
+    List,
+    /// Delete a user; their token stops working at once (their runs stay).
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
 enum TokenCommand {
     /// Create a join token for a target and print the command that joins a host with it.
     ///
-    /// The command goes to stdout, the details to stderr. The token gates `kiln-agent join`
-    /// only: this version does not authenticate agent sessions yet.
+    /// The command goes to stdout, the details to stderr. It carries the SHA-256 of the
+    /// coordinator's CA, which the agent pins before it trusts the coordinator; the agent
+    /// then gets its own client certificate and authenticates with it from then on.
     ///
     /// Example:
     ///   sudo kiln-coordinator token create --target gpu --ttl 2h --uses 10
@@ -83,6 +113,7 @@ enum TokenCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    kiln_proto::tls::install_provider();
     let args = Args::parse();
     let (file, effective) = match config::load(args.config.as_deref())
         .and_then(|(file, settings)| Ok((file, args.settings.or(settings).resolve()?)))
@@ -98,8 +129,10 @@ fn main() -> anyhow::Result<()> {
         print!("{}", effective.to_toml());
         return Ok(());
     }
-    if let Some(Command::Token(command)) = args.command {
-        return token(command, &effective);
+    match args.command {
+        Some(Command::Token(command)) => return token(command, &effective),
+        Some(Command::User(command)) => return user(command, &effective),
+        None => {}
     }
     kiln_common::logging::init_logging(&effective.log);
     tokio::runtime::Builder::new_multi_thread()
@@ -114,11 +147,24 @@ async fn serve(
     file: Option<PathBuf>,
     address_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let config = effective.coordinator_config();
+    let mut config = effective.coordinator_config();
+    if effective.tls() {
+        let pki = Pki::load_or_create(&effective.pki_config())?;
+        info!(ca_hash = %pki.ca_hash(), cluster = %pki.cluster_id(), "TLS on; every caller is authenticated.");
+        config.pki = Some(std::sync::Arc::new(pki));
+    } else if effective.insecure {
+        warn!(
+            "INSECURE: plaintext gRPC and no authentication (--insecure). Anyone who can reach \
+             {} can run code on every agent. Use this on loopback for experiments only.",
+            effective.listen
+        );
+    } else {
+        info!("Unix socket: no TLS; access is decided by the socket file's permissions.");
+    }
     let shutdown = CancellationToken::new();
     let coordinator = Coordinator::start(config.clone(), shutdown.clone())?;
     let listener = Listener::bind(&effective.listen).await?;
-    let address = listener.address();
+    let address = listener.address(config.pki.is_some());
     if let Some(path) = &address_file {
         std::fs::write(path, format!("{address}\n"))
             .with_context(|| format!("write {}", path.display()))?;
@@ -139,14 +185,120 @@ async fn serve(
     Ok(())
 }
 
-/// `kiln-coordinator token ...`: opens the database next to the running service (WAL lets
-/// both write) and works on join tokens.
-fn token(command: TokenCommand, effective: &config::Effective) -> anyhow::Result<()> {
+/// Opens the database next to the running service (WAL lets both write), as the data
+/// directory's owner.
+fn open_store(effective: &config::Effective) -> anyhow::Result<Store> {
     let data_dir = &effective.data_dir;
     act_as_data_dir_owner(data_dir)?;
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("create data directory {}", data_dir.display()))?;
-    let store = Store::open(&data_dir.join("kiln.db"))?;
+    Store::open(&data_dir.join("kiln.db"))
+}
+
+/// `--ca-hash sha256:...` for the commands that `token create` and `user create` print, or
+/// nothing when the coordinator serves no TLS. Loads (or makes) the same CA the service uses.
+fn ca_hash_flag(effective: &config::Effective) -> anyhow::Result<String> {
+    if !effective.tls() {
+        return Ok(String::new());
+    }
+    let pki = Pki::load_ca(&effective.pki_config())?;
+    Ok(format!(" --ca-hash {}", pki.ca_hash()))
+}
+
+/// `kiln-coordinator user ...`.
+fn user(command: UserCommand, effective: &config::Effective) -> anyhow::Result<()> {
+    let store = open_store(effective)?;
+    let url = &effective.advertise_url;
+    let now = kiln_coordinator::now_ms();
+    match command {
+        UserCommand::Create { name, role } => {
+            validate_user_name(&name)?;
+            let role = Role::parse(&role).expect("clap checked the role");
+            let (token, token_id, token_sha256) = kiln_coordinator::auth::new_token()?;
+            store.insert_user(&NewUser {
+                name: &name,
+                role,
+                token_id: &token_id,
+                token_sha256,
+                now_ms: now,
+            })?;
+            eprintln!(
+                "Created {} `{name}`. Give them this command (the token is not shown again):",
+                role.as_str()
+            );
+            println!(
+                "kiln login --coordinator {url}{} --token {token}",
+                ca_hash_flag(effective)?
+            );
+            if !effective.tls() {
+                eprintln!(
+                    "note: this coordinator authenticates nobody (insecure or a Unix socket): \
+                     the token is needed only once TLS is on."
+                );
+            }
+        }
+        UserCommand::Token { name } => {
+            let (token, token_id, token_sha256) = kiln_coordinator::auth::new_token()?;
+            anyhow::ensure!(
+                store.replace_user_token(&name, &token_id, &token_sha256)?,
+                "no user `{name}`: see `kiln-coordinator user list`"
+            );
+            eprintln!("New token for `{name}`; the old one no longer works:");
+            println!(
+                "kiln login --coordinator {url}{} --token {token}",
+                ca_hash_flag(effective)?
+            );
+        }
+        UserCommand::List => {
+            let users = store.list_users()?;
+            if users.is_empty() {
+                eprintln!(
+                    "No users. Create one with `kiln-coordinator user create NAME --role admin`."
+                );
+            } else {
+                println!(
+                    "{:<24}  {:<6}  {:<20}  {:<20}",
+                    "NAME", "ROLE", "CREATED", "LAST USED"
+                );
+            }
+            for user in users {
+                println!(
+                    "{:<24}  {:<6}  {:<20}  {:<20}",
+                    user.name,
+                    user.role.as_str(),
+                    format_ms(user.created_ms),
+                    user.last_used_ms
+                        .map(format_ms)
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+        }
+        UserCommand::Delete { name } => {
+            anyhow::ensure!(
+                store.delete_user(&name)?,
+                "no user `{name}`: see `kiln-coordinator user list`"
+            );
+            eprintln!("Deleted user `{name}`; their token no longer works.");
+        }
+    }
+    Ok(())
+}
+
+/// A user name: 1 to 64 letters, digits, `.`, `_`, `-` or `@`.
+fn validate_user_name(name: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'@')),
+        "user name `{name}` is invalid: use 1 to 64 letters, digits, '.', '_', '-' or '@'"
+    );
+    Ok(())
+}
+
+/// `kiln-coordinator token ...`: works on join tokens in the database.
+fn token(command: TokenCommand, effective: &config::Effective) -> anyhow::Result<()> {
+    let store = open_store(effective)?;
     match command {
         TokenCommand::Create { target, ttl, uses } => {
             let target = TargetName::new(&target)?;
@@ -170,7 +322,8 @@ fn token(command: TokenCommand, effective: &config::Effective) -> anyhow::Result
                 "As root on each new agent host, with the kiln-agent package installed, run:"
             );
             println!(
-                "kiln-agent join --coordinator {url} --token {} --target {target}",
+                "kiln-agent join --coordinator {url}{} --token {} --target {target}",
+                ca_hash_flag(effective)?,
                 created.token
             );
         }

@@ -44,12 +44,13 @@ impl Listener {
         Ok(Listener::Tcp(listener))
     }
 
-    /// The address clients use to reach this listener.
-    pub fn address(&self) -> String {
+    /// The address clients use to reach this listener (https when it serves TLS).
+    pub fn address(&self, tls: bool) -> String {
+        let scheme = if tls { "https" } else { "http" };
         match self {
             Listener::Tcp(listener) => listener
                 .local_addr()
-                .map(|a| format!("http://{a}"))
+                .map(|a| format!("{scheme}://{a}"))
                 .unwrap_or_default(),
             Listener::Unix(_, path) => format!("unix://{}", path.display()),
         }
@@ -64,8 +65,24 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let enrollment = crate::join::enrollment_service(coordinator.clone());
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(pki) = &coordinator.config.pki {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let (chain, key) = pki.server_identity();
+        // Client certificates are optional at the handshake (users present API tokens
+        // instead), but one that is presented must be signed by the CA and valid; which
+        // calls need one is decided per call (`auth.rs`).
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(chain, key))
+            .client_ca_root(Certificate::from_pem(pki.ca_pem()))
+            .client_auth_optional(true)
+            .timeout(std::time::Duration::from_secs(10));
+        builder = builder
+            .tls_config(tls)
+            .map_err(|error| anyhow::anyhow!("configure TLS: {error}"))?;
+    }
     let api = Api(coordinator);
-    let router = tonic::transport::Server::builder()
+    let router = builder
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .add_service(
             v1::kiln_server::KilnServer::new(api.clone())
@@ -111,7 +128,7 @@ struct Api(Arc<Coordinator>);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-fn internal(error: anyhow::Error) -> Status {
+pub(crate) fn internal(error: anyhow::Error) -> Status {
     warn!(error = %format!("{error:#}"), "Request failed.");
     Status::internal(format!("{error:#}"))
 }
@@ -378,8 +395,9 @@ fn validate_gang(request: &v1::SubmitRunRequest) -> Result<GangSpec, Status> {
 impl Kiln for Api {
     async fn version(
         &self,
-        _: Request<v1::VersionRequest>,
+        request: Request<v1::VersionRequest>,
     ) -> Result<Response<v1::VersionReply>, Status> {
+        self.0.authenticate(&request).await?.user()?;
         Ok(Response::new(v1::VersionReply {
             version: kiln_common::VERSION.to_string(),
         }))
@@ -389,6 +407,7 @@ impl Kiln for Api {
         &self,
         request: Request<v1::SubmitRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
+        let user = self.0.authenticate(&request).await?.user()?;
         let request = request.into_inner();
         let target = TargetName::new(&request.target)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -443,12 +462,13 @@ impl Kiln for Api {
                     resources: request.resources.as_ref(),
                     env: &request.env,
                     timeout_s: request.timeout_s,
+                    owner: &user.name,
                     now_ms: now_ms(),
                 })
             })
             .await
             .map_err(internal)?;
-        info!(run_id = run.id, target = %run.target, snapshot = %run.snapshot_digest, "Run submitted.");
+        info!(run_id = run.id, target = %run.target, snapshot = %run.snapshot_digest, owner = %run.owner, "Run submitted.");
         self.0.run_changed(run.id);
         self.0.kick_scheduler();
         Ok(Response::new(run))
@@ -458,21 +478,20 @@ impl Kiln for Api {
         &self,
         request: Request<v1::GetRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
-        let run_id = request.into_inner().run_id;
+        let user = self.0.authenticate(&request).await?.user()?;
         let run = self
-            .0
-            .db
-            .call(move |s| s.get_run(run_id))
-            .await
-            .map_err(internal)?;
-        run.map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("run {run_id} does not exist")))
+            .accessible_run(&user, request.into_inner().run_id)
+            .await?;
+        Ok(Response::new(run))
     }
 
     async fn list_runs(
         &self,
         request: Request<v1::ListRunsRequest>,
     ) -> Result<Response<v1::ListRunsReply>, Status> {
+        let user = self.0.authenticate(&request).await?.user()?;
+        // Members see their own runs only.
+        let owner = (!user.admin).then_some(user.name);
         let request = request.into_inner();
         let limit = if request.limit == 0 {
             100
@@ -483,7 +502,7 @@ impl Kiln for Api {
         let runs = self
             .0
             .db
-            .call(move |s| s.list_runs(target.as_deref(), limit))
+            .call(move |s| s.list_runs(target.as_deref(), owner.as_deref(), limit))
             .await
             .map_err(internal)?;
         Ok(Response::new(v1::ListRunsReply { runs }))
@@ -493,7 +512,12 @@ impl Kiln for Api {
         &self,
         request: Request<v1::CancelRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
-        let run = self.0.cancel(request.into_inner().run_id).await?;
+        let user = self.0.authenticate(&request).await?.user()?;
+        let run = self
+            .accessible_run(&user, request.into_inner().run_id)
+            .await?;
+        info!(run_id = run.id, by = %user.name, "Cancel requested.");
+        let run = self.0.cancel(run.id).await?;
         Ok(Response::new(run))
     }
 
@@ -503,17 +527,10 @@ impl Kiln for Api {
         &self,
         request: Request<v1::StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        let user = self.0.authenticate(&request).await?.user()?;
         let request = request.into_inner();
         let run_id = request.run_id;
-        let exists = self
-            .0
-            .db
-            .call(move |s| s.get_run(run_id))
-            .await
-            .map_err(internal)?;
-        if exists.is_none() {
-            return Err(Status::not_found(format!("run {run_id} does not exist")));
-        }
+        self.accessible_run(&user, run_id).await?;
         let (tx, rx) = mpsc::channel(16);
         let coordinator = self.0.clone();
         tokio::spawn(
@@ -526,17 +543,10 @@ impl Kiln for Api {
         &self,
         request: Request<v1::ListMetricsRequest>,
     ) -> Result<Response<v1::ListMetricsReply>, Status> {
+        let user = self.0.authenticate(&request).await?.user()?;
         let request = request.into_inner();
         let run_id = request.run_id;
-        let run = self
-            .0
-            .db
-            .call(move |s| s.get_run(run_id))
-            .await
-            .map_err(internal)?;
-        let Some(run) = run else {
-            return Err(Status::not_found(format!("run {run_id} does not exist")));
-        };
+        let run = self.accessible_run(&user, run_id).await?;
         // A gang's metrics are per rank: rank 0's unless another is asked for.
         let rank = request.rank.or(is_gang(&run).then_some(0));
         let metrics = self
@@ -550,8 +560,9 @@ impl Kiln for Api {
 
     async fn list_targets(
         &self,
-        _: Request<v1::ListTargetsRequest>,
+        request: Request<v1::ListTargetsRequest>,
     ) -> Result<Response<v1::ListTargetsReply>, Status> {
+        self.0.authenticate(&request).await?.user()?;
         let targets = self
             .0
             .db
@@ -563,8 +574,9 @@ impl Kiln for Api {
 
     async fn list_agents(
         &self,
-        _: Request<v1::ListAgentsRequest>,
+        request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsReply>, Status> {
+        self.0.authenticate(&request).await?.user()?;
         let (rows, active) = self
             .0
             .db
@@ -585,6 +597,56 @@ impl Kiln for Api {
             })
             .collect();
         Ok(Response::new(v1::ListAgentsReply { agents }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<v1::WhoAmIRequest>,
+    ) -> Result<Response<v1::WhoAmIReply>, Status> {
+        let user = self.0.authenticate(&request).await?.user()?;
+        Ok(Response::new(v1::WhoAmIReply {
+            authenticated: self.0.config.pki.is_some(),
+            role: if user.admin { "admin" } else { "member" }.to_string(),
+            user: user.name,
+        }))
+    }
+
+    async fn revoke_agent(
+        &self,
+        request: Request<v1::RevokeAgentRequest>,
+    ) -> Result<Response<v1::Agent>, Status> {
+        let user = self
+            .0
+            .authenticate(&request)
+            .await?
+            .admin("revoke agents")?;
+        let agent = request.into_inner().agent;
+        info!(agent = %agent, by = %user.name, "Agent revocation requested.");
+        Ok(Response::new(self.0.revoke_agent(&agent).await?))
+    }
+}
+
+impl Api {
+    /// The run, if `user` may see it: admins see every run, members their own.
+    async fn accessible_run(
+        &self,
+        user: &crate::auth::User,
+        run_id: i64,
+    ) -> Result<v1::Run, Status> {
+        let run = self
+            .0
+            .db
+            .call(move |s| s.get_run(run_id))
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("run {run_id} does not exist")))?;
+        if !user.may_access(&run.owner) {
+            return Err(Status::permission_denied(format!(
+                "run {run_id} belongs to `{}`: members may only see and cancel their own runs",
+                run.owner
+            )));
+        }
+        Ok(run)
     }
 }
 
@@ -669,6 +731,7 @@ impl AgentApi for Api {
         &self,
         request: Request<Streaming<v1::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let identity = self.0.authenticate(&request).await?.agent()?;
         let peer = request.remote_addr().map(|addr| addr.ip());
         let mut inbound = request.into_inner();
         let hello = match inbound.next().await {
@@ -689,6 +752,36 @@ impl AgentApi for Api {
             ));
         }
         validate_host(hello.host.as_ref(), hello.slots)?;
+        // An authenticated agent is who its certificate says, in the target it joined.
+        if let Some((id, target)) = &identity {
+            if &hello.agent_id != id {
+                warn!(certificate = %id, hello = %hello.agent_id, "Agent hello names another agent.");
+                return Err(Status::permission_denied(format!(
+                    "this certificate belongs to agent {id}, not to {}",
+                    hello.agent_id
+                )));
+            }
+            if &hello.target != target {
+                return Err(Status::permission_denied(format!(
+                    "agent {id} joined target `{target}`, not `{}`: join again to change targets",
+                    hello.target
+                )));
+            }
+        }
+        let id = hello.agent_id.clone();
+        let revoked = self
+            .0
+            .db
+            .call(move |s| s.agent_identity(&id))
+            .await
+            .map_err(internal)?
+            .is_some_and(|identity| identity.revoked_ms.is_some());
+        if revoked {
+            return Err(Status::permission_denied(format!(
+                "agent {} was revoked: join again with a new token",
+                hello.agent_id
+            )));
+        }
         let (tx, rx) = mpsc::channel(1024);
         tx.try_send(Ok(v1::CoordinatorMessage {
             kind: Some(v1::coordinator_message::Kind::Welcome(v1::Welcome {
@@ -757,6 +850,7 @@ impl Blobs for Api {
         &self,
         request: Request<v1::HasBlobRequest>,
     ) -> Result<Response<v1::HasBlobReply>, Status> {
+        self.0.authenticate(&request).await?;
         let size = self.0.blobs.size(&request.into_inner().digest).await?;
         Ok(Response::new(v1::HasBlobReply {
             present: size.is_some(),
@@ -768,6 +862,7 @@ impl Blobs for Api {
         &self,
         request: Request<Streaming<v1::BlobChunk>>,
     ) -> Result<Response<v1::UploadBlobReply>, Status> {
+        self.0.authenticate(&request).await?;
         let mut chunks = request.into_inner();
         let first = chunks
             .next()
@@ -801,6 +896,7 @@ impl Blobs for Api {
         &self,
         request: Request<v1::DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        self.0.authenticate(&request).await?;
         let digest = request.into_inner().digest;
         let mut file = self.0.blobs.open_read(&digest).await?;
         let total_size = file.metadata().await.map(|m| m.len()).unwrap_or(0);

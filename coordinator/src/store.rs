@@ -164,6 +164,29 @@ ALTER TABLE run_nodes ADD COLUMN gpus TEXT NOT NULL DEFAULT '[]';
     r#"
 ALTER TABLE agents ADD COLUMN environments BLOB;
 "#,
+    // Authentication: users with one API token each (its secret stored as SHA-256 only),
+    // agent identities created when a join token is spent (bound to their certificate's
+    // URI SAN), and the user who submitted each run.
+    r#"
+CREATE TABLE users (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL CHECK (role IN ('admin', 'member')),
+    token_id TEXT NOT NULL UNIQUE,
+    token_sha256 BLOB NOT NULL,
+    created_ms INTEGER NOT NULL,
+    last_used_ms INTEGER
+);
+CREATE TABLE agent_identities (
+    agent_id TEXT PRIMARY KEY,
+    target TEXT NOT NULL,
+    hostname TEXT NOT NULL,
+    join_token_id TEXT NOT NULL,
+    enrolled_ms INTEGER NOT NULL,
+    cert_not_after_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 pub struct Store {
@@ -184,6 +207,8 @@ pub struct NewRun<'a> {
     pub resources: Option<&'a v1::Resources>,
     pub env: &'a HashMap<String, String>,
     pub timeout_s: u32,
+    /// The submitting user ("" without authentication).
+    pub owner: &'a str,
     pub now_ms: i64,
 }
 
@@ -582,9 +607,9 @@ impl Store {
         self.conn.execute(
             "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms,
                 max_retries, checkpoint_interval_s, nodes, procs_per_node, gpus_per_node,
-                launcher, max_restarts, environment, resources, env, timeout_s)
+                launcher, max_restarts, environment, resources, env, timeout_s, owner)
              VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                ?16, ?17)",
+                ?16, ?17, ?18)",
             params![
                 new.name,
                 new.target,
@@ -602,7 +627,8 @@ impl Store {
                 new.environment.map(|e| e.encode_to_vec()),
                 new.resources.map(|r| r.encode_to_vec()),
                 serde_json::to_string(new.env).expect("strings serialise"),
-                new.timeout_s
+                new.timeout_s,
+                new.owner
             ],
         )?;
         let id = self.conn.last_insert_rowid();
@@ -614,15 +640,18 @@ impl Store {
         Ok(self.query_runs("WHERE id = ?1", params![id])?.pop())
     }
 
-    /// The newest runs first.
-    pub fn list_runs(&self, target: Option<&str>, limit: u32) -> anyhow::Result<Vec<v1::Run>> {
-        match target {
-            Some(target) => self.query_runs(
-                "WHERE target = ?1 ORDER BY id DESC LIMIT ?2",
-                params![target, limit],
-            ),
-            None => self.query_runs("ORDER BY id DESC LIMIT ?1", params![limit]),
-        }
+    /// The newest runs first; with `owner`, only that user's.
+    pub fn list_runs(
+        &self,
+        target: Option<&str>,
+        owner: Option<&str>,
+        limit: u32,
+    ) -> anyhow::Result<Vec<v1::Run>> {
+        self.query_runs(
+            "WHERE (?1 IS NULL OR target = ?1) AND (?2 IS NULL OR owner = ?2)
+             ORDER BY id DESC LIMIT ?3",
+            params![target, owner, limit],
+        )
     }
 
     /// Queued runs of a target, oldest first.
@@ -643,7 +672,7 @@ impl Store {
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
                 checkpoint_interval_s, checkpoint_digest, nodes, procs_per_node, gpus_per_node,
                 launcher, max_restarts, restarts, failed_rank, environment, resources, env,
-                timeout_s
+                timeout_s, owner
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -686,6 +715,7 @@ impl Store {
                         .and_then(|b| v1::Resources::decode(b.as_slice()).ok()),
                     env: serde_json::from_str(&row.get::<_, String>(27)?).unwrap_or_default(),
                     timeout_s: row.get(28)?,
+                    owner: row.get(29)?,
                 })
             })?
             .collect::<Result<Vec<v1::Run>, _>>()?;
@@ -989,55 +1019,12 @@ impl Store {
         target: &str,
         now_ms: i64,
     ) -> Result<JoinTokenRow, JoinTokenError> {
-        use subtle::ConstantTimeEq as _;
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(anyhow::Error::from)?;
-        let found = tx
-            .query_row(
-                "SELECT secret_sha256, target, uses_left, expires_ms, created_ms, last_used_ms
-                 FROM join_tokens WHERE id = ?1",
-                [id],
-                |row| {
-                    Ok((
-                        row.get::<_, Vec<u8>>(0)?,
-                        JoinTokenRow {
-                            id: id.to_string(),
-                            target: row.get(1)?,
-                            uses_left: row.get(2)?,
-                            expires_ms: row.get(3)?,
-                            created_ms: row.get(4)?,
-                            last_used_ms: row.get(5)?,
-                        },
-                    ))
-                },
-            )
-            .optional()
-            .map_err(anyhow::Error::from)?;
-        let Some((stored, mut row)) = found else {
-            return Err(JoinTokenError::Unknown);
-        };
-        if !bool::from(stored.as_slice().ct_eq(&secret_sha256[..])) {
-            return Err(JoinTokenError::Unknown);
-        }
-        if row.expires_ms <= now_ms {
-            return Err(JoinTokenError::Expired);
-        }
-        if row.uses_left == 0 {
-            return Err(JoinTokenError::UsedUp);
-        }
-        if row.target != target {
-            return Err(JoinTokenError::OtherTarget(row.target));
-        }
-        tx.execute(
-            "UPDATE join_tokens SET uses_left = uses_left - 1, last_used_ms = ?2 WHERE id = ?1",
-            params![id, now_ms],
-        )
-        .map_err(anyhow::Error::from)?;
+        let row = consume_join_token_in(&tx, id, secret_sha256, target, now_ms)?;
         tx.commit().map_err(anyhow::Error::from)?;
-        row.uses_left -= 1;
-        row.last_used_ms = Some(now_ms);
         Ok(row)
     }
 
@@ -1069,6 +1056,311 @@ impl Store {
             .execute("DELETE FROM join_tokens WHERE id = ?1", [id])?
             > 0)
     }
+
+    /// Spends one use of a join token and creates the agent identity it pays for, in one
+    /// (immediate) transaction: a token use never exists without its agent, nor an agent
+    /// without a token use.
+    pub fn enroll_agent(
+        &mut self,
+        token: (&str, &[u8; 32]),
+        target: &str,
+        identity: &NewIdentity,
+    ) -> Result<JoinTokenRow, JoinTokenError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(anyhow::Error::from)?;
+        let row = consume_join_token_in(&tx, token.0, token.1, target, identity.now_ms)?;
+        tx.execute(
+            "INSERT INTO agent_identities (agent_id, target, hostname, join_token_id, enrolled_ms,
+                cert_not_after_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                identity.agent_id,
+                target,
+                identity.hostname,
+                token.0,
+                identity.now_ms,
+                identity.cert_not_after_ms
+            ],
+        )
+        .map_err(anyhow::Error::from)?;
+        tx.commit().map_err(anyhow::Error::from)?;
+        Ok(row)
+    }
+
+    /// An enrolled agent's identity, if it was ever enrolled.
+    pub fn agent_identity(&self, agent_id: &str) -> anyhow::Result<Option<IdentityRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT agent_id, target, hostname, cert_not_after_ms, revoked_ms
+                 FROM agent_identities WHERE agent_id = ?1",
+                [agent_id],
+                |row| {
+                    Ok(IdentityRow {
+                        agent_id: row.get(0)?,
+                        target: row.get(1)?,
+                        hostname: row.get(2)?,
+                        cert_not_after_ms: row.get(3)?,
+                        revoked_ms: row.get(4)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records a renewed certificate's expiry.
+    pub fn renewed_identity(&self, agent_id: &str, not_after_ms: i64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE agent_identities SET cert_not_after_ms = ?2 WHERE agent_id = ?1",
+            params![agent_id, not_after_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Marks an agent revoked (its certificate is refused from now on); false when it was
+    /// already revoked. An agent known only from an unauthenticated session (no identity)
+    /// gets a revoked identity row all the same.
+    pub fn revoke_agent(&self, agent_id: &str, target: &str, now_ms: i64) -> anyhow::Result<bool> {
+        let changed = self.conn.execute(
+            "INSERT INTO agent_identities (agent_id, target, hostname, join_token_id, enrolled_ms,
+                cert_not_after_ms, revoked_ms) VALUES (?1, ?2, '', '', ?3, 0, ?3)
+             ON CONFLICT (agent_id) DO UPDATE SET revoked_ms = ?3 WHERE revoked_ms IS NULL",
+            params![agent_id, target, now_ms],
+        )?;
+        self.conn.execute(
+            "UPDATE agents SET state = 'revoked' WHERE id = ?1",
+            [agent_id],
+        )?;
+        Ok(changed > 0)
+    }
+
+    // ---- users ----
+    // One API token per user, "ID.SECRET" like a join token: the id finds the row, the
+    // SHA-256 of the secret is compared in constant time.
+
+    pub fn insert_user(&self, user: &NewUser) -> anyhow::Result<()> {
+        let result = self.conn.execute(
+            "INSERT INTO users (name, role, token_id, token_sha256, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                user.name,
+                user.role.as_str(),
+                user.token_id,
+                &user.token_sha256[..],
+                user.now_ms
+            ],
+        );
+        match result {
+            Err(rusqlite::Error::SqliteFailure(error, _))
+                if error.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                anyhow::bail!(
+                    "user `{}` already exists: `user token {}` gives it a new token",
+                    user.name,
+                    user.name
+                )
+            }
+            other => {
+                other?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Replaces a user's token (the old one stops working); false when there is no such user.
+    pub fn replace_user_token(
+        &self,
+        name: &str,
+        token_id: &str,
+        token_sha256: &[u8; 32],
+    ) -> anyhow::Result<bool> {
+        Ok(self.conn.execute(
+            "UPDATE users SET token_id = ?2, token_sha256 = ?3 WHERE name = ?1",
+            params![name, token_id, &token_sha256[..]],
+        )? > 0)
+    }
+
+    pub fn delete_user(&self, name: &str) -> anyhow::Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM users WHERE name = ?1", [name])?
+            > 0)
+    }
+
+    pub fn list_users(&self) -> anyhow::Result<Vec<UserRow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, role, created_ms, last_used_ms FROM users ORDER BY name")?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok(UserRow {
+                    name: row.get(0)?,
+                    role: Role::parse(&row.get::<_, String>(1)?).unwrap_or(Role::Member),
+                    created_ms: row.get(2)?,
+                    last_used_ms: row.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// The user a presented API token belongs to; None for an unknown id or a wrong secret
+    /// (the same answer, so that ids cannot be probed).
+    pub fn user_by_token(
+        &self,
+        token_id: &str,
+        secret_sha256: &[u8; 32],
+        now_ms: i64,
+    ) -> anyhow::Result<Option<UserRow>> {
+        use subtle::ConstantTimeEq as _;
+        let found = self
+            .conn
+            .query_row(
+                "SELECT name, role, created_ms, last_used_ms, token_sha256 FROM users
+                 WHERE token_id = ?1",
+                [token_id],
+                |row| {
+                    Ok((
+                        UserRow {
+                            name: row.get(0)?,
+                            role: Role::parse(&row.get::<_, String>(1)?).unwrap_or(Role::Member),
+                            created_ms: row.get(2)?,
+                            last_used_ms: row.get(3)?,
+                        },
+                        row.get::<_, Vec<u8>>(4)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((user, stored)) = found else {
+            return Ok(None);
+        };
+        if !bool::from(stored.as_slice().ct_eq(&secret_sha256[..])) {
+            return Ok(None);
+        }
+        // Last use to the minute: enough for `user list`, and no write per call.
+        if user.last_used_ms.is_none_or(|t| now_ms - t > 60_000) {
+            self.conn.execute(
+                "UPDATE users SET last_used_ms = ?2 WHERE name = ?1",
+                params![user.name, now_ms],
+            )?;
+        }
+        Ok(Some(user))
+    }
+}
+
+/// The check and the spending of one use of a join token, inside the caller's transaction.
+/// An unknown id and a wrong secret are the same error.
+fn consume_join_token_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: &str,
+    secret_sha256: &[u8; 32],
+    target: &str,
+    now_ms: i64,
+) -> Result<JoinTokenRow, JoinTokenError> {
+    use subtle::ConstantTimeEq as _;
+    let found = tx
+        .query_row(
+            "SELECT secret_sha256, target, uses_left, expires_ms, created_ms, last_used_ms
+             FROM join_tokens WHERE id = ?1",
+            [id],
+            |row| {
+                Ok((
+                    row.get::<_, Vec<u8>>(0)?,
+                    JoinTokenRow {
+                        id: id.to_string(),
+                        target: row.get(1)?,
+                        uses_left: row.get(2)?,
+                        expires_ms: row.get(3)?,
+                        created_ms: row.get(4)?,
+                        last_used_ms: row.get(5)?,
+                    },
+                ))
+            },
+        )
+        .optional()
+        .map_err(anyhow::Error::from)?;
+    let Some((stored, mut row)) = found else {
+        return Err(JoinTokenError::Unknown);
+    };
+    if !bool::from(stored.as_slice().ct_eq(&secret_sha256[..])) {
+        return Err(JoinTokenError::Unknown);
+    }
+    if row.expires_ms <= now_ms {
+        return Err(JoinTokenError::Expired);
+    }
+    if row.uses_left == 0 {
+        return Err(JoinTokenError::UsedUp);
+    }
+    if row.target != target {
+        return Err(JoinTokenError::OtherTarget(row.target));
+    }
+    tx.execute(
+        "UPDATE join_tokens SET uses_left = uses_left - 1, last_used_ms = ?2 WHERE id = ?1",
+        params![id, now_ms],
+    )
+    .map_err(anyhow::Error::from)?;
+    row.uses_left -= 1;
+    row.last_used_ms = Some(now_ms);
+    Ok(row)
+}
+
+/// What [`Store::enroll_agent`] creates with a token use.
+pub struct NewIdentity<'a> {
+    pub agent_id: &'a str,
+    pub hostname: &'a str,
+    pub cert_not_after_ms: i64,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityRow {
+    pub agent_id: String,
+    pub target: String,
+    pub hostname: String,
+    pub cert_not_after_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+/// What a user may do: members submit, view and cancel their own runs; admins everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Member,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Role> {
+        match text {
+            "admin" => Some(Role::Admin),
+            "member" => Some(Role::Member),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Member => "member",
+        }
+    }
+}
+
+pub struct NewUser<'a> {
+    pub name: &'a str,
+    pub role: Role,
+    pub token_id: &'a str,
+    pub token_sha256: [u8; 32],
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub name: String,
+    pub role: Role,
+    pub created_ms: i64,
+    pub last_used_ms: Option<i64>,
 }
 
 // ---- join tokens ----
@@ -1166,6 +1458,7 @@ mod tests {
                 resources: None,
                 env: &HashMap::new(),
                 timeout_s: 0,
+                owner: "ana",
                 now_ms: 1,
             })
             .unwrap()
@@ -1240,6 +1533,7 @@ mod tests {
                 resources: None,
                 env: &HashMap::new(),
                 timeout_s: 0,
+                owner: "",
                 now_ms: 1,
             })
             .unwrap();
@@ -1511,5 +1805,133 @@ mod join_token_tests {
             Err(JoinTokenError::Unknown)
         ));
         assert!(store.list_join_tokens().unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod auth_tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        (dir, store)
+    }
+
+    fn token(store: &Store, id: &str, uses: u32) {
+        store
+            .insert_join_token(&NewJoinToken {
+                id,
+                secret_sha256: [7; 32],
+                target: "gpu",
+                uses,
+                expires_ms: 1_000,
+                now_ms: 10,
+            })
+            .unwrap();
+    }
+
+    fn identity(agent_id: &str) -> NewIdentity<'_> {
+        NewIdentity {
+            agent_id,
+            hostname: "h",
+            cert_not_after_ms: 5_000,
+            now_ms: 20,
+        }
+    }
+
+    #[test]
+    fn enrolling_spends_a_use_and_creates_the_identity_together_or_not_at_all() {
+        let (_dir, mut store) = store();
+        token(&store, "t1", 1);
+        let row = store
+            .enroll_agent(("t1", &[7; 32]), "gpu", &identity("a-1"))
+            .unwrap();
+        assert_eq!(row.uses_left, 0);
+        let found = store.agent_identity("a-1").unwrap().unwrap();
+        assert_eq!((found.target.as_str(), found.revoked_ms), ("gpu", None));
+        // The used-up token creates nothing.
+        assert!(matches!(
+            store.enroll_agent(("t1", &[7; 32]), "gpu", &identity("a-2")),
+            Err(JoinTokenError::UsedUp)
+        ));
+        assert!(store.agent_identity("a-2").unwrap().is_none());
+        // A failed insert (same agent id) spends nothing.
+        token(&store, "t2", 2);
+        assert!(matches!(
+            store.enroll_agent(("t2", &[7; 32]), "gpu", &identity("a-1")),
+            Err(JoinTokenError::Db(_))
+        ));
+        assert_eq!(
+            store
+                .list_join_tokens()
+                .unwrap()
+                .iter()
+                .find(|t| t.id == "t2")
+                .unwrap()
+                .uses_left,
+            2
+        );
+    }
+
+    #[test]
+    fn revoking_is_recorded_once_and_marks_the_agent() {
+        let (_dir, mut store) = store();
+        token(&store, "t1", 1);
+        store
+            .enroll_agent(("t1", &[7; 32]), "gpu", &identity("a-1"))
+            .unwrap();
+        store
+            .upsert_agent("a-1", "gpu", &v1::HostInfo::default(), 1, 30)
+            .unwrap();
+        assert!(store.revoke_agent("a-1", "gpu", 40).unwrap());
+        assert!(!store.revoke_agent("a-1", "gpu", 50).unwrap());
+        assert_eq!(
+            store.agent_identity("a-1").unwrap().unwrap().revoked_ms,
+            Some(40)
+        );
+        assert_eq!(store.list_agents().unwrap()[0].state, "revoked");
+        // An agent that never enrolled (an --insecure coordinator) can be revoked too.
+        assert!(store.revoke_agent("ag-old", "gpu", 60).unwrap());
+        assert!(
+            store
+                .agent_identity("ag-old")
+                .unwrap()
+                .unwrap()
+                .revoked_ms
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn users_are_found_by_token_id_and_secret_hash_only() {
+        let (_dir, store) = store();
+        let new = |name, token_id, hash| NewUser {
+            name,
+            role: Role::Member,
+            token_id,
+            token_sha256: hash,
+            now_ms: 1,
+        };
+        store.insert_user(&new("ana", "i1", [1; 32])).unwrap();
+        let error = store.insert_user(&new("ana", "i2", [2; 32])).unwrap_err();
+        assert!(error.to_string().contains("already exists"), "{error}");
+        assert_eq!(
+            store
+                .user_by_token("i1", &[1; 32], 100)
+                .unwrap()
+                .unwrap()
+                .name,
+            "ana"
+        );
+        assert!(store.user_by_token("i1", &[2; 32], 100).unwrap().is_none());
+        assert!(store.user_by_token("i9", &[1; 32], 100).unwrap().is_none());
+        assert_eq!(store.list_users().unwrap()[0].last_used_ms, Some(100));
+        assert!(store.replace_user_token("ana", "i3", &[3; 32]).unwrap());
+        assert!(store.user_by_token("i1", &[1; 32], 200).unwrap().is_none());
+        assert!(store.user_by_token("i3", &[3; 32], 200).unwrap().is_some());
+        assert!(store.delete_user("ana").unwrap());
+        assert!(store.user_by_token("i3", &[3; 32], 300).unwrap().is_none());
+        assert!(!store.replace_user_token("ana", "i4", &[4; 32]).unwrap());
     }
 }

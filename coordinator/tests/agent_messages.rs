@@ -148,6 +148,7 @@ async fn exercise(messages: Vec<Kind>) {
                 resources: None,
                 env: &env,
                 timeout_s: 0,
+                owner: "",
                 now_ms: 0,
             })?;
             let placement = ["fuzzer".to_string()];
@@ -204,7 +205,7 @@ async fn exercise(messages: Vec<Kind>) {
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
     // The coordinator still answers, and its database is consistent.
-    let version = kiln_proto::clients::kiln(channel)
+    let version = kiln_proto::clients::kiln(channel, kiln_proto::Bearer::none())
         .version(v1::VersionRequest {})
         .await
         .unwrap();

@@ -6,6 +6,8 @@ pub mod v1 {
     tonic::include_proto!("kiln.v1");
 }
 
+pub mod tls;
+
 use std::path::PathBuf;
 
 use kiln_common::run::RunStatus;
@@ -21,15 +23,17 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Size of one blob chunk on the wire.
 pub const BLOB_CHUNK_BYTES: usize = 256 * 1024;
 
-/// Where a coordinator listens: `http://HOST:PORT` or `unix:///path/to/socket`.
+/// Where a coordinator listens: `https://HOST:PORT` (TLS), `http://HOST:PORT` (a coordinator
+/// started with `--insecure`) or `unix:///path/to/socket`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Address {
+    /// The URL, `http://` or `https://`.
     Http(String),
     Unix(PathBuf),
 }
 
 impl Address {
-    /// Parses a coordinator address as a user writes it. A bare `HOST:PORT` means http.
+    /// Parses a coordinator address as a user writes it. A bare `HOST:PORT` means https.
     pub fn parse(text: &str) -> anyhow::Result<Address> {
         if let Some(path) = text.strip_prefix("unix://") {
             anyhow::ensure!(
@@ -41,14 +45,28 @@ impl Address {
         let url = if text.starts_with("http://") || text.starts_with("https://") {
             text.to_string()
         } else {
-            format!("http://{text}")
+            format!("https://{text}")
         };
-        url.parse::<Uri>().with_context(|| {
-            format!(
-                "coordinator address `{text}` is invalid: expected http://HOST:PORT or unix:///PATH"
-            )
-        })?;
+        let uri = url.parse::<Uri>().ok().filter(|uri| uri.host().is_some());
+        anyhow::ensure!(
+            uri.is_some(),
+            "coordinator address `{text}` is invalid: expected https://HOST:PORT, \
+             http://HOST:PORT or unix:///PATH"
+        );
         Ok(Address::Http(url))
+    }
+
+    /// Whether connections to this address use TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Address::Http(url) if url.starts_with("https://"))
+    }
+
+    /// The host part of an http(s) address (what the server's certificate must name).
+    pub fn host(&self) -> Option<String> {
+        match self {
+            Address::Http(url) => url.parse::<Uri>().ok()?.host().map(str::to_string),
+            Address::Unix(_) => None,
+        }
     }
 }
 
@@ -61,10 +79,32 @@ impl std::fmt::Display for Address {
     }
 }
 
-/// Opens a channel to a coordinator, with connect timeout and HTTP/2 keepalive set.
-/// The error names the address that was tried.
+/// Opens a plaintext channel to a coordinator (a Unix socket, or an `--insecure` one); an
+/// https address needs [`connect_with`] and the client's TLS settings.
 pub async fn connect(address: &Address) -> anyhow::Result<Channel> {
+    connect_with(address, None).await
+}
+
+/// Opens a channel to a coordinator, with connect timeout and HTTP/2 keepalive set, over TLS
+/// for an https address. The error names the address that was tried.
+pub async fn connect_with(
+    address: &Address,
+    tls: Option<&tls::ClientTls>,
+) -> anyhow::Result<Channel> {
     let result = match address {
+        Address::Http(url) if address.is_tls() => {
+            let Some(tls) = tls else {
+                anyhow::bail!(
+                    "{address} is a TLS address, but no CA to trust it with is configured \
+                     (agents: `kiln-agent join`; users: `kiln login`)"
+                );
+            };
+            let host = address.host().unwrap_or_default();
+            tls.configure(endpoint(url)?, &host)
+                .with_context(|| format!("cannot reach the coordinator at {address}"))?
+                .connect()
+                .await
+        }
         Address::Http(url) => endpoint(url)?.connect().await,
         Address::Unix(path) => {
             let path = path.clone();
@@ -167,15 +207,51 @@ pub async fn blob_chunks(
     Ok(tokio_stream::iter([header]).chain(data))
 }
 
+/// A user's API token, sent as `authorization: Bearer TOKEN` on every call; empty for agents
+/// (their certificate speaks for them) and for coordinators without authentication.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub fn new(token: &str) -> anyhow::Result<Bearer> {
+        let value = format!("Bearer {}", token.trim())
+            .parse()
+            .context("the API token holds characters that cannot be sent")?;
+        Ok(Bearer(Some(value)))
+    }
+
+    pub fn none() -> Bearer {
+        Bearer(None)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry a [`Bearer`] token.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
 /// Client constructors with Kiln's message size limits applied.
 pub mod clients {
     use super::*;
     use crate::v1::{
-        agent_api_client::AgentApiClient, blobs_client::BlobsClient, kiln_client::KilnClient,
+        agent_api_client::AgentApiClient, blobs_client::BlobsClient,
+        enrollment_client::EnrollmentClient, kiln_client::KilnClient,
     };
 
-    pub fn kiln(channel: Channel) -> KilnClient<Channel> {
-        KilnClient::new(channel)
+    pub fn kiln(channel: Channel, bearer: Bearer) -> KilnClient<AuthChannel> {
+        KilnClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -184,8 +260,13 @@ pub mod clients {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
-    pub fn blobs(channel: Channel) -> BlobsClient<Channel> {
-        BlobsClient::new(channel)
+    pub fn blobs(channel: Channel, bearer: Bearer) -> BlobsClient<AuthChannel> {
+        BlobsClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+    pub fn enrollment(channel: Channel) -> EnrollmentClient<Channel> {
+        EnrollmentClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -199,8 +280,12 @@ mod tests {
     fn parses_addresses_as_users_write_them() {
         assert_eq!(
             Address::parse("127.0.0.1:7070").unwrap(),
-            Address::Http("http://127.0.0.1:7070".into())
+            Address::Http("https://127.0.0.1:7070".into())
         );
+        assert!(Address::parse("127.0.0.1:7070").unwrap().is_tls());
+        let plain = Address::parse("http://10.0.0.5:7070").unwrap();
+        assert!(!plain.is_tls());
+        assert_eq!(plain.host().as_deref(), Some("10.0.0.5"));
         assert_eq!(
             Address::parse("unix:///tmp/k.sock").unwrap(),
             Address::Unix("/tmp/k.sock".into())

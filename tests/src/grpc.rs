@@ -20,7 +20,7 @@ pub fn submit_request(address: &str, dir: &Path, mut request: v1::SubmitRunReque
         let archive = tempfile::NamedTempFile::new().expect("temp file");
         let packed = snapshot::pack_dir_to_file(dir, &PackOptions::default(), archive.path())
             .expect("pack the snapshot");
-        let mut blobs = kiln_proto::clients::blobs(channel.clone());
+        let mut blobs = kiln_proto::clients::blobs(channel.clone(), kiln_proto::Bearer::none());
         let present = blobs
             .has_blob(v1::HasBlobRequest {
                 digest: packed.digest.clone(),
@@ -37,7 +37,7 @@ pub fn submit_request(address: &str, dir: &Path, mut request: v1::SubmitRunReque
             blobs.upload_blob(chunks).await.expect("UploadBlob");
         }
         request.snapshot_digest = packed.digest;
-        kiln_proto::clients::kiln(channel)
+        kiln_proto::clients::kiln(channel, kiln_proto::Bearer::none())
             .submit_run(request)
             .await
             .unwrap_or_else(|status| panic!("SubmitRun refused: {}", status.message()))

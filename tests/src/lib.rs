@@ -9,6 +9,7 @@
 pub mod conda;
 pub mod docker;
 pub mod grpc;
+pub mod secure;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -210,8 +211,17 @@ impl Cluster {
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
         let ttl = ttl_s.to_string();
+        // Plaintext on loopback: the scenarios here are about runs, not credentials
+        // (tests/tests/security.rs runs the coordinator with TLS and authentication).
         command
-            .args(["--listen", listen, "--heartbeat-ttl", &ttl, "--data-dir"])
+            .args([
+                "--insecure",
+                "--listen",
+                listen,
+                "--heartbeat-ttl",
+                &ttl,
+                "--data-dir",
+            ])
             .arg(dir.path().join("coordinator"))
             .arg("--address-file")
             .arg(&address_file);
@@ -258,6 +268,7 @@ impl Cluster {
         let mut command = Command::new(bin("kiln-coordinator"));
         command
             .args([
+                "--insecure",
                 "--listen",
                 &listen,
                 "--heartbeat-ttl",

@@ -101,7 +101,7 @@ fn first_line(address: &str, dir: &std::path::Path, request: v1::SubmitRunReques
         let channel = kiln_proto::connect(&Address::parse(address).expect("address"))
             .await
             .expect("connect");
-        let mut stream = kiln_proto::clients::kiln(channel)
+        let mut stream = kiln_proto::clients::kiln(channel, kiln_proto::Bearer::none())
             .stream_logs(v1::StreamLogsRequest {
                 run_id,
                 follow: true,

@@ -1,0 +1,394 @@
+//! TLS, enrollment and authentication end to end: a coordinator with its own CA (its
+//! default), agents that join with tokens and then speak mutual TLS only, users with API
+//! tokens, and raw gRPC clients with the wrong credentials.
+
+use std::time::Duration;
+
+use kiln_proto::tls::{ClientTls, Trust};
+use kiln_proto::v1;
+use kiln_tests::secure::{self, SecureCluster, block_on, channel, session};
+use kiln_tests::{text, wait_for, write_tree};
+
+fn project() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[
+            ("hello.py", "print('hello over mTLS', flush=True)\n"),
+            (
+                "slow.py",
+                "import os, time\n\
+                 open(os.environ['MARKER'] + '.' + os.environ['KILN_ATTEMPT'], 'w').write(str(os.getpid()))\n\
+                 for i in range(6):\n    print('tick', i, flush=True)\n    time.sleep(0.5)\n",
+            ),
+        ],
+    );
+    dir
+}
+
+/// Every byte of the database files, to look for secrets in.
+fn database_bytes(cluster: &SecureCluster) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for name in ["kiln.db", "kiln.db-wal"] {
+        bytes.extend(std::fs::read(cluster.data_dir().join(name)).unwrap_or_default());
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+#[test]
+fn agents_enroll_with_tokens_and_secrets_are_never_stored() {
+    let mut cluster = SecureCluster::start(&[]);
+    let join = cluster.join_command("cpu", &["--uses", "1"]);
+    let token = join[join.iter().position(|w| w == "--token").unwrap() + 1].clone();
+
+    // A wrong CA hash: the agent refuses the coordinator before it sends the token...
+    let mut wrong = join.clone();
+    let hash = wrong.iter().position(|w| w == "--ca-hash").unwrap() + 1;
+    wrong[hash] = format!("sha256:{}", "ab".repeat(32));
+    let output = cluster.join(0, &wrong);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("pinned hash"),
+        "{}",
+        text(&output.stderr)
+    );
+    // ... so the token's only use is still there.
+    let output = cluster.join(0, &join);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let identity = std::fs::metadata(cluster.agent_data(0).join("identity/agent.pem")).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(identity.permissions().mode() & 0o777, 0o600);
+
+    // A second use of a single-use token fails.
+    let output = cluster.join(1, &join);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("no uses left"),
+        "{}",
+        text(&output.stderr)
+    );
+    // So does an expired one.
+    let short = cluster.join_command("cpu", &["--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(1300));
+    let output = cluster.join(1, &short);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("expired"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    // The enrolled agent works over mutual TLS; a logged-in user runs a script on it.
+    cluster.start_agent(0);
+    let admin = cluster.login("root", "admin");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(0), "online");
+    let dir = project();
+    let output = admin.kiln(&[
+        "submit",
+        "--target",
+        "cpu",
+        dir.path().to_str().unwrap(),
+        "hello.py",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("hello over mTLS"));
+    let me = admin.kiln(&["whoami"]);
+    assert!(
+        text(&me.stdout).starts_with("root (admin) at https://"),
+        "{}",
+        text(&me.stdout)
+    );
+    let credentials = admin.home.join("kiln/credentials.toml");
+    let mode = std::fs::metadata(&credentials)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The database holds neither the join token's secret nor the API token's.
+    let db = database_bytes(&cluster);
+    for secret in [&token, &admin.token] {
+        let secret = secret.split_once('.').unwrap().1;
+        assert!(!contains(&db, secret), "a token secret is in the database");
+    }
+    assert!(
+        contains(&db, token.split_once('.').unwrap().0),
+        "token ids are stored"
+    );
+}
+
+#[test]
+fn callers_reach_only_their_own_api_and_runs() {
+    let mut cluster = SecureCluster::start(&[]);
+    let a = cluster.add_agent("cpu");
+    let b = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    let ana = cluster.login("ana", "member");
+    let bo = cluster.login("bo", "member");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(a), "online");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(b), "online");
+    let dir = project();
+    let path = dir.path().to_str().unwrap();
+    let run = ana.submit_detached(&["--target", "cpu", path, "hello.py"]);
+    ana.wait_status(run, "succeeded");
+    let run_text = run.to_string();
+
+    // Members see and cancel their own runs only; admins every run.
+    let listed = bo.json(&["runs", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 0, "{listed}");
+    assert_eq!(ana.json(&["runs", "--json"]).as_array().unwrap().len(), 1);
+    assert_eq!(admin.json(&["runs", "--json"])[0]["owner"], "ana");
+    for args in [
+        vec!["cancel", run_text.as_str()],
+        vec!["show", run_text.as_str()],
+        vec!["logs", run_text.as_str()],
+    ] {
+        let output = bo.kiln(&args);
+        assert!(!output.status.success(), "bo ran {args:?}");
+        assert!(
+            text(&output.stderr).contains("belongs to `ana`"),
+            "{}",
+            text(&output.stderr)
+        );
+    }
+    assert!(admin.kiln(&["cancel", &run_text]).status.success());
+    let output = ana.kiln(&["agents", "revoke", &cluster.agent_id(b)]);
+    assert!(
+        text(&output.stderr).contains("only admins"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let address = cluster.address.clone();
+    block_on(async {
+        // No credentials at all.
+        let anonymous = channel(&address, &cluster.anonymous()).await.unwrap();
+        let status = kiln_proto::clients::kiln(anonymous.clone(), kiln_proto::Bearer::none())
+            .list_runs(v1::ListRunsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        let status = session(anonymous.clone(), "a-x", "cpu").await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+        // A mistyped token.
+        let bad = format!("{}.{}", "0".repeat(16), "1".repeat(32));
+        let status =
+            kiln_proto::clients::kiln(anonymous.clone(), kiln_proto::Bearer::new(&bad).unwrap())
+                .list_runs(v1::ListRunsRequest::default())
+                .await
+                .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+        // A user token cannot call the agent API...
+        let mut agent_api = kiln_proto::clients::agent(anonymous.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(tx);
+        let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", admin.token).parse().unwrap(),
+        );
+        let status = agent_api.session(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+        // ... and an agent certificate cannot call the user API.
+        let as_a = channel(&address, &cluster.agent_tls(a)).await.unwrap();
+        let status = kiln_proto::clients::kiln(as_a.clone(), kiln_proto::Bearer::none())
+            .list_runs(v1::ListRunsRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+        // Agent A cannot pass for agent B...
+        let status = session(as_a.clone(), &cluster.agent_id(b), "cpu")
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("belongs to agent"), "{status:?}");
+    });
+
+    // ... nor report on B's run: lines A sends about a run held by B are dropped.
+    let marker = dir.path().join("marker");
+    let marker_env = format!("MARKER={}", marker.display());
+    let long = ana.submit_detached(&["--target", "cpu", "--env", &marker_env, path, "slow.py"]);
+    let running = ana.wait_status(long, "running");
+    let holder = running["agent"].as_str().unwrap().to_string();
+    let other = if holder == cluster.agent_id(a) { b } else { a };
+    let other_id = cluster.agent_id(other);
+    let other_tls = cluster.agent_tls(other);
+    block_on(async {
+        let as_other = channel(&address, &other_tls).await.unwrap();
+        let (tx, _inbound) = session(as_other, &other_id, "cpu").await.unwrap();
+        tx.send(v1::AgentMessage {
+            kind: Some(v1::agent_message::Kind::Logs(v1::LogBatch {
+                run_id: long,
+                attempt: 1,
+                lines: vec![v1::LogLine {
+                    seq: 1,
+                    stream: v1::LogStream::Stdout as i32,
+                    text: "FORGED LINE".into(),
+                    ..Default::default()
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    });
+    ana.wait_status(long, "succeeded");
+    let logs = ana.kiln(&["logs", &long.to_string()]);
+    let logs = text(&logs.stdout);
+    assert!(logs.contains("tick 5"), "{logs}");
+    assert!(!logs.contains("FORGED"), "{logs}");
+
+    // A certificate from another cluster's CA is refused at the handshake.
+    let mut stranger = SecureCluster::start(&[]);
+    let s = stranger.add_agent("cpu");
+    let foreign = ClientTls {
+        identity: Some(secure::stored_identity(&stranger.agent_data(s))),
+        trust: Trust::CaPem(cluster.ca_pem()),
+    };
+    block_on(async {
+        let refused = match channel(&address, &foreign).await {
+            Err(_) => true,
+            Ok(channel) => session(channel, "a-x", "cpu").await.is_err(),
+        };
+        assert!(refused, "a foreign certificate was accepted");
+    });
+    // And a client trusting another CA does not trust this coordinator.
+    let status = block_on(channel(&address, &stranger.anonymous())).unwrap_err();
+    assert!(status.contains("certificate"), "{status}");
+}
+
+#[test]
+fn a_revoked_agent_is_refused_its_run_requeued_and_its_key_deleted() {
+    let mut cluster = SecureCluster::start(&[]);
+    let a = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(a), "online");
+    let dir = project();
+    let marker = dir.path().join("marker");
+    let marker_env = format!("MARKER={}", marker.display());
+    let run = admin.submit_detached(&[
+        "--target",
+        "cpu",
+        "--env",
+        &marker_env,
+        dir.path().to_str().unwrap(),
+        "slow.py",
+    ]);
+    admin.wait_status(run, "running");
+    let first = marker.with_extension("1");
+    let pid: i32 = wait_for("the first attempt's pid", Duration::from_secs(20), || {
+        std::fs::read_to_string(&first).ok()?.parse().ok()
+    });
+    let old_identity = cluster.agent_tls(a);
+    let old_id = cluster.agent_id(a);
+
+    // A second agent joins; then the first is revoked while its run is going.
+    let b = cluster.add_agent("cpu");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(b), "online");
+    let output = admin.kiln(&["agents", "revoke", &old_id]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    cluster.wait_agent_state(&admin, &old_id, "revoked");
+
+    // The run is requeued onto the other agent and finishes there.
+    let done = admin.wait_status(run, "succeeded");
+    assert_eq!(done["attempt"], 2, "{done}");
+    assert_eq!(done["agent"], cluster.agent_id(b).as_str());
+    // The revoked agent stopped the first attempt's process and deleted its key.
+    wait_for(
+        "the revoked run's process to stop",
+        Duration::from_secs(15),
+        || (!kiln_tests::process_alive(pid)).then_some(()),
+    );
+    wait_for("the key to be deleted", Duration::from_secs(10), || {
+        (!cluster.agent_data(a).join("identity/agent.pem").exists()).then_some(())
+    });
+    assert!(
+        cluster.agent_log(a).contains("This agent was revoked"),
+        "{}",
+        cluster.agent_log(a)
+    );
+    // Its certificate (a copy kept here) is refused from now on.
+    let address = cluster.address.clone();
+    block_on(async {
+        let channel = channel(&address, &old_identity).await.unwrap();
+        let status = session(channel, &old_id, "cpu").await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("revoked"), "{status:?}");
+    });
+    // The revoked agent waits for a new join instead of dialling in a loop.
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = cluster
+        .agent_log(a)
+        .matches("needs a new join token")
+        .count();
+    assert!(attempts <= 2, "{attempts} attempts in 3 s");
+}
+
+#[test]
+fn certificates_are_renewed_and_an_expired_one_needs_a_new_join() {
+    let mut cluster = SecureCluster::start(&["--agent-cert-ttl", "6"]);
+    let a = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    let first_id = cluster.agent_id(a);
+    cluster.wait_agent_state(&admin, &first_id, "online");
+    let before = secure::stored_identity(&cluster.agent_data(a));
+
+    // At two thirds of its 6 s the agent gets a new certificate for a new key.
+    wait_for("a renewal", Duration::from_secs(15), || {
+        cluster
+            .agent_log(a)
+            .contains("Certificate renewed")
+            .then_some(())
+    });
+    let after = secure::stored_identity(&cluster.agent_data(a));
+    assert_ne!(before.0, after.0, "the certificate changed");
+    assert_ne!(before.1, after.1, "the key changed");
+    // The renewed identity connects: restart the agent on it and run something.
+    cluster.agents[a].as_mut().unwrap().stop_cleanly();
+    cluster.start_agent(a);
+    cluster.wait_agent_state(&admin, &first_id, "online");
+    let dir = project();
+    let run = admin.submit_detached(&["--target", "cpu", dir.path().to_str().unwrap(), "hello.py"]);
+    admin.wait_status(run, "succeeded");
+
+    // The host is off longer than the certificate lives: on start the agent backs off
+    // instead of dialling, and says what to do.
+    cluster.agents[a].as_mut().unwrap().stop_cleanly();
+    // Its certificate lives 6 s from its last renewal (every 4 s): 7 s is past its end.
+    std::thread::sleep(Duration::from_secs(7));
+    cluster.start_agent(a);
+    std::thread::sleep(Duration::from_secs(4));
+    let log = cluster.agent_log(a);
+    let refusals = log.matches("its certificate expired").count();
+    assert!(
+        (1..=2).contains(&refusals),
+        "{refusals} attempts in 4 s:\n{log}"
+    );
+    assert!(!log[log.rfind("Agent starting").unwrap()..].contains("Connected to the coordinator"));
+
+    // A new join gives the host a new identity; the old one is recorded for clean-up.
+    let join = cluster.join_command("cpu", &[]);
+    cluster.agents[a].as_mut().unwrap().stop_cleanly();
+    let output = cluster.join(a, &join);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let second_id = cluster.agent_id(a);
+    assert_ne!(second_id, first_id);
+    cluster.start_agent(a);
+    cluster.wait_agent_state(&admin, &second_id, "online");
+    // The old identity's containers are removed (none here) and the record of it with them.
+    let previous = cluster.agent_data(a).join("previous-agent-ids");
+    wait_for(
+        "the previous identity to be cleaned up",
+        Duration::from_secs(20),
+        || (!previous.exists()).then_some(()),
+    );
+}
