@@ -1521,6 +1521,48 @@ mod tests {
     }
 
     #[tokio::test]
+    #[ignore = "needs a Docker engine: tests/run runs it with KILN_DOCKER_TESTS=1"]
+    async fn a_previous_identitys_containers_are_removed_and_no_one_elses() {
+        // The image tests/docker-test-image builds (the containers are created, not run).
+        let create = |agent: &str| {
+            let output = std::process::Command::new("docker")
+                .args(["create", "--label", &format!("{LABEL_AGENT_ID}={agent}")])
+                .args(["--label", &format!("{LABEL_RUN_ID}=7"), "--label"])
+                .args([
+                    &format!("{LABEL_ATTEMPT}=1"),
+                    "kiln-test/python:bookworm-1",
+                    "true",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            String::from_utf8_lossy(&output.stdout).trim().to_string()
+        };
+        let suffix = std::process::id();
+        let (old, other) = (format!("a-old-{suffix}"), format!("a-other-{suffix}"));
+        let (old_container, other_container) = (create(&old), create(&other));
+        assert_eq!(remove_agent_containers(None, &old).await.unwrap(), 1);
+        let exists = |id: &str| {
+            std::process::Command::new("docker")
+                .args(["inspect", id])
+                .output()
+                .unwrap()
+                .status
+                .success()
+        };
+        assert!(!exists(&old_container));
+        assert!(
+            exists(&other_container),
+            "another agent's container was removed"
+        );
+        assert_eq!(remove_agent_containers(None, &other).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
     async fn an_unreachable_engine_is_a_clear_error() {
         let error = connect(Some("unix:///nonexistent/docker.sock"))
             .await

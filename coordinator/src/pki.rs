@@ -359,6 +359,36 @@ mod tests {
     }
 
     #[test]
+    fn an_existing_ca_and_server_certificate_can_be_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = pki(dir.path());
+        // Another data directory, pointed at the first one's files as "an existing PKI".
+        let other = tempfile::tempdir().unwrap();
+        let configured = Pki::load_or_create(&PkiConfig {
+            dir: other.path().join("pki"),
+            ca_cert: Some(dir.path().join("pki/ca.crt")),
+            ca_key: Some(dir.path().join("pki/ca.key")),
+            server_cert: Some(dir.path().join("pki/server.crt")),
+            server_key: Some(dir.path().join("pki/server.key")),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(configured.ca_hash(), made.ca_hash());
+        assert_eq!(configured.server_identity(), made.server_identity());
+        assert!(
+            !other.path().join("pki/ca.key").exists(),
+            "no CA of its own"
+        );
+        let half = PkiConfig {
+            dir: other.path().join("pki"),
+            ca_cert: Some(dir.path().join("pki/ca.crt")),
+            ..Default::default()
+        };
+        let error = Pki::load_or_create(&half).unwrap_err().to_string();
+        assert!(error.contains("together"), "{error}");
+    }
+
+    #[test]
     fn agent_certificates_name_the_agent_and_only_this_cluster_accepts_them() {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path());
