@@ -233,8 +233,8 @@ pub fn valid_agent_id(id: &str) -> bool {
 
 fn load_or_create_ca(dir: &Path) -> anyhow::Result<(String, String)> {
     let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
-    if cert_path.exists() || key_path.exists() {
-        return Ok((read(&cert_path)?, read(&key_path)?));
+    if key_path.exists() {
+        return read_ca_written_by_another(&cert_path, &key_path);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
@@ -251,20 +251,45 @@ fn load_or_create_ca(dir: &Path) -> anyhow::Result<(String, String)> {
     params.serial_number = Some(random_serial()?);
     let cert = params.self_signed(&key)?;
     let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
-    // The key first, exclusively: of two processes making a CA at once, one wins and the
-    // other reads what the winner wrote.
-    match write_new(&key_path, key_pem.as_bytes(), 0o600) {
+    // Of two processes making a CA at once (the service starting while an admin runs
+    // `user create`), the one whose complete key file links into place first wins; the
+    // other waits for the winner's certificate and uses that CA.
+    let key_tmp = dir.join(format!("ca.key.{}.tmp", rand::random::<u64>()));
+    write_new(&key_tmp, key_pem.as_bytes(), 0o600)
+        .with_context(|| format!("write {}", key_tmp.display()))?;
+    let won = std::fs::hard_link(&key_tmp, &key_path);
+    let _ = std::fs::remove_file(&key_tmp);
+    match won {
         Ok(()) => {
             write_file(&cert_path, cert_pem.as_bytes(), 0o644)?;
             tracing::info!(dir = %dir.display(), "Created the cluster's CA.");
             Ok((cert_pem, key_pem))
         }
         Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::thread::sleep(Duration::from_millis(200));
-            Ok((read(&cert_path)?, read(&key_path)?))
+            read_ca_written_by_another(&cert_path, &key_path)
         }
         Err(error) => Err(error).with_context(|| format!("write {}", key_path.display())),
     }
+}
+
+/// The CA key exists: read it and its certificate, which the process that made the key
+/// writes just after it.
+fn read_ca_written_by_another(
+    cert_path: &Path,
+    key_path: &Path,
+) -> anyhow::Result<(String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cert_path.exists() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{} exists but {} does not; restore the CA's certificate, or remove both to make a new CA \
+             (every agent must then join again)",
+            key_path.display(),
+            cert_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((read(cert_path)?, read(key_path)?))
 }
 
 fn name(common_name: &str) -> DistinguishedName {
@@ -356,6 +381,36 @@ mod tests {
         assert!(second.server_identity().0.ends_with(second.ca_pem()));
         let other = tempfile::tempdir().unwrap();
         assert_ne!(pki(other.path()).ca_hash(), first.ca_hash());
+    }
+
+    #[test]
+    fn processes_making_the_ca_at_once_all_use_one_ca() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let config = PkiConfig {
+                dir: dir.path().join("pki"),
+                ..Default::default()
+            };
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let makers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (config, barrier) = (config.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Pki::load_ca(&config).unwrap().ca_hash()
+                    })
+                })
+                .collect();
+            let hashes: Vec<String> = makers.into_iter().map(|m| m.join().unwrap()).collect();
+            assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+            assert_eq!(Pki::load_ca(&config).unwrap().ca_hash(), hashes[0]);
+            let left: Vec<_> = std::fs::read_dir(&config.dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|name| name.ends_with(".tmp"))
+                .collect();
+            assert!(left.is_empty(), "{left:?}");
+        }
     }
 
     #[test]

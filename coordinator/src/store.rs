@@ -309,14 +309,32 @@ pub struct AgentRow {
     pub environments: Vec<v1::CachedEnvironment>,
 }
 
+/// Switching a file to WAL needs an exclusive lock, and SQLite answers BUSY
+/// at once, without calling the busy handler, when another process is opening
+/// the same new file. Retry for as long as the busy timeout would wait.
+fn switch_to_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let conn =
             Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        switch_to_wal(&conn).context("switch the database to WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let check: String = conn.query_row("PRAGMA quick_check", [], |row| row.get(0))?;
         anyhow::ensure!(
             check == "ok",
@@ -328,22 +346,27 @@ impl Store {
         Ok(store)
     }
 
+    /// Brings the schema up to date. The version is read inside an
+    /// IMMEDIATE transaction so that two processes opening one database at
+    /// once (the service starting while `kiln-coordinator user create`
+    /// runs) take turns: the second sees the first one's version and applies
+    /// nothing twice.
     fn migrate(&mut self) -> anyhow::Result<()> {
-        let version: usize = self
+        let tx = self
             .conn
-            .query_row("PRAGMA user_version", [], |row| row.get(0))?;
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let version: usize = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
         anyhow::ensure!(
             version <= MIGRATIONS.len(),
             "database schema version {version} is newer than this coordinator knows ({}); upgrade kiln-coordinator",
             MIGRATIONS.len()
         );
         for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = self.conn.transaction()?;
             tx.execute_batch(sql)
                 .with_context(|| format!("apply migration {}", index + 1))?;
             tx.pragma_update(None, "user_version", index + 1)?;
-            tx.commit()?;
         }
+        tx.commit()?;
         Ok(())
     }
 
@@ -1189,18 +1212,12 @@ impl Store {
     }
 
     pub fn list_users(&self) -> anyhow::Result<Vec<UserRow>> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT name, role, created_ms, last_used_ms FROM users ORDER BY name")?;
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {} FROM users ORDER BY name",
+            UserRow::COLUMNS
+        ))?;
         let rows = stmt
-            .query_map([], |row| {
-                Ok(UserRow {
-                    name: row.get(0)?,
-                    role: Role::parse(&row.get::<_, String>(1)?).unwrap_or(Role::Member),
-                    created_ms: row.get(2)?,
-                    last_used_ms: row.get(3)?,
-                })
-            })?
+            .query_map([], UserRow::from_row)?
             .collect::<Result<_, _>>()?;
         Ok(rows)
     }
@@ -1217,20 +1234,12 @@ impl Store {
         let found = self
             .conn
             .query_row(
-                "SELECT name, role, created_ms, last_used_ms, token_sha256 FROM users
-                 WHERE token_id = ?1",
+                &format!(
+                    "SELECT {}, token_sha256 FROM users WHERE token_id = ?1",
+                    UserRow::COLUMNS
+                ),
                 [token_id],
-                |row| {
-                    Ok((
-                        UserRow {
-                            name: row.get(0)?,
-                            role: Role::parse(&row.get::<_, String>(1)?).unwrap_or(Role::Member),
-                            created_ms: row.get(2)?,
-                            last_used_ms: row.get(3)?,
-                        },
-                        row.get::<_, Vec<u8>>(4)?,
-                    ))
-                },
+                |row| Ok((UserRow::from_row(row)?, row.get::<_, Vec<u8>>(4)?)),
             )
             .optional()?;
         let Some((user, stored)) = found else {
@@ -1361,6 +1370,21 @@ pub struct UserRow {
     pub role: Role,
     pub created_ms: i64,
     pub last_used_ms: Option<i64>,
+}
+
+impl UserRow {
+    /// The columns `from_row` reads, in its order.
+    const COLUMNS: &'static str = "name, role, created_ms, last_used_ms";
+
+    /// A role this coordinator does not know reads as the least privileged one.
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+        Ok(UserRow {
+            name: row.get(0)?,
+            role: Role::parse(&row.get::<_, String>(1)?).unwrap_or(Role::Member),
+            created_ms: row.get(2)?,
+            last_used_ms: row.get(3)?,
+        })
+    }
 }
 
 // ---- join tokens ----
@@ -1589,6 +1613,35 @@ mod tests {
             .unwrap();
         assert_eq!((run.status(), run.restarts), (v1::RunStatus::Queued, 1));
         assert!(store.active_runs_per_agent().unwrap().is_empty());
+    }
+
+    #[test]
+    fn processes_opening_a_new_database_at_once_migrate_it_once() {
+        // The packaged service and `kiln-coordinator user create` may open a
+        // database that does not exist yet at the same moment.
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("kiln.db");
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Store::open(&path).map(|_| ()).map_err(|e| format!("{e:#}"))
+                    })
+                })
+                .collect();
+            for opener in openers {
+                opener.join().unwrap().unwrap();
+            }
+            let store = Store::open(&path).unwrap();
+            let version: usize = store
+                .conn
+                .query_row("PRAGMA user_version", [], |row| row.get(0))
+                .unwrap();
+            assert_eq!(version, MIGRATIONS.len());
+        }
     }
 
     #[test]
