@@ -1242,7 +1242,7 @@ fn second_snapshot_into_the_same_dest_cannot_escape() {
 }
 
 /// The default entry limit, for real: a million and one empty files. Slow (it creates a million files
-/// before refusing), so run it by hand: `cargo test -p kiln-common --test hostile_snapshots -- --ignored`.
+/// before refusing), so it runs when asked: `KILN_SLOW_TESTS=1 tests/run` (.ci/run asks).
 #[test]
 #[ignore = "creates a million files: about 45 s in a debug build"]
 fn default_entry_limit_stops_a_million_and_one_files() {
