@@ -485,10 +485,16 @@ pub fn set_keys(text: &str, keys: &[(&str, &str)]) -> String {
 }
 
 /// What `kiln-agent join` writes: the config file at `path` (or the shipped default when
-/// there is none) with `coordinator` and `target` set. The file is replaced atomically,
+/// there is none) with `coordinator` and `target` set, and `data_dir` when given (made
+/// absolute, so the file means the same from any working directory). The file is replaced atomically,
 /// mode 0640, keeping its owner and group (new files: root and group `kiln` when it exists,
 /// so the service can read it and nobody else can).
-pub fn write_joined(path: &Path, coordinator: &str, target: &str) -> anyhow::Result<Effective> {
+pub fn write_joined(
+    path: &Path,
+    coordinator: &str,
+    target: &str,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<Effective> {
     use std::io::Write as _;
     use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
     let existing = match std::fs::read_to_string(path) {
@@ -498,13 +504,22 @@ pub fn write_joined(path: &Path, coordinator: &str, target: &str) -> anyhow::Res
             return Err(error).with_context(|| format!("read config file {}", path.display()));
         }
     };
-    let text = set_keys(
-        existing.as_deref().unwrap_or(SHIPPED_CONFIG),
-        &[("coordinator", coordinator), ("target", target)],
-    );
+    let data_dir = data_dir
+        .map(|dir| std::path::absolute(dir).with_context(|| format!("resolve {}", dir.display())))
+        .transpose()?;
+    let data_dir_text = data_dir.as_ref().map(|dir| dir.to_string_lossy());
+    let mut keys = vec![("coordinator", coordinator), ("target", target)];
+    if let Some(dir) = &data_dir_text {
+        keys.push(("data_dir", dir));
+    }
+    let text = set_keys(existing.as_deref().unwrap_or(SHIPPED_CONFIG), &keys);
     let effective = parse(&text, path)?.resolve()?;
     anyhow::ensure!(
-        effective.coordinator == coordinator && effective.target == target,
+        effective.coordinator == coordinator
+            && effective.target == target
+            && data_dir
+                .as_ref()
+                .is_none_or(|dir| effective.data_dir == *dir),
         "internal error: the edited config file does not say what join meant to write"
     );
     let dir = path
@@ -719,17 +734,34 @@ mod tests {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("etc/agent.toml");
-        let effective = write_joined(&path, "http://c:7070", "gpu").unwrap();
+        let effective = write_joined(&path, "http://c:7070", "gpu", None).unwrap();
         assert_eq!(effective.data_dir, Path::new("/var/lib/kiln/agent"));
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o640);
         std::fs::write(&path, "slots = 4\ntarget = \"old\"\n").unwrap();
-        let effective = write_joined(&path, "http://d:7070", "cpu").unwrap();
+        let effective = write_joined(&path, "http://d:7070", "cpu", None).unwrap();
         assert_eq!((effective.slots, effective.target.as_str()), (4, "cpu"));
-        assert!(write_joined(&path, "http://d:7070", "Bad_Name").is_err());
+        assert!(write_joined(&path, "http://d:7070", "Bad_Name", None).is_err());
         assert_eq!(
             std::fs::read_dir(dir.path().join("etc")).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn join_without_root_names_a_data_directory_of_the_users_own() {
+        // By hand, as a normal user: `join --data-dir agent-data` (relative) must not leave
+        // the shipped /var/lib/kiln/agent in the file, and must mean the same from anywhere.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        let relative = Path::new("agent-data");
+        let effective = write_joined(&path, "http://c:7070", "gpu", Some(relative)).unwrap();
+        let expected = std::env::current_dir().unwrap().join("agent-data");
+        assert_eq!(effective.data_dir, expected);
+        let reread = load(Some(&path)).unwrap().1.resolve().unwrap();
+        assert_eq!(reread.data_dir, expected);
+        // A later join without --data-dir keeps it.
+        let effective = write_joined(&path, "http://d:7070", "gpu", None).unwrap();
+        assert_eq!(effective.data_dir, expected);
     }
 }

@@ -76,6 +76,11 @@ enum Command {
         /// Write the config file but do not restart the service.
         #[arg(long)]
         no_restart: bool,
+        /// Also set `data_dir` in the config file (where the identity is stored), e.g. a
+        /// directory of your own when running the agent by hand without root. Default: the
+        /// file's `data_dir`, else /var/lib/kiln/agent.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
     },
 }
 
@@ -90,6 +95,7 @@ fn main() -> anyhow::Result<()> {
         token,
         target,
         no_restart,
+        data_dir,
     }) = args.command
     {
         let path = args
@@ -101,6 +107,7 @@ fn main() -> anyhow::Result<()> {
             &token,
             &target,
             &path,
+            data_dir.as_deref(),
             no_restart,
         );
     }
@@ -167,6 +174,7 @@ fn join(
     token: &str,
     target: &str,
     path: &Path,
+    data_dir: Option<&Path>,
     no_restart: bool,
 ) -> anyhow::Result<()> {
     use kiln_agent::identity;
@@ -238,7 +246,8 @@ fn join(
             "the coordinator sent a CA certificate other than the pinned one"
         );
     }
-    let effective = config::write_joined(path, &address.to_string(), target_name.as_str())?;
+    let effective =
+        config::write_joined(path, &address.to_string(), target_name.as_str(), data_dir)?;
     let data_dir = &effective.data_dir;
     std::fs::create_dir_all(data_dir).with_context(|| format!("create {}", data_dir.display()))?;
     if !reply.agent_id.is_empty() {
