@@ -430,13 +430,7 @@ impl Cluster {
 
     /// `kiln ARGS` that must succeed, parsed as JSON.
     pub fn json(&self, args: &[&str]) -> Value {
-        let output = self.kiln(args);
-        assert!(
-            output.status.success(),
-            "kiln {args:?} failed: {}",
-            text(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("kiln printed JSON")
+        json_of(args, &self.kiln(args))
     }
 
     pub fn run(&self, run_id: i64) -> Value {
@@ -502,6 +496,16 @@ impl Following {
         let output = self.child.wait_with_output().expect("wait for kiln");
         (rest, output)
     }
+}
+
+/// The JSON that `kiln ARGS` printed; panics with its stderr when it failed.
+pub fn json_of(args: &[&str], output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "kiln {args:?} failed: {}",
+        text(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("kiln printed JSON")
 }
 
 pub fn text(bytes: &[u8]) -> String {

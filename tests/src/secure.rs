@@ -236,13 +236,7 @@ impl User {
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
-        let output = self.kiln(args);
-        assert!(
-            output.status.success(),
-            "kiln {args:?}: {}",
-            text(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("JSON")
+        crate::json_of(args, &self.kiln(args))
     }
 
     pub fn submit_detached(&self, args: &[&str]) -> i64 {
