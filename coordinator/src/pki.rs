@@ -233,7 +233,7 @@ pub fn valid_agent_id(id: &str) -> bool {
 
 fn load_or_create_ca(dir: &Path) -> anyhow::Result<(String, String)> {
     let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
-    if key_path.exists() {
+    if key_path.exists() || cert_path.exists() {
         return read_ca_written_by_another(&cert_path, &key_path);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -272,8 +272,8 @@ fn load_or_create_ca(dir: &Path) -> anyhow::Result<(String, String)> {
     }
 }
 
-/// The CA key exists: read it and its certificate, which the process that made the key
-/// writes just after it.
+/// The CA exists or is being made: read its key and its certificate, which the process
+/// that made the key writes just after it. A certificate without its key is an error.
 fn read_ca_written_by_another(
     cert_path: &Path,
     key_path: &Path,
@@ -381,6 +381,25 @@ mod tests {
         assert!(second.server_identity().0.ends_with(second.ca_pem()));
         let other = tempfile::tempdir().unwrap();
         assert_ne!(pki(other.path()).ca_hash(), first.ca_hash());
+    }
+
+    #[test]
+    fn a_ca_certificate_without_its_key_is_an_error_not_a_new_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_pem = pki(dir.path()).ca_pem().to_string();
+        std::fs::remove_file(dir.path().join("pki/ca.key")).unwrap();
+        let config = PkiConfig {
+            dir: dir.path().join("pki"),
+            ..Default::default()
+        };
+        let Err(err) = Pki::load_ca(&config) else {
+            panic!("a new CA was made over the existing certificate");
+        };
+        assert!(format!("{err:#}").contains("ca.key"), "{err:#}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("pki/ca.crt")).unwrap(),
+            ca_pem
+        );
     }
 
     #[test]
