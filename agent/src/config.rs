@@ -486,9 +486,9 @@ pub fn set_keys(text: &str, keys: &[(&str, &str)]) -> String {
 
 /// What `kiln-agent join` writes: the config file at `path` (or the shipped default when
 /// there is none) with `coordinator` and `target` set, and `data_dir` when given (made
-/// absolute, so the file means the same from any working directory). The file is replaced atomically,
-/// mode 0640, keeping its owner and group (new files: root and group `kiln` when it exists,
-/// so the service can read it and nobody else can).
+/// absolute, so the file means the same from any working directory). The file is replaced
+/// atomically, mode 0640, keeping its owner and group (new files: root and group `kiln`
+/// when it exists, so the service can read it and nobody else can).
 pub fn write_joined(
     path: &Path,
     coordinator: &str,

@@ -1167,6 +1167,27 @@ fn ack(
     }
 }
 
+/// Runs `each` on `threads` threads released together, for the tests of what two
+/// processes may do to one data directory at the same moment; returns their results.
+#[cfg(test)]
+pub(crate) fn at_once<T: Send + 'static>(
+    threads: usize,
+    each: impl Fn() -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let barrier = std::sync::Barrier::new(threads);
+    let shared = Arc::new((barrier, each));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                shared.0.wait();
+                (shared.1)()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

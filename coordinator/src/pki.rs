@@ -410,17 +410,10 @@ mod tests {
                 dir: dir.path().join("pki"),
                 ..Default::default()
             };
-            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
-            let makers: Vec<_> = (0..4)
-                .map(|_| {
-                    let (config, barrier) = (config.clone(), barrier.clone());
-                    std::thread::spawn(move || {
-                        barrier.wait();
-                        Pki::load_ca(&config).unwrap().ca_hash()
-                    })
-                })
-                .collect();
-            let hashes: Vec<String> = makers.into_iter().map(|m| m.join().unwrap()).collect();
+            let hashes = {
+                let config = config.clone();
+                crate::at_once(4, move || Pki::load_ca(&config).unwrap().ca_hash())
+            };
             assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
             assert_eq!(Pki::load_ca(&config).unwrap().ca_hash(), hashes[0]);
             let left: Vec<_> = std::fs::read_dir(&config.dir)

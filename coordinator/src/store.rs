@@ -309,11 +309,14 @@ pub struct AgentRow {
     pub environments: Vec<v1::CachedEnvironment>,
 }
 
+/// How long a statement waits for another process's lock on the database.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Switching a file to WAL needs an exclusive lock, and SQLite answers BUSY
 /// at once, without calling the busy handler, when another process is opening
 /// the same new file. Retry for as long as the busy timeout would wait.
 fn switch_to_wal(conn: &Connection) -> rusqlite::Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
     loop {
         match conn.pragma_update(None, "journal_mode", "WAL") {
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -331,7 +334,7 @@ impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         let conn =
             Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         switch_to_wal(&conn).context("switch the database to WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
@@ -1622,18 +1625,14 @@ mod tests {
         for _ in 0..20 {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("kiln.db");
-            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
-            let openers: Vec<_> = (0..4)
-                .map(|_| {
-                    let (path, barrier) = (path.clone(), barrier.clone());
-                    std::thread::spawn(move || {
-                        barrier.wait();
-                        Store::open(&path).map(|_| ()).map_err(|e| format!("{e:#}"))
-                    })
+            let opened = {
+                let path = path.clone();
+                crate::at_once(4, move || {
+                    Store::open(&path).map(|_| ()).map_err(|e| format!("{e:#}"))
                 })
-                .collect();
-            for opener in openers {
-                opener.join().unwrap().unwrap();
+            };
+            for result in opened {
+                result.unwrap();
             }
             let store = Store::open(&path).unwrap();
             let version: usize = store
