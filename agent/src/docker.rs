@@ -1239,6 +1239,7 @@ mod tests {
             fenceable: None,
             timeout_s: 0,
             gpus: Vec::new(),
+            lease_file: None,
             docker: None,
         }
     }

@@ -104,7 +104,12 @@ struct Link {
     /// Fence attempts off after this long without contact: two thirds of the coordinator's
     /// heartbeat TTL, learnt from its welcome.
     fence_after: Option<Duration>,
+    /// The lease last written to `lease.json` (`CLOCK_BOOTTIME` ms).
+    lease_written: u64,
 }
+
+/// How much a lease must have moved before it is written again.
+const LEASE_WRITE_STEP_MS: u64 = 250;
 
 pub struct Agent {
     config: Config,
@@ -152,7 +157,10 @@ impl Agent {
             gpu_probe = %host.gpu_probe_error,
             "Agent starting."
         );
-        let (uplink, uplink_rx) = mpsc::channel(4096);
+        // Few messages: each run holds at most `runner::MAX_UNACKED_BYTES` and sends batches
+        // of at most `runner::MAX_BATCH_BYTES`, so this bounds bytes in flight, not only
+        // messages.
+        let (uplink, uplink_rx) = mpsc::channel(64);
         let (channel, _) = tokio::sync::watch::channel(None);
         let agent = Arc::new(Agent {
             config,
@@ -164,6 +172,7 @@ impl Agent {
             link: Mutex::new(Link {
                 last_contact: None,
                 fence_after: None,
+                lease_written: 0,
             }),
             session_generation: tokio::sync::watch::channel(0).0,
             detach: CancellationToken::new(),
@@ -211,10 +220,8 @@ impl Agent {
 
     fn start_run(self: &Arc<Self>, assignment: v1::Assignment) {
         let key = (assignment.run_id, assignment.attempt);
-        let fenceable = match &assignment.gang {
-            Some(gang) => gang.restartable,
-            None => assignment.attempt <= assignment.max_retries,
-        };
+        // The coordinator decides (lifecycle::fenceable); the agent does not guess.
+        let fenceable = assignment.fenceable;
         let Some(control) = self.register_run(key, fenceable) else {
             return;
         };
@@ -254,13 +261,31 @@ impl Agent {
         })
     }
 
-    /// Records that the coordinator spoke; a welcome also tells its heartbeat TTL.
+    /// Records that the coordinator spoke; a welcome also tells its heartbeat TTL. Extends
+    /// the lease that the supervisors of fenceable attempts watch (`spool::Lease`).
     fn coordinator_contact(&self, heartbeat_ttl: Option<Duration>) {
         let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
         link.last_contact = Some(std::time::Instant::now());
         if let Some(ttl) = heartbeat_ttl.filter(|ttl| !ttl.is_zero()) {
             link.fence_after = Some(ttl * 2 / 3);
         }
+        if let Some(after) = link.fence_after {
+            let until = spool::boottime_ms() + after.as_millis() as u64;
+            if until >= link.lease_written + LEASE_WRITE_STEP_MS {
+                let lease = spool::Lease {
+                    until_boottime_ms: until,
+                };
+                match spool::write_json(&self.lease_file(), &lease) {
+                    Ok(()) => link.lease_written = until,
+                    Err(error) => warn!(error = %error, "Could not extend the lease."),
+                }
+            }
+        }
+    }
+
+    /// `DATA_DIR/lease.json`: see [`spool::Lease`].
+    pub(crate) fn lease_file(&self) -> PathBuf {
+        self.config.data_dir.join("lease.json")
     }
 
     /// Stops attempts the coordinator would retry elsewhere once this agent has been out of
@@ -436,7 +461,16 @@ impl Agent {
                 state.log_seq = state.log_seq.max(ack.log_seq);
                 state.metric_seq = state.metric_seq.max(ack.metric_seq);
                 state.finished |= ack.finished;
+                state.discard |= ack.discard;
             });
+            if ack.discard {
+                warn!(
+                    run_id = ack.run_id,
+                    attempt = ack.attempt,
+                    "The coordinator has no record of this attempt: stopping and discarding it."
+                );
+                handle.cancel.cancel();
+            }
         }
     }
 

@@ -35,12 +35,19 @@ use crate::spool::{self, Acked, Exit, LogRecord, MetricRecord, ProcessRecord, Sp
 const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How often the spool is checked for new lines while a run is active.
 const POLL: Duration = Duration::from_millis(5);
-/// Most unacknowledged lines (or points) held in memory; the rest waits in the spool file.
-const MAX_UNACKED: usize = 50_000;
+/// Most bytes of unacknowledged lines and points one attempt holds in memory, sent or not;
+/// the rest waits in the spool file. Bounds the agent's memory per run and what one
+/// session's resend puts on the wire.
+pub(crate) const MAX_UNACKED_BYTES: usize = 8 << 20;
+/// Most spool bytes read at once.
+const MAX_READ_BYTES: usize = 4 << 20;
+/// The largest spool record (a 64 KiB line and its JSON escaping and fields): a read needs
+/// at least this much room to make progress.
+const MAX_LINE_RECORD_BYTES: usize = 400 << 10;
 /// How often the spool is read while the attempt is being prepared.
 const PREPARE_POLL: Duration = Duration::from_millis(100);
-/// Largest batch sent in one message.
-const MAX_BATCH: usize = 1000;
+/// Largest batch message, in bytes: well below the 16 MiB gRPC message limit.
+pub(crate) const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// What the coordinator has acknowledged for one attempt.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -48,6 +55,8 @@ pub struct AckState {
     pub log_seq: u64,
     pub metric_seq: u64,
     pub finished: bool,
+    /// The coordinator has no record of the attempt: stop it and forget it.
+    pub discard: bool,
 }
 
 /// How the agent talks to one run's task.
@@ -96,7 +105,13 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
                     result = &mut preparing => break result,
                     _ = tokio::time::sleep(PREPARE_POLL) => {
                         follower.read_spool();
-                        follower.send_new().await;
+                    }
+                    permit = agent.uplink.reserve(), if follower.has_unsent() => {
+                        if let Ok(permit) = permit
+                            && let Some(message) = follower.next_message()
+                        {
+                            permit.send(message);
+                        }
                     }
                     changed = acks.changed() => {
                         if changed.is_ok() {
@@ -105,7 +120,7 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
                     }
                     changed = sessions.changed() => {
                         if changed.is_ok() {
-                            follower.resend().await;
+                            follower.resend();
                         }
                     }
                 }
@@ -124,6 +139,7 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
                 start_error: Some(message),
                 failed_rank: None,
                 env_failed,
+                ..Default::default()
             };
             if let Err(error) = spool::write_json(&state.exit(), &exit) {
                 warn!(error = %error, "Could not record the failed start; dropping the run.");
@@ -352,7 +368,8 @@ async fn prepare(
         checkpoint_interval_ms: u64::from(assignment.checkpoint_interval_s) * 1000,
         procs,
         metrics_rank,
-        fenceable: assignment.gang.as_ref().map(|gang| gang.restartable),
+        fenceable: Some(assignment.fenceable),
+        lease_file: Some(agent.lease_file()),
         timeout_s: assignment.timeout_s,
         gpus: assignment.gpus.clone(),
         docker: docker_image.map(|image| crate::docker::DockerSpec {
@@ -639,17 +656,25 @@ pub(crate) async fn attach(
             Some(written + Duration::from_secs(u64::from(spec.timeout_s)))
         });
     let mut timed_out = false;
+    // The control loop: it reads the spool within the attempt's byte budget, sends when the
+    // uplink has room, and enforces cancel, fencing, the time limit and stop escalation
+    // whether or not the uplink has room (it never waits on a full queue).
+    let mut ended: Option<Exit> = None;
     let exit = loop {
         checkpoints.maybe_start();
+        // exit.json is written after the last record was spooled: once it exists, reading the
+        // spool to its end has read everything.
+        if ended.is_none() {
+            ended = follower.exit();
+        }
         let progressed = follower.read_spool();
-        follower.send_new().await;
-        if !progressed {
-            if let Some(exit) = follower.exit() {
-                break exit;
-            }
-            if let Some(exit) = follower.supervisor_vanished() {
-                break exit;
-            }
+        if let Some(exit) = &ended
+            && follower.spool_read_to_end()
+        {
+            break exit.clone();
+        }
+        if ended.is_none() && !progressed {
+            ended = follower.supervisor_vanished();
         }
         if stopping.is_none()
             && deadline.is_some_and(|deadline| std::time::SystemTime::now() >= deadline)
@@ -666,14 +691,19 @@ pub(crate) async fn attach(
             follower.signal_group(Signal::SIGKILL);
             killed = true;
         }
+        let idle = if follower.more_to_read() {
+            Duration::ZERO
+        } else {
+            POLL
+        };
         tokio::select! {
             _ = control.detach.cancelled() => return,
-            _ = control.cancel.cancelled(), if stopping.is_none() => {
+            _ = control.cancel.cancelled(), if stopping.is_none() && ended.is_none() => {
                 info!("Cancel: stopping the run's processes.");
                 follower.signal_group(Signal::SIGTERM);
                 stopping = Some(Instant::now());
             }
-            _ = control.fence.cancelled(), if stopping.is_none() => {
+            _ = control.fence.cancelled(), if stopping.is_none() && ended.is_none() => {
                 warn!("No coordinator for too long: fencing the attempt off, stopping its processes.");
                 follower.signal_group(Signal::SIGTERM);
                 stopping = Some(Instant::now());
@@ -685,10 +715,17 @@ pub(crate) async fn attach(
             }
             changed = sessions.changed() => {
                 if changed.is_ok() {
-                    follower.resend().await;
+                    follower.resend();
                 }
             }
-            _ = tokio::time::sleep(POLL) => {}
+            permit = agent.uplink.reserve(), if follower.has_unsent() => {
+                if let Ok(permit) = permit
+                    && let Some(message) = follower.next_message()
+                {
+                    permit.send(message);
+                }
+            }
+            _ = tokio::time::sleep(idle) => {}
         }
     };
     // The supervisor removes its container; if it died, nothing else would: remove what
@@ -715,16 +752,13 @@ pub(crate) async fn attach(
     // The script has ended: its last checkpoint goes up before the run is reported.
     checkpoints.finish().await;
     let cancelled = control.cancel.is_cancelled();
-    let fenced = control.fence.is_cancelled() && !cancelled;
-    // The coordinator may have given a cancelled or fenced attempt up already and will drop
-    // its messages: wait for acknowledgements only briefly.
-    let given_up = cancelled || fenced;
+    let fenced = (control.fence.is_cancelled() || exit.fenced) && !cancelled;
 
     // Every line and point must be stored before the run is reported as ended, so that a
-    // follower that sees the end has seen everything. A cancelled attempt may be fenced off
-    // (the coordinator drops its messages), so it waits only briefly.
-    let deadline = given_up.then(|| Instant::now() + Duration::from_secs(5));
-    while !follower.all_acknowledged() && deadline.is_none_or(|d| Instant::now() < d) {
+    // follower that sees the end has seen everything: also for a cancelled or fenced
+    // attempt (the coordinator stores a stale attempt's lines under its own attempt).
+    // Only a coordinator that has no record of the attempt (discard) lets it go unsent.
+    while !follower.all_acknowledged() && !control.acks.borrow().discard {
         tokio::select! {
             _ = control.detach.cancelled() => return,
             changed = control.acks.changed() => {
@@ -734,45 +768,70 @@ pub(crate) async fn attach(
             }
             changed = sessions.changed() => {
                 if changed.is_ok() {
-                    follower.resend().await;
+                    follower.resend();
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            permit = agent.uplink.reserve(), if follower.has_unsent() => {
+                if let Ok(permit) = permit
+                    && let Some(message) = follower.next_message()
+                {
+                    permit.send(message);
+                }
+            }
         }
     }
     follower.persist_acks();
 
-    let finished = match spool::read_json::<FinishedRecord>(&state.finished()) {
-        Ok(Some(record)) => record.into_wire(),
-        _ => {
-            let timeout = timed_out.then(|| spec.as_ref().map_or(0, |s| s.timeout_s));
-            let finished = finish(&agent, &root, &exit, cancelled, fenced, timeout).await;
-            if let Err(error) =
-                spool::write_json(&state.finished(), &FinishedRecord::from_wire(&finished))
-            {
-                warn!(error = %error, "Could not persist the final report.");
+    let discard = control.acks.borrow().discard;
+    if !discard {
+        let finished = match spool::read_json::<FinishedRecord>(&state.finished()) {
+            Ok(Some(record)) => record.into_wire(),
+            _ => {
+                let timeout = timed_out.then(|| spec.as_ref().map_or(0, |s| s.timeout_s));
+                let outcome = Outcome {
+                    cancelled,
+                    fenced,
+                    timed_out_after_s: timeout,
+                };
+                let Some(finished) = finish(&agent, &root, &exit, outcome, &control).await else {
+                    // The agent is stopping: the next agent process finishes the upload.
+                    return;
+                };
+                if let Err(error) =
+                    spool::write_json(&state.finished(), &FinishedRecord::from_wire(&finished))
+                {
+                    warn!(error = %error, "Could not persist the final report.");
+                }
+                finished
             }
-            finished
-        }
-    };
-    info!(status = ?finished.status(), exit_code = ?finished.exit_code, "Run ended; reporting.");
-    let report = up(Up::RunEvent(v1::RunEvent {
-        run_id,
-        attempt,
-        kind: Some(v1::run_event::Kind::Finished(finished)),
-    }));
-    let _ = agent.uplink.send(report.clone()).await;
-    let deadline = given_up.then(|| Instant::now() + Duration::from_secs(5));
-    while !control.acks.borrow().finished && deadline.is_none_or(|d| Instant::now() < d) {
-        tokio::select! {
-            _ = control.detach.cancelled() => return,
-            changed = control.acks.changed() => { if changed.is_err() { break; } }
-            changed = sessions.changed() => {
-                if changed.is_ok() {
-                    let _ = agent.uplink.send(report.clone()).await;
+        };
+        info!(status = ?finished.status(), exit_code = ?finished.exit_code, lost = finished.lost, fenced = finished.fenced, "Run ended; reporting.");
+        let report = up(Up::RunEvent(v1::RunEvent {
+            run_id,
+            attempt,
+            kind: Some(v1::run_event::Kind::Finished(finished)),
+        }));
+        let mut unsent = true;
+        loop {
+            let state = *control.acks.borrow();
+            if state.finished || state.discard {
+                break;
+            }
+            tokio::select! {
+                _ = control.detach.cancelled() => return,
+                changed = control.acks.changed() => { if changed.is_err() { break; } }
+                changed = sessions.changed() => {
+                    if changed.is_ok() {
+                        unsent = true;
+                    }
+                }
+                permit = agent.uplink.reserve(), if unsent => {
+                    if let Ok(permit) = permit {
+                        permit.send(report.clone());
+                        unsent = false;
+                    }
                 }
             }
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
     let _ = std::fs::remove_file(
@@ -789,36 +848,45 @@ pub(crate) async fn attach(
     }
 }
 
-/// The final report for an attempt whose script has ended (or never started).
+/// How the agent ended an attempt, besides the script's own exit.
+struct Outcome {
+    cancelled: bool,
+    fenced: bool,
+    timed_out_after_s: Option<u32>,
+}
+
+/// The final report for an attempt whose script has ended (or never started). Uploads the
+/// outputs first, retrying until they are stored or refused for good (see
+/// [`upload_outputs`]); `None` when the agent is stopping meanwhile.
 async fn finish(
     agent: &Agent,
     root: &Path,
     exit: &Exit,
-    cancelled: bool,
-    fenced: bool,
-    timed_out_after_s: Option<u32>,
-) -> v1::Finished {
+    outcome: Outcome,
+    control: &RunControl,
+) -> Option<v1::Finished> {
     let outputs = root.join("work/outputs");
-    let outputs_digest = if exit.start_error.is_none() && outputs.is_dir() {
-        match upload_dir(agent, &outputs).await {
-            Ok(digest) => digest,
-            Err(error) => {
-                warn!(error = %format!("{error:#}"), "Outputs could not be uploaded.");
-                String::new()
+    let (outputs_digest, outputs_error) = if exit.start_error.is_none() && outputs.is_dir() {
+        match upload_outputs(agent, &outputs, control).await {
+            Uploaded::Stored(digest) => (digest, String::new()),
+            Uploaded::Refused(reason) => {
+                warn!(reason = %reason, "The run's outputs were refused.");
+                (String::new(), reason)
             }
+            Uploaded::Detached => return None,
         }
     } else {
-        String::new()
+        (String::new(), String::new())
     };
-    let (status, message) = if cancelled {
+    let (status, message) = if outcome.cancelled {
         (v1::RunStatus::Cancelled, "cancelled by user".to_string())
-    } else if fenced {
+    } else if outcome.fenced {
         (
             v1::RunStatus::Failed,
             "fenced: the agent lost the coordinator for too long and stopped the attempt"
                 .to_string(),
         )
-    } else if let Some(limit) = timed_out_after_s {
+    } else if let Some(limit) = outcome.timed_out_after_s {
         (
             v1::RunStatus::Failed,
             format!("timed out: the run exceeded its time limit of {limit}s and was stopped"),
@@ -830,14 +898,93 @@ async fn finish(
     } else {
         (v1::RunStatus::Failed, exit.description.clone())
     };
-    v1::Finished {
+    Some(v1::Finished {
         status: status as i32,
         exit_code: exit.exit_code,
         message,
         outputs_digest,
-        fenced,
+        fenced: outcome.fenced,
         failed_rank: exit.failed_rank,
         env_failed: exit.env_failed,
+        lost: exit.lost && !outcome.cancelled,
+        outputs_error,
+    })
+}
+
+/// How an outputs upload ended.
+enum Uploaded {
+    Stored(String),
+    /// Refused for good (too large for the coordinator, unreadable): the reason, for the
+    /// run's message and `kiln download`.
+    Refused(String),
+    /// The agent is stopping: the next agent process uploads them.
+    Detached,
+}
+
+/// First and longest wait between outputs upload tries.
+const UPLOAD_RETRY_FIRST: Duration = Duration::from_millis(500);
+const UPLOAD_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Uploads `outputs/`, retrying with backoff across coordinator restarts, broken streams
+/// and full disks (each try packs and uploads again from the start; the coordinator keeps
+/// only a blob whose bytes hashed to its digest). Gives up only on a refusal that a retry
+/// cannot change, or when the attempt is cancelled meanwhile.
+async fn upload_outputs(agent: &Agent, outputs: &Path, control: &RunControl) -> Uploaded {
+    let mut wait = UPLOAD_RETRY_FIRST;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let attempt = upload_dir(agent, outputs);
+        let result = tokio::select! {
+            _ = control.detach.cancelled() => return Uploaded::Detached,
+            result = attempt => result,
+        };
+        match result {
+            Ok(digest) => {
+                if tries > 1 {
+                    info!(tries, "Outputs uploaded.");
+                }
+                return Uploaded::Stored(digest);
+            }
+            Err(error) => {
+                if let Some(reason) = permanent_refusal(&error) {
+                    return Uploaded::Refused(reason);
+                }
+                if control.cancel.is_cancelled() && tries > 1 {
+                    return Uploaded::Refused(format!(
+                        "the run was cancelled while its outputs were being uploaded ({})",
+                        error_text(&error)
+                    ));
+                }
+                warn!(error = %error_text(&error), tries, retry_in_ms = wait.as_millis() as u64, "Outputs upload failed; retrying.");
+                tokio::select! {
+                    _ = control.detach.cancelled() => return Uploaded::Detached,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                wait = (wait * 2).min(UPLOAD_RETRY_MAX);
+            }
+        }
+    }
+}
+
+fn error_text(error: &anyhow::Error) -> String {
+    format!("{error:#}")
+}
+
+/// The reason to give up, when a retry cannot help: the coordinator refused the blob
+/// itself (too large, invalid). Transport errors, an unavailable coordinator and full disks
+/// (on either side) are worth another try.
+fn permanent_refusal(error: &anyhow::Error) -> Option<String> {
+    let status = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<tonic::Status>())?;
+    match status.code() {
+        tonic::Code::InvalidArgument
+        | tonic::Code::ResourceExhausted
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::OutOfRange
+        | tonic::Code::PermissionDenied => Some(status.message().to_string()),
+        _ => None,
     }
 }
 
@@ -855,6 +1002,10 @@ struct FinishedRecord {
     failed_rank: Option<u32>,
     #[serde(default)]
     env_failed: bool,
+    #[serde(default)]
+    lost: bool,
+    #[serde(default)]
+    outputs_error: String,
 }
 
 impl FinishedRecord {
@@ -867,6 +1018,8 @@ impl FinishedRecord {
             fenced: f.fenced,
             failed_rank: f.failed_rank,
             env_failed: f.env_failed,
+            lost: f.lost,
+            outputs_error: f.outputs_error.clone(),
         }
     }
     fn into_wire(self) -> v1::Finished {
@@ -878,6 +1031,8 @@ impl FinishedRecord {
             fenced: self.fenced,
             failed_rank: self.failed_rank,
             env_failed: self.env_failed,
+            lost: self.lost,
+            outputs_error: self.outputs_error,
         }
     }
 }
@@ -966,9 +1121,9 @@ impl Checkpoints {
     }
 }
 
-/// Reads one attempt's spool and keeps what is not yet acknowledged.
+/// Reads one attempt's spool and keeps what is not yet acknowledged, within
+/// [`MAX_UNACKED_BYTES`]; hands out batches of at most [`MAX_BATCH_BYTES`] to send.
 pub(crate) struct Follower {
-    agent: Arc<Agent>,
     run_id: i64,
     attempt: u32,
     state: StateDir,
@@ -979,6 +1134,8 @@ pub(crate) struct Follower {
     acked_persisted_at: Instant,
     unacked_logs: VecDeque<v1::LogLine>,
     unacked_metrics: VecDeque<v1::MetricPoint>,
+    /// The approximate wire size of everything unacknowledged.
+    unacked_bytes: usize,
     /// How many of the unacknowledged items have been sent on the current session.
     sent_logs: usize,
     sent_metrics: usize,
@@ -988,14 +1145,23 @@ pub(crate) struct Follower {
     docker: bool,
 }
 
+/// Approximate encoded size of a log line (its text plus the fields around it).
+fn line_bytes(line: &v1::LogLine) -> usize {
+    line.text.len() + 32
+}
+
+fn point_bytes(point: &v1::MetricPoint) -> usize {
+    point.name.len() + 48
+}
+
 impl Follower {
     fn new(agent: &Arc<Agent>, run_id: i64, attempt: u32, state: &StateDir) -> Follower {
+        let _ = agent;
         let acked = spool::read_json::<Acked>(&state.acked())
             .ok()
             .flatten()
             .unwrap_or_default();
         Follower {
-            agent: agent.clone(),
             run_id,
             attempt,
             state: state.clone(),
@@ -1006,6 +1172,7 @@ impl Follower {
             acked_persisted_at: Instant::now(),
             unacked_logs: VecDeque::new(),
             unacked_metrics: VecDeque::new(),
+            unacked_bytes: 0,
             sent_logs: 0,
             sent_metrics: 0,
             child: None,
@@ -1014,49 +1181,70 @@ impl Follower {
         }
     }
 
-    /// Reads new spool records; returns whether anything new was read.
+    /// Reads new spool records while the attempt's byte budget allows; returns whether
+    /// anything new was read. Back-pressure: with the budget spent, nothing is read until
+    /// acknowledgements free it (the records wait in the spool file, nothing is dropped).
     fn read_spool(&mut self) -> bool {
         let mut progressed = false;
-        if self.unacked_logs.len() < MAX_UNACKED {
-            match self.logs.read::<LogRecord>(4 << 20) {
+        let budget = MAX_UNACKED_BYTES.saturating_sub(self.unacked_bytes);
+        if budget < MAX_LINE_RECORD_BYTES {
+            self.logs.unknown_end();
+            self.metrics.unknown_end();
+        } else {
+            let chunk = budget.min(MAX_READ_BYTES);
+            match self.logs.read::<LogRecord>(chunk) {
                 Ok(records) => {
                     progressed |= !records.is_empty();
                     let acked = self.acked.log_seq;
-                    self.unacked_logs
-                        .extend(records.into_iter().filter(|r| r.seq > acked).map(|r| {
-                            v1::LogLine {
-                                seq: r.seq,
-                                stream: r.stream,
-                                text: r.text,
-                                time_unix_ms: r.time_ms,
-                                cursor: 0,
-                                attempt: self.attempt,
-                                rank: r.rank,
-                                node: 0,
-                            }
-                        }));
+                    for r in records.into_iter().filter(|r| r.seq > acked) {
+                        let line = v1::LogLine {
+                            seq: r.seq,
+                            stream: r.stream,
+                            text: r.text,
+                            time_unix_ms: r.time_ms,
+                            cursor: 0,
+                            attempt: self.attempt,
+                            rank: r.rank,
+                            node: 0,
+                        };
+                        self.unacked_bytes += line_bytes(&line);
+                        self.unacked_logs.push_back(line);
+                    }
                 }
-                Err(error) => warn!(error = %error, "Could not read the log spool."),
+                Err(error) => {
+                    self.logs.unknown_end();
+                    warn!(error = %error, "Could not read the log spool.");
+                }
             }
-        }
-        if self.unacked_metrics.len() < MAX_UNACKED {
-            match self.metrics.read::<MetricRecord>(4 << 20) {
-                Ok(records) => {
-                    progressed |= !records.is_empty();
-                    let acked = self.acked.metric_seq;
-                    self.unacked_metrics
-                        .extend(records.into_iter().filter(|r| r.seq > acked).map(|r| {
-                            v1::MetricPoint {
+            let budget = MAX_UNACKED_BYTES.saturating_sub(self.unacked_bytes);
+            if budget < MAX_LINE_RECORD_BYTES {
+                self.metrics.unknown_end();
+            } else {
+                match self
+                    .metrics
+                    .read::<MetricRecord>(budget.min(MAX_READ_BYTES))
+                {
+                    Ok(records) => {
+                        progressed |= !records.is_empty();
+                        let acked = self.acked.metric_seq;
+                        for r in records.into_iter().filter(|r| r.seq > acked) {
+                            let point = v1::MetricPoint {
                                 seq: r.seq,
                                 name: r.name,
                                 value: r.value,
                                 step: r.step,
                                 time_unix_ms: r.time_ms,
                                 rank: r.rank,
-                            }
-                        }));
+                            };
+                            self.unacked_bytes += point_bytes(&point);
+                            self.unacked_metrics.push_back(point);
+                        }
+                    }
+                    Err(error) => {
+                        self.metrics.unknown_end();
+                        warn!(error = %error, "Could not read the metric spool.");
+                    }
                 }
-                Err(error) => warn!(error = %error, "Could not read the metric spool."),
             }
         }
         if self.child.is_none() {
@@ -1065,82 +1253,106 @@ impl Follower {
         progressed
     }
 
-    /// Sends what has not been sent on this session yet.
-    async fn send_new(&mut self) {
+    /// Whether the last read reached the end of both spool files.
+    fn spool_read_to_end(&self) -> bool {
+        self.logs.at_end() && self.metrics.at_end()
+    }
+
+    /// Whether more of the spool could be read right now (the last read stopped at its size
+    /// cap, not at the end, and the budget has room).
+    fn more_to_read(&self) -> bool {
+        !self.spool_read_to_end()
+            && MAX_UNACKED_BYTES.saturating_sub(self.unacked_bytes) >= MAX_LINE_RECORD_BYTES
+    }
+
+    /// Whether something waits to be sent on this session.
+    fn has_unsent(&self) -> bool {
+        (!self.started_sent && self.child.is_some())
+            || self.sent_logs < self.unacked_logs.len()
+            || self.sent_metrics < self.unacked_metrics.len()
+    }
+
+    /// The next message to send on this session (`Started`, then log batches, then metric
+    /// batches), each at most [`MAX_BATCH_BYTES`]; marks it sent.
+    fn next_message(&mut self) -> Option<v1::AgentMessage> {
         if !self.started_sent
             && let Some(child) = &self.child
         {
-            let started = up(Up::RunEvent(v1::RunEvent {
+            self.started_sent = true;
+            return Some(up(Up::RunEvent(v1::RunEvent {
                 run_id: self.run_id,
                 attempt: self.attempt,
                 kind: Some(v1::run_event::Kind::Started(v1::Started {
                     pid: child.pid as u32,
                 })),
-            }));
-            if self.agent.uplink.send(started).await.is_ok() {
-                self.started_sent = true;
-            }
+            })));
         }
-        while self.sent_logs < self.unacked_logs.len() {
-            let end = (self.sent_logs + MAX_BATCH).min(self.unacked_logs.len());
-            let lines: Vec<_> = self
+        if self.sent_logs < self.unacked_logs.len() {
+            let (mut end, mut bytes) = (self.sent_logs, 0);
+            while end < self.unacked_logs.len()
+                && (end == self.sent_logs
+                    || bytes + line_bytes(&self.unacked_logs[end]) <= MAX_BATCH_BYTES)
+            {
+                bytes += line_bytes(&self.unacked_logs[end]);
+                end += 1;
+            }
+            let lines = self
                 .unacked_logs
                 .range(self.sent_logs..end)
                 .cloned()
                 .collect();
-            let batch = up(Up::Logs(v1::LogBatch {
+            self.sent_logs = end;
+            return Some(up(Up::Logs(v1::LogBatch {
                 run_id: self.run_id,
                 attempt: self.attempt,
                 lines,
-            }));
-            if self.agent.uplink.send(batch).await.is_err() {
-                return;
-            }
-            self.sent_logs = end;
+            })));
         }
-        while self.sent_metrics < self.unacked_metrics.len() {
-            let end = (self.sent_metrics + MAX_BATCH).min(self.unacked_metrics.len());
-            let points: Vec<_> = self
+        if self.sent_metrics < self.unacked_metrics.len() {
+            let (mut end, mut bytes) = (self.sent_metrics, 0);
+            while end < self.unacked_metrics.len()
+                && (end == self.sent_metrics
+                    || bytes + point_bytes(&self.unacked_metrics[end]) <= MAX_BATCH_BYTES)
+            {
+                bytes += point_bytes(&self.unacked_metrics[end]);
+                end += 1;
+            }
+            let points = self
                 .unacked_metrics
                 .range(self.sent_metrics..end)
                 .cloned()
                 .collect();
-            let batch = up(Up::Metrics(v1::MetricBatch {
+            self.sent_metrics = end;
+            return Some(up(Up::Metrics(v1::MetricBatch {
                 run_id: self.run_id,
                 attempt: self.attempt,
                 points,
-            }));
-            if self.agent.uplink.send(batch).await.is_err() {
-                return;
-            }
-            self.sent_metrics = end;
+            })));
         }
+        None
     }
 
     /// A new session: everything unacknowledged goes again (the coordinator ignores repeats).
-    async fn resend(&mut self) {
+    fn resend(&mut self) {
         self.sent_logs = 0;
         self.sent_metrics = 0;
         self.started_sent = false;
-        self.send_new().await;
     }
 
     fn acknowledged(&mut self, ack: AckState) {
         self.acked.log_seq = self.acked.log_seq.max(ack.log_seq);
         self.acked.metric_seq = self.acked.metric_seq.max(ack.metric_seq);
-        while self
-            .unacked_logs
-            .front()
-            .is_some_and(|l| l.seq <= self.acked.log_seq)
+        while let Some(line) = self.unacked_logs.front()
+            && line.seq <= self.acked.log_seq
         {
+            self.unacked_bytes -= line_bytes(line);
             self.unacked_logs.pop_front();
             self.sent_logs = self.sent_logs.saturating_sub(1);
         }
-        while self
-            .unacked_metrics
-            .front()
-            .is_some_and(|p| p.seq <= self.acked.metric_seq)
+        while let Some(point) = self.unacked_metrics.front()
+            && point.seq <= self.acked.metric_seq
         {
+            self.unacked_bytes -= point_bytes(point);
             self.unacked_metrics.pop_front();
             self.sent_metrics = self.sent_metrics.saturating_sub(1);
         }
@@ -1159,6 +1371,8 @@ impl Follower {
         self.acked_persisted_at = Instant::now();
     }
 
+    /// Everything read from the spool is acknowledged (call once the spool was read to its
+    /// end after the exit).
     fn all_acknowledged(&self) -> bool {
         self.unacked_logs.is_empty() && self.unacked_metrics.is_empty()
     }
@@ -1203,6 +1417,8 @@ impl Follower {
             start_error: Some(message),
             failed_rank: None,
             env_failed: false,
+            lost: true,
+            ..Default::default()
         })
     }
 
@@ -1232,7 +1448,9 @@ fn process_alive(pid: i32) -> bool {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
+        // Only a missing entry means the process is gone; any other failure to read it
+        // (a transient error) is no evidence of that.
+        Err(error) => error.kind() != std::io::ErrorKind::NotFound,
     }
 }
 

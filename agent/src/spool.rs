@@ -13,6 +13,11 @@
 //! - `exit.json` — how the script ended ([`Exit`]), written once everything was spooled.
 //! - `acked.json` — the highest sequence numbers the coordinator acknowledged.
 //! - `finished.json` — the final report, kept until the coordinator acknowledges it.
+//!
+//! And one file for the whole agent, `DATA_DIR/lease.json` ([`Lease`]): until when the
+//! agent's link to the coordinator vouches for its fenceable attempts. A supervisor stops
+//! its fenceable attempt once the lease has run out, so that an agent that froze or died
+//! cannot leave an attempt running beside the retry the coordinator starts elsewhere.
 
 use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
@@ -60,6 +65,9 @@ pub struct Spec {
     /// program runs as a process of the supervisor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub docker: Option<crate::docker::DockerSpec>,
+    /// The agent's [`Lease`] file, which a fenceable attempt's supervisor watches.
+    #[serde(default)]
+    pub lease_file: Option<PathBuf>,
 }
 
 impl Spec {
@@ -99,7 +107,7 @@ pub struct MetricRecord {
     pub rank: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Exit {
     /// The exit code, or 128 + the signal number when a signal ended the script.
     pub exit_code: Option<i32>,
@@ -112,6 +120,39 @@ pub struct Exit {
     /// The environment could not be built (the script never started).
     #[serde(default)]
     pub env_failed: bool,
+    /// The supervisor stopped the attempt because the agent's lease ran out (fencing).
+    #[serde(default)]
+    pub fenced: bool,
+    /// The supervisor vanished (killed, or the host rebooted): node loss.
+    #[serde(default)]
+    pub lost: bool,
+}
+
+/// Until when the agent's contact with the coordinator vouches for its fenceable attempts:
+/// `CLOCK_BOOTTIME` milliseconds under one boot id (a clock every process of the host
+/// shares, that wall-clock changes do not move, and that counts time suspended).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub until_boottime_ms: u64,
+}
+
+impl Lease {
+    /// Whether the lease in `path` has run out. A missing or unreadable file has not: an
+    /// agent that never reached the coordinator vouches for nothing, and nothing was
+    /// given away either.
+    pub fn expired(path: &Path) -> bool {
+        match read_json::<Lease>(path) {
+            Ok(Some(lease)) => boottime_ms() > lease.until_boottime_ms,
+            _ => false,
+        }
+    }
+}
+
+/// Milliseconds of `CLOCK_BOOTTIME`.
+pub fn boottime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -201,6 +242,7 @@ pub struct Tail {
     path: PathBuf,
     offset: u64,
     partial: Vec<u8>,
+    at_end: bool,
 }
 
 impl Tail {
@@ -209,7 +251,19 @@ impl Tail {
             path,
             offset: 0,
             partial: Vec::new(),
+            at_end: false,
         }
+    }
+
+    /// Whether the last [`Tail::read`] reached the end of the file (it read less than it
+    /// was allowed to). `false` until a read did.
+    pub fn at_end(&self) -> bool {
+        self.at_end
+    }
+
+    /// Forgets that the end was reached (nothing was read since, so it is not known).
+    pub fn unknown_end(&mut self) {
+        self.at_end = false;
     }
 
     /// New complete records, at most about `max_bytes` of them per call. A missing file reads
@@ -217,12 +271,16 @@ impl Tail {
     pub fn read<T: DeserializeOwned>(&mut self, max_bytes: usize) -> std::io::Result<Vec<T>> {
         let mut file = match std::fs::File::open(&self.path) {
             Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.at_end = true;
+                return Ok(Vec::new());
+            }
             Err(e) => return Err(e),
         };
         file.seek(SeekFrom::Start(self.offset))?;
         let mut buffer = Vec::new();
         let n = file.take(max_bytes as u64).read_to_end(&mut buffer)?;
+        self.at_end = n < max_bytes;
         self.offset += n as u64;
         self.partial.extend_from_slice(&buffer);
         let Some(last_newline) = self.partial.iter().rposition(|&b| b == b'\n') else {

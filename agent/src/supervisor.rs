@@ -153,6 +153,7 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
                         start_error: Some(message),
                         failed_rank: proc.rank,
                         env_failed: false,
+                        ..Default::default()
                     },
                 )?;
                 return Ok(());
@@ -211,8 +212,12 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
         })
     };
     drop(records);
+    let lease = watch_lease(&spec, move |signal| {
+        let _ = killpg(Pid::from_raw(pid), signal);
+    });
 
     let (status, failed_rank) = wait_all(children, pid)?;
+    let fenced = lease.finish();
     // Whatever the script left behind in its group goes too, so the pipes close.
     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     for reader in readers {
@@ -242,6 +247,8 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
                 start_error: None,
                 failed_rank,
                 env_failed: false,
+                fenced,
+                ..Default::default()
             }
         }
         // Say why the run was stopped (the disk is full, typically) rather than vanish.
@@ -251,6 +258,7 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
             start_error: None,
             failed_rank: None,
             env_failed: false,
+            ..Default::default()
         },
     };
     let _ = std::fs::remove_file(&reserve);
@@ -338,7 +346,14 @@ fn supervise_container(
         sampler: None,
     };
     drop(records);
+    // SIGTERM to the supervisor stops the container (Docker kills it after its grace).
+    let lease = watch_lease(spec, |signal| {
+        if signal == Signal::SIGTERM {
+            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
+        }
+    });
     let ran = crate::docker::run_container(spec, docker, &mut events);
+    let fenced = lease.finish();
 
     done.store(true, Ordering::SeqCst);
     drop(stop_sampling);
@@ -359,15 +374,18 @@ fn supervise_container(
             start_error: None,
             failed_rank: None,
             env_failed: false,
+            ..Default::default()
         },
         (Ok(()), Ok(ended)) => Exit {
             exit_code: ended.exit_code,
             description: ended.description,
+            fenced,
             // A container that could not be created or started is the environment's fault
             // (no such command in the image, a device the engine cannot give, ...).
             env_failed: ended.start_error.is_some(),
             start_error: ended.start_error,
             failed_rank: None,
+            ..Default::default()
         },
         (Ok(()), Err(error)) => {
             let message = format!("the container could not be run: {error:#}");
@@ -377,9 +395,74 @@ fn supervise_container(
                 start_error: Some(message),
                 failed_rank: None,
                 env_failed: true,
+                ..Default::default()
             }
         }
     })
+}
+
+/// How long a fenced attempt gets between SIGTERM and SIGKILL.
+const FENCE_STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The thread that watches the agent's lease for a fenceable attempt.
+struct LeaseWatch {
+    done: Arc<AtomicBool>,
+    fenced: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaseWatch {
+    /// Stops watching; returns whether the attempt was fenced off.
+    fn finish(mut self) -> bool {
+        self.done.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        self.fenced.load(Ordering::SeqCst)
+    }
+}
+
+/// For a fenceable attempt, watches the agent's lease (see [`spool::Lease`]): once it has
+/// run out (the agent froze, died or lost the coordinator for two thirds of its TTL, and
+/// the coordinator is about to give the attempt to another agent), stops the attempt with
+/// `stop(SIGTERM)`, then `stop(SIGKILL)` after [`FENCE_STOP_GRACE`]. This runs in the
+/// supervisor, not the agent, because a frozen agent cannot fence anything.
+fn watch_lease(spec: &Spec, stop: impl Fn(Signal) + Send + 'static) -> LeaseWatch {
+    let done = Arc::new(AtomicBool::new(false));
+    let fenced = Arc::new(AtomicBool::new(false));
+    let thread = match (&spec.lease_file, spec.fenceable()) {
+        (Some(path), true) => {
+            let (path, done, fenced) = (path.clone(), done.clone(), fenced.clone());
+            Some(std::thread::spawn(move || {
+                while !done.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if !spool::Lease::expired(&path) {
+                        continue;
+                    }
+                    eprintln!(
+                        "kiln supervisor: the agent's lease ran out: fencing the attempt off"
+                    );
+                    fenced.store(true, Ordering::SeqCst);
+                    stop(Signal::SIGTERM);
+                    let kill_at = std::time::Instant::now() + FENCE_STOP_GRACE;
+                    while !done.load(Ordering::SeqCst) {
+                        if std::time::Instant::now() >= kill_at {
+                            stop(Signal::SIGKILL);
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    return;
+                }
+            }))
+        }
+        _ => None,
+    };
+    LeaseWatch {
+        done,
+        fenced,
+        thread,
+    }
 }
 
 /// Waits for every process. The first that fails (exits non-zero or is killed) stops the

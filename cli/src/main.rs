@@ -474,8 +474,34 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            let was_active = run.status() == v1::RunStatus::Stopping;
+            // A placed run stops its processes and delivers their last lines first: wait
+            // for that (the script has 10 s between SIGTERM and SIGKILL), then say how it
+            // ended.
+            let mut run = run;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while run.status() == v1::RunStatus::Stopping && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                run = client
+                    .get_run(v1::GetRunRequest { run_id: run.id })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+            }
             match run.status() {
                 v1::RunStatus::Cancelled => eprintln!("run {} cancelled", run.id),
+                v1::RunStatus::Stopping => eprintln!(
+                    "run {} is stopping: it ends cancelled once its processes have stopped \
+                     and delivered their output (`kiln show {}`)",
+                    run.id, run.id
+                ),
+                status if was_active => {
+                    eprintln!(
+                        "run {} ended before the cancel took effect: {}",
+                        run.id,
+                        status.domain()
+                    )
+                }
                 status => eprintln!("run {} had already ended: {}", run.id, status.domain()),
             }
             Ok(0)

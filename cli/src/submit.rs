@@ -545,7 +545,8 @@ fn report_end(run: &v1::Run) -> i32 {
     }
 }
 
-/// Downloads a run's outputs into `dest` (created; must be empty if it exists).
+/// Downloads a run's outputs into `dest` (created; must be empty if it exists). A
+/// multi-node run's outputs come as one folder per node: `dest/node-0/`, `dest/node-1/`, …
 pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyhow::Result<()> {
     let channel = connection.channel().await?;
     let run = kiln_proto::clients::kiln(channel.clone(), connection.bearer.clone())
@@ -553,10 +554,31 @@ pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyh
         .await
         .map_err(status_error)?
         .into_inner();
-    if run.outputs_digest.is_empty() {
+    if !run.outputs_error.is_empty() {
         anyhow::bail!(
-            "run {run_id} has no outputs yet (status: {}); outputs are uploaded when a run ends",
-            run.status().domain()
+            "run {run_id} has no outputs: outputs not kept: {}",
+            run.outputs_error
+        );
+    }
+    // One archive per node for a multi-node run, else the run's one archive.
+    let parts: Vec<(Option<usize>, String)> = if run.node_outputs_digests.is_empty() {
+        vec![(None, run.outputs_digest.clone())]
+    } else {
+        run.node_outputs_digests
+            .iter()
+            .enumerate()
+            .map(|(node, digest)| (Some(node), digest.clone()))
+            .collect()
+    };
+    if parts.iter().all(|(_, digest)| digest.is_empty()) {
+        let status = run.status().domain();
+        if status.is_terminal() {
+            anyhow::bail!(
+                "run {run_id} ended ({status}) without outputs: nothing was written to outputs/"
+            );
+        }
+        anyhow::bail!(
+            "run {run_id} has no outputs yet (status: {status}); outputs are uploaded when a run ends"
         );
     }
     if dest.exists() && std::fs::read_dir(dest)?.next().is_some() {
@@ -565,11 +587,41 @@ pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyh
             dest.display()
         );
     }
+    let (mut n_files, mut total_bytes) = (0, 0);
+    for (node, digest) in parts {
+        let into = match node {
+            Some(node) => dest.join(format!("node-{node}")),
+            None => dest.to_path_buf(),
+        };
+        if digest.is_empty() {
+            std::fs::create_dir_all(&into)?;
+            continue;
+        }
+        let unpacked = download_blob_into(connection, channel.clone(), &digest, &into).await?;
+        n_files += unpacked.n_files;
+        total_bytes += unpacked.total_bytes;
+    }
+    eprintln!(
+        "downloaded outputs of run {run_id} to {} ({} files, {})",
+        dest.display(),
+        n_files,
+        HumanBytes(total_bytes)
+    );
+    Ok(())
+}
+
+/// Downloads one outputs archive, checks its digest and unpacks it into `dest`.
+async fn download_blob_into(
+    connection: &Connection,
+    channel: tonic::transport::Channel,
+    digest: &str,
+    dest: &Path,
+) -> anyhow::Result<snapshot::Unpacked> {
     let archive = tempfile::NamedTempFile::new()?;
     let mut file = tokio::fs::File::from_std(archive.reopen()?);
     let mut stream = kiln_proto::clients::blobs(channel, connection.bearer.clone())
         .download_blob(v1::DownloadBlobRequest {
-            digest: run.outputs_digest.clone(),
+            digest: digest.to_string(),
         })
         .await
         .map_err(status_error)?
@@ -582,9 +634,9 @@ pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyh
     let (path, dest_owned, digest) = (
         archive.path().to_path_buf(),
         dest.to_path_buf(),
-        run.outputs_digest.clone(),
+        digest.to_string(),
     );
-    let unpacked = tokio::task::spawn_blocking(move || -> anyhow::Result<snapshot::Unpacked> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<snapshot::Unpacked> {
         let actual = snapshot::digest_file(&path)?;
         anyhow::ensure!(
             actual == digest,
@@ -598,12 +650,5 @@ pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyh
             &UnpackLimits::default(),
         )?)
     })
-    .await??;
-    eprintln!(
-        "downloaded outputs of run {run_id} to {} ({} files, {})",
-        dest.display(),
-        unpacked.n_files,
-        HumanBytes(unpacked.total_bytes)
-    );
-    Ok(())
+    .await?
 }

@@ -8,10 +8,21 @@
 //!     │  │   requeue    │  └──finish───────┼─────────────▶ failed (did not start)
 //!     └──┼──────────────┘                  │
 //!   assigned ──finish(env_failed)──▶ env_failed (the environment could not be built)
-//!        │ cancel (from queued, assigned or running)        ──▶ cancelled
+//!        │ cancel (from queued)                             ──▶ cancelled
 //!        │ lose   (from assigned or running: agent gone)    ──▶ lost
 //!        │ retry  (from assigned or running: agent gone, retry budget left) ──▶ queued
+//!
+//!   assigned | running ──cancel | stop──▶ stopping ──finish(outcome)──▶ that outcome
+//!                                            │ └─settle(pending)──▶ cancelled | failed |
+//!                                            │                      env_failed | lost | queued
+//!                                            └─cancel──▶ stopping (the pending outcome
+//!                                                        becomes cancelled)
 //! ```
+//! `stopping` is how a placed run ends when the coordinator decides its end (a cancel, a
+//! gang node's failure): every node is told to stop, and the run reaches its end only once
+//! the nodes have stopped and delivered their last lines (`finish` from a single node, or
+//! `settle` with the recorded [`Pending`] outcome once every node of a gang has reported or
+//! its agent is gone). A stopping run still holds its agents' slots and GPUs.
 //! Each assignment is a new *attempt* (numbered from 1); a retry does not change the number
 //! until the run is assigned again.
 //! Terminal states (succeeded, failed, cancelled, lost) never change again.
@@ -29,6 +40,8 @@ pub enum RunStatus {
     Cancelled,
     Lost,
     EnvFailed,
+    /// Told to stop (cancelled, or a gang node failed); ends once its nodes have stopped.
+    Stopping,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +60,57 @@ pub enum RunEvent {
     Lose,
     /// The agent holding the run was lost and the run may be tried again.
     Retry,
+    /// The coordinator decided how a placed run ends (a gang node failed): its nodes are
+    /// told to stop and the run waits in `stopping` for them.
+    Stop,
+    /// Every node of a stopping run has stopped (or is gone): the run takes its pending
+    /// outcome.
+    Settle(Pending),
+}
+
+/// How a `stopping` run ends once its nodes have stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    Cancelled,
+    Failed,
+    EnvFailed,
+    Lost,
+    /// Queued again for a new attempt (a gang restart).
+    Retry,
+}
+
+impl Pending {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pending::Cancelled => "cancelled",
+            Pending::Failed => "failed",
+            Pending::EnvFailed => "env_failed",
+            Pending::Lost => "lost",
+            Pending::Retry => "retry",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Pending> {
+        [
+            Pending::Cancelled,
+            Pending::Failed,
+            Pending::EnvFailed,
+            Pending::Lost,
+            Pending::Retry,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == text)
+    }
+
+    fn status(self) -> RunStatus {
+        match self {
+            Pending::Cancelled => RunStatus::Cancelled,
+            Pending::Failed => RunStatus::Failed,
+            Pending::EnvFailed => RunStatus::EnvFailed,
+            Pending::Lost => RunStatus::Lost,
+            Pending::Retry => RunStatus::Queued,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +143,16 @@ pub fn next(from: RunStatus, event: RunEvent) -> Result<RunStatus, InvalidTransi
             Outcome::Cancelled => S::Cancelled,
             Outcome::EnvFailed => S::EnvFailed,
         },
-        (S::Queued | S::Assigned | S::Running, E::Cancel) => S::Cancelled,
+        (S::Queued, E::Cancel) => S::Cancelled,
+        (S::Assigned | S::Running | S::Stopping, E::Cancel) => S::Stopping,
+        (S::Assigned | S::Running, E::Stop) => S::Stopping,
+        (S::Stopping, E::Finish(outcome)) => match outcome {
+            Outcome::Succeeded => S::Succeeded,
+            Outcome::Failed => S::Failed,
+            Outcome::Cancelled => S::Cancelled,
+            Outcome::EnvFailed => S::EnvFailed,
+        },
+        (S::Stopping, E::Settle(pending)) => pending.status(),
         (S::Assigned | S::Running, E::Lose) => S::Lost,
         (S::Assigned | S::Running, E::Retry) => S::Queued,
         _ => return Err(InvalidTransition { from, event }),
@@ -88,7 +161,7 @@ pub fn next(from: RunStatus, event: RunEvent) -> Result<RunStatus, InvalidTransi
 }
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 8] = [
+    pub const ALL: [RunStatus; 9] = [
         RunStatus::Queued,
         RunStatus::Assigned,
         RunStatus::Running,
@@ -97,6 +170,7 @@ impl RunStatus {
         RunStatus::Cancelled,
         RunStatus::Lost,
         RunStatus::EnvFailed,
+        RunStatus::Stopping,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -109,6 +183,7 @@ impl RunStatus {
             RunStatus::Cancelled => "cancelled",
             RunStatus::Lost => "lost",
             RunStatus::EnvFailed => "env_failed",
+            RunStatus::Stopping => "stopping",
         }
     }
 
@@ -125,7 +200,10 @@ impl RunStatus {
 
     /// Placed on an agent and not yet ended: the run holds one of the agent's slots.
     pub fn is_active(self) -> bool {
-        matches!(self, RunStatus::Assigned | RunStatus::Running)
+        matches!(
+            self,
+            RunStatus::Assigned | RunStatus::Running | RunStatus::Stopping
+        )
     }
 }
 
@@ -183,6 +261,25 @@ mod tests {
                 Some(S::Cancelled),
             ),
             (S::Running, E::Lose, Some(S::Lost)),
+            // A cancel of a placed run waits for its nodes to stop and deliver.
+            (S::Running, E::Cancel, Some(S::Stopping)),
+            (S::Assigned, E::Cancel, Some(S::Stopping)),
+            (S::Stopping, E::Cancel, Some(S::Stopping)),
+            (S::Running, E::Stop, Some(S::Stopping)),
+            (S::Queued, E::Stop, None),
+            (
+                S::Stopping,
+                E::Finish(Outcome::Cancelled),
+                Some(S::Cancelled),
+            ),
+            (S::Stopping, E::Settle(Pending::Retry), Some(S::Queued)),
+            (S::Stopping, E::Settle(Pending::Failed), Some(S::Failed)),
+            (S::Stopping, E::Settle(Pending::Lost), Some(S::Lost)),
+            (S::Running, E::Settle(Pending::Failed), None),
+            // A stopping run ends by settling, not by being lost or retried directly.
+            (S::Stopping, E::Lose, None),
+            (S::Stopping, E::Retry, None),
+            (S::Stopping, E::Start, None),
             (
                 S::Assigned,
                 E::Finish(Outcome::EnvFailed),
@@ -208,6 +305,8 @@ mod tests {
             E::Cancel,
             E::Lose,
             E::Retry,
+            E::Stop,
+            E::Settle(Pending::Retry),
         ];
         for from in S::ALL.into_iter().filter(|s| s.is_terminal()) {
             for event in events {

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod join;
+pub mod lifecycle;
 pub mod pki;
 pub mod scheduler;
 mod service;
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use kiln_common::run::{Outcome, RunEvent};
+use kiln_common::run::{Outcome, Pending, RunEvent, RunStatus};
 use kiln_proto::v1;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,7 @@ use tracing::{info, warn};
 pub use service::{Listener, serve};
 
 use crate::blobs::BlobStore;
+use crate::lifecycle::{GangStep, Ownership, Released, release_run};
 use crate::store::{EventFields, Store, TransitionError, is_gang};
 
 /// Default gRPC address: loopback only; set `listen` to serve other hosts.
@@ -108,6 +110,8 @@ pub struct Coordinator {
     /// can make an agent look silent.
     last_heard: Mutex<HashMap<String, std::time::Instant>>,
     next_session_id: std::sync::atomic::AtomicU64,
+    /// Stale attempts already reported in the log, so each is logged once.
+    stale_told: Mutex<std::collections::HashSet<(String, i64, u32)>>,
     /// The id of every run whose status, logs or metrics changed; followers wake on it.
     run_changes: broadcast::Sender<i64>,
     schedule_needed: Notify,
@@ -148,6 +152,7 @@ impl Coordinator {
             sessions: Mutex::new(HashMap::new()),
             last_heard: Mutex::new(last_heard),
             next_session_id: 1.into(),
+            stale_told: Mutex::new(std::collections::HashSet::new()),
             run_changes,
             schedule_needed: Notify::new(),
             shutdown,
@@ -273,21 +278,24 @@ impl Coordinator {
                             ..Default::default()
                         };
                         // A run cancelled since the queue was read is simply skipped.
-                        s.transition(a.run_id, None, RunEvent::Assign, &fields)
-                            .ok()
-                            .map(|run| (a.agent_ids, run))
+                        let run = s
+                            .transition(a.run_id, None, RunEvent::Assign, &fields)
+                            .ok()?;
+                        let checkpoints = s.node_checkpoints(run.id).unwrap_or_default();
+                        Some((a.agent_ids, run, checkpoints))
                     })
                     .collect::<Vec<_>>()
             })
             .await;
-        for (agent_ids, run) in placed {
+        for (agent_ids, run, checkpoints) in placed {
             let mut all_sent = true;
             for (node_rank, agent_id) in agent_ids.iter().enumerate() {
+                let node_rank = node_rank as u32;
+                let checkpoint = checkpoints.get(&node_rank).cloned();
                 let message = v1::CoordinatorMessage {
-                    kind: Some(v1::coordinator_message::Kind::Assign(assignment(
-                        &run,
-                        node_rank as u32,
-                    ))),
+                    kind: Some(v1::coordinator_message::Kind::Assign(
+                        lifecycle::assignment(&run, node_rank, checkpoint),
+                    )),
                 };
                 let sent = self.send_to_agent(agent_id, message);
                 info!(run_id = run.id, attempt = run.attempt, node_rank, agent_id = %agent_id, sent, "Assigned run.");
@@ -337,7 +345,10 @@ impl Coordinator {
             .await?;
         let Some(run) = run else { return Ok(()) };
         if run.attempt != attempt
-            || !run.status().domain().is_active()
+            || !matches!(
+                run.status().domain(),
+                RunStatus::Assigned | RunStatus::Running
+            )
             || nodes.is_empty()
             || nodes.iter().any(|node| node.state == "assigned")
         {
@@ -563,7 +574,11 @@ impl Coordinator {
                     s.upsert_agent(&agent_id, &target, &host, slots, now_ms())?;
                     let mut lost = Vec::new();
                     for run in s.active_runs_of_agent(&agent_id)? {
-                        if !still_active.contains(&(run.id, run.attempt)) {
+                        // A gang node that already ended is not held any more.
+                        let ended = s
+                            .node_row(run.id, run.attempt, &agent_id)?
+                            .is_some_and(|node| node.state == "exited");
+                        if !ended && !still_active.contains(&(run.id, run.attempt)) {
                             let fields = EventFields {
                                 message: Some("lost: the agent restarted without this run"),
                                 now_ms: now_ms(),
@@ -574,10 +589,10 @@ impl Coordinator {
                     }
                     let mut to_cancel = Vec::new();
                     for (run_id, attempt) in still_active {
-                        let current = s.get_run(run_id)?;
-                        let keep = current.is_some_and(|run| {
-                            run.attempt == attempt && !run.status().domain().is_terminal()
-                        }) && s.node_of(run_id, attempt, &agent_id)?.is_some();
+                        let node = s.node_row(run_id, attempt, &agent_id)?;
+                        let keep = s
+                            .get_run(run_id)?
+                            .is_some_and(|run| lifecycle::wanted(&run, attempt, node.as_ref()));
                         if !keep {
                             to_cancel.push((run_id, attempt));
                         }
@@ -685,8 +700,8 @@ impl Coordinator {
             Kind::Logs(mut batch) => {
                 sanitize_lines(&mut batch.lines);
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
-                let Some((_, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
-                    return Ok(None);
+                let Some(node) = self.storable(agent_id, run_id, attempt).await? else {
+                    return Ok(Some(discard(run_id, attempt)));
                 };
                 let log_seq = self
                     .db
@@ -698,8 +713,8 @@ impl Coordinator {
             Kind::Metrics(mut batch) => {
                 sanitize_points(&mut batch.points);
                 let (run_id, attempt) = (batch.run_id, batch.attempt);
-                let Some((_, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
-                    return Ok(None);
+                let Some(node) = self.storable(agent_id, run_id, attempt).await? else {
+                    return Ok(Some(discard(run_id, attempt)));
                 };
                 let metric_seq = self
                     .db
@@ -712,25 +727,58 @@ impl Coordinator {
         }
     }
 
-    /// The run and this agent's node rank in it, if `attempt` is the run's current attempt
-    /// and this agent holds a node of it; `None` (logged) for a stale attempt, whose messages
-    /// are then dropped.
-    async fn owned_run(
+    /// How a message of `attempt` from this agent relates to the run (see
+    /// [`lifecycle::ownership`]). A stale attempt is told to stop.
+    async fn ownership(
         &self,
         agent_id: &str,
         run_id: i64,
         attempt: u32,
-    ) -> anyhow::Result<Option<(v1::Run, u32)>> {
+    ) -> anyhow::Result<Ownership> {
         let agent = agent_id.to_string();
         let (run, node) = self
             .db
-            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.node_of(run_id, attempt, &agent)?)))
+            .call(move |s| anyhow::Ok((s.get_run(run_id)?, s.node_row(run_id, attempt, &agent)?)))
             .await?;
-        let owned = run.zip(node).filter(|(run, _)| run.attempt == attempt);
-        if owned.is_none() {
-            warn!(run_id, attempt, agent_id = %agent_id, "Dropping a message from a stale attempt.");
+        let ownership = lifecycle::ownership(run, attempt, node);
+        match &ownership {
+            Ownership::Current(..) => {}
+            Ownership::Stale(run, _) => {
+                if !self.stale_told(agent_id, run_id, attempt) {
+                    warn!(run_id, attempt, current_attempt = run.attempt, status = %run.status().domain(), agent_id = %agent_id, "A stale attempt is still running: stopping it.");
+                }
+                self.send_to_agent(agent_id, cancel_message(run_id, attempt));
+            }
+            Ownership::Unknown => {
+                warn!(run_id, attempt, agent_id = %agent_id, "A message about an attempt this agent never held: telling it to discard the attempt.");
+            }
         }
-        Ok(owned)
+        Ok(ownership)
+    }
+
+    /// Whether a stale attempt was already reported once in the log (it is told to stop on
+    /// every message, but logged once).
+    fn stale_told(&self, agent_id: &str, run_id: i64, attempt: u32) -> bool {
+        let mut told = self.stale_told.lock().unwrap_or_else(|p| p.into_inner());
+        if told.len() > 10_000 {
+            told.clear();
+        }
+        !told.insert((agent_id.to_string(), run_id, attempt))
+    }
+
+    /// The node rank under which this agent's lines and points of `attempt` are stored: any
+    /// attempt it held (a stale one's lines are kept under their own attempt, never mixed
+    /// into a newer one); `None` when it never held one.
+    async fn storable(
+        &self,
+        agent_id: &str,
+        run_id: i64,
+        attempt: u32,
+    ) -> anyhow::Result<Option<u32>> {
+        Ok(match self.ownership(agent_id, run_id, attempt).await? {
+            Ownership::Current(_, node) | Ownership::Stale(_, node) => Some(node),
+            Ownership::Unknown => None,
+        })
     }
 
     /// Applies a run event; a `Finished` is acknowledged once stored (or already stored), so
@@ -741,10 +789,42 @@ impl Coordinator {
         event: v1::RunEvent,
     ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
         let (run_id, attempt) = (event.run_id, event.attempt);
-        let Some((run, node)) = self.owned_run(agent_id, run_id, attempt).await? else {
-            return Ok(None);
-        };
         let is_finish = matches!(event.kind, Some(v1::run_event::Kind::Finished(_)));
+        let (run, node) = match self.ownership(agent_id, run_id, attempt).await? {
+            Ownership::Current(run, node) => (run, node),
+            Ownership::Stale(run, node) => {
+                if let Some(v1::run_event::Kind::Finished(finished)) = event.kind {
+                    // The attempt has ended: what it measured is kept if the run ended with
+                    // this very attempt (cancelled or lost meanwhile); it changes nothing else.
+                    if run.attempt == attempt {
+                        let agent = agent_id.to_string();
+                        self.db
+                            .call(move |s| {
+                                s.node_exited(
+                                    run_id,
+                                    attempt,
+                                    node,
+                                    finished.exit_code,
+                                    &finished.outputs_digest,
+                                )?;
+                                s.record_late_result(
+                                    run_id,
+                                    attempt,
+                                    finished.exit_code,
+                                    &finished.outputs_digest,
+                                )?;
+                                tracing::debug!(run_id, attempt, agent_id = %agent, "Late result recorded.");
+                                anyhow::Ok(())
+                            })
+                            .await?;
+                        self.run_changed(run_id);
+                    }
+                    return Ok(Some(ack(run_id, attempt, 0, 0, true)));
+                }
+                return Ok(None);
+            }
+            Ownership::Unknown => return Ok(Some(discard(run_id, attempt))),
+        };
         let result = match event.kind {
             Some(v1::run_event::Kind::Ready(ready)) => {
                 let address = self
@@ -781,31 +861,29 @@ impl Coordinator {
                     .await
             }
             Some(v1::run_event::Kind::Finished(finished)) => {
-                let outcome = match finished.status() {
-                    _ if finished.env_failed => Outcome::EnvFailed,
-                    v1::RunStatus::Succeeded => Outcome::Succeeded,
-                    v1::RunStatus::Cancelled => Outcome::Cancelled,
-                    _ => Outcome::Failed,
-                };
-                // A self-fenced attempt is like a lost one: retried while the budget lasts.
-                let event = if finished.fenced && run.attempt <= run.max_retries {
-                    RunEvent::Retry
-                } else {
-                    RunEvent::Finish(outcome)
-                };
-                info!(run_id, attempt, exit_code = ?finished.exit_code, outcome = ?outcome, "Run finished.");
+                let event = lifecycle::finish_event(&run, &finished);
+                info!(run_id, attempt, exit_code = ?finished.exit_code, event = ?event, lost = finished.lost, fenced = finished.fenced, "Run finished.");
                 self.db
                     .call(move |s| {
+                        let message = lifecycle::finish_message(&finished);
+                        s.node_exited(
+                            run_id,
+                            attempt,
+                            node,
+                            finished.exit_code,
+                            &finished.outputs_digest,
+                        )?;
                         let fields = EventFields {
                             exit_code: finished.exit_code,
-                            message: Some(&finished.message),
+                            message: (!message.is_empty()).then_some(message.as_str()),
                             outputs_digest: Some(&finished.outputs_digest),
+                            outputs_error: Some(&finished.outputs_error),
                             now_ms: now_ms(),
                             ..Default::default()
                         };
                         let result = s.transition(run_id, Some(attempt), event, &fields);
                         if let Err(TransitionError::Invalid(_)) = result {
-                            // Ended here already (cancelled): keep what the agent measured.
+                            // Ended here already: keep what the agent measured.
                             s.record_late_result(
                                 run_id,
                                 attempt,
@@ -813,9 +891,10 @@ impl Coordinator {
                                 &finished.outputs_digest,
                             )?;
                         }
-                        result
+                        result.map_err(anyhow::Error::from)
                     })
                     .await
+                    .map_err(TransitionError::Db)
             }
             Some(v1::run_event::Kind::Checkpointed(checkpoint)) => {
                 if !kiln_common::snapshot::is_valid_digest(&checkpoint.digest)
@@ -824,9 +903,9 @@ impl Coordinator {
                     warn!(run_id, attempt, digest = %checkpoint.digest, "Ignoring a checkpoint that is not stored.");
                     return Ok(None);
                 }
-                info!(run_id, attempt, digest = %checkpoint.digest, "Checkpoint stored.");
+                info!(run_id, attempt, node, digest = %checkpoint.digest, "Checkpoint stored.");
                 self.db
-                    .call(move |s| s.set_checkpoint(run_id, attempt, &checkpoint.digest))
+                    .call(move |s| s.set_checkpoint(run_id, attempt, node, &checkpoint.digest))
                     .await?;
                 return Ok(None);
             }
@@ -841,10 +920,11 @@ impl Coordinator {
         Ok(is_finish.then(|| ack(run_id, attempt, 0, 0, true)))
     }
 
-    /// One node of a gang attempt ended. The run succeeds when every node has ended with 0;
-    /// the first failure (a rank exiting non-zero, a node that could not start, a fenced node)
-    /// stops every other node and restarts the gang while `max_restarts` allows, else fails
-    /// the run naming the rank.
+    /// One node of a gang attempt ended (and delivered everything). The run succeeds when
+    /// every node has ended with 0; the first failure (a rank exiting non-zero, a node that
+    /// could not start, a fenced or lost node) makes the run `stopping`: every other node is
+    /// told to stop, and once the last has reported the run restarts while `max_restarts`
+    /// allows, else fails naming the rank (see [`lifecycle::gang_step`]).
     async fn gang_node_finished(
         &self,
         run: v1::Run,
@@ -853,99 +933,101 @@ impl Coordinator {
     ) -> anyhow::Result<()> {
         let (run_id, attempt) = (run.id, run.attempt);
         let exit_code = finished.exit_code;
+        let digest = finished.outputs_digest.clone();
         let nodes = self
             .db
             .call(move |s| {
-                s.node_exited(run_id, attempt, node, exit_code)?;
+                s.node_exited(run_id, attempt, node, exit_code, &digest)?;
                 s.run_nodes(run_id, attempt)
             })
             .await?;
         info!(run_id, attempt, node, exit_code = ?finished.exit_code, status = ?finished.status(), "Gang node ended.");
-        if !run.status().domain().is_active() {
-            return Ok(());
-        }
-        let succeeded = finished.status() == v1::RunStatus::Succeeded && !finished.fenced;
-        let released = if succeeded {
-            if !nodes
-                .iter()
-                .all(|n| n.state == "exited" && n.exit_code == Some(0))
-            {
-                return Ok(());
+        let step = lifecycle::gang_step(&run, node, &finished, &nodes);
+        let to_stop: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.state != "exited")
+            .map(|n| n.agent_id.clone())
+            .collect();
+        match step {
+            GangStep::Wait => return Ok(()),
+            GangStep::Succeed => {
+                let message = lifecycle::finish_message(&finished);
+                self.db
+                    .call(move |s| {
+                        s.transition(
+                            run_id,
+                            Some(attempt),
+                            RunEvent::Finish(Outcome::Succeeded),
+                            &EventFields {
+                                exit_code: Some(0),
+                                message: (!message.is_empty()).then_some(message.as_str()),
+                                outputs_digest: Some(&finished.outputs_digest),
+                                outputs_error: Some(&finished.outputs_error),
+                                now_ms: now_ms(),
+                                ..Default::default()
+                            },
+                        )
+                    })
+                    .await?;
             }
-            self.db
-                .call(move |s| {
-                    s.transition(
-                        run_id,
-                        Some(attempt),
-                        RunEvent::Finish(Outcome::Succeeded),
-                        &EventFields {
-                            exit_code: Some(0),
-                            outputs_digest: Some(&finished.outputs_digest),
-                            now_ms: now_ms(),
-                            ..Default::default()
-                        },
-                    )
-                })
-                .await?;
-            None
-        } else {
-            let rank = finished
-                .failed_rank
-                .unwrap_or(node * run.procs_per_node.max(1));
-            let agent_id = nodes
-                .get(node as usize)
-                .map(|n| n.agent_id.clone())
-                .unwrap_or_default();
-            let cause = format!(
-                "rank {rank} (node {node}, agent {agent_id}) failed: {}",
-                finished.message
-            );
-            let restart = may_restart(&run);
-            let message = if restart {
-                format!(
-                    "restarting the gang ({} of {}): {cause}",
-                    run.restarts + 1,
-                    run.max_restarts
-                )
-            } else {
-                cause
-            };
-            warn!(run_id, attempt, rank, restart, "{message}");
-            let event = if restart {
-                RunEvent::Retry
-            } else if finished.env_failed {
-                RunEvent::Finish(Outcome::EnvFailed)
-            } else {
-                RunEvent::Finish(Outcome::Failed)
-            };
-            self.db
-                .call(move |s| {
-                    s.transition(
-                        run_id,
-                        Some(attempt),
-                        event,
-                        &EventFields {
+            GangStep::Settle => {
+                self.db
+                    .call(move |s| {
+                        let pending = s.pending(run_id)?.unwrap_or(Pending::Failed);
+                        s.transition(
+                            run_id,
+                            Some(attempt),
+                            RunEvent::Settle(pending),
+                            &EventFields {
+                                now_ms: now_ms(),
+                                ..Default::default()
+                            },
+                        )
+                        .map_err(anyhow::Error::from)
+                    })
+                    .await?;
+            }
+            GangStep::Stop {
+                pending,
+                message,
+                rank,
+            } => {
+                warn!(
+                    run_id,
+                    attempt,
+                    rank,
+                    pending = pending.as_str(),
+                    "{message}"
+                );
+                let settle_now = to_stop.is_empty();
+                self.db
+                    .call(move |s| {
+                        let fields = EventFields {
                             exit_code: finished.exit_code,
                             message: Some(&message),
                             failed_rank: Some(rank),
+                            pending: Some(pending),
                             now_ms: now_ms(),
                             ..Default::default()
-                        },
-                    )
-                })
-                .await?;
-            Some(Released {
-                run_id,
-                attempt,
-                agents: nodes
-                    .iter()
-                    .filter(|n| n.state != "exited")
-                    .map(|n| n.agent_id.clone())
-                    .collect(),
-            })
-        };
-        if let Some(released) = released {
-            self.stop_nodes(&released);
+                        };
+                        s.transition(run_id, Some(attempt), RunEvent::Stop, &fields)?;
+                        if settle_now {
+                            s.transition(
+                                run_id,
+                                Some(attempt),
+                                RunEvent::Settle(pending),
+                                &fields,
+                            )?;
+                        }
+                        anyhow::Ok(())
+                    })
+                    .await?;
+                self.stop_nodes(&Released {
+                    run_id,
+                    attempt,
+                    agents: to_stop,
+                });
+            }
         }
         self.run_changed(run_id);
         self.kick_scheduler();
@@ -954,6 +1036,9 @@ impl Coordinator {
 
     // ---- user API ----
 
+    /// Cancels a run: a queued run ends at once; a placed one becomes `stopping`, its nodes
+    /// are told to stop, and it ends `cancelled` once they have stopped and delivered their
+    /// last lines (or their agents are gone).
     async fn cancel(&self, run_id: i64) -> Result<v1::Run, TransitionError> {
         let result = self
             .db
@@ -982,11 +1067,13 @@ impl Coordinator {
             }
             Err(e) => return Err(e),
         };
-        info!(run_id, agent_id = %run.agent_id, "Run cancelled.");
-        let attempt = run.attempt;
-        let nodes = self.db.call(move |s| s.run_nodes(run_id, attempt)).await?;
-        for node in nodes {
-            self.send_to_agent(&node.agent_id, cancel_message(run_id, attempt));
+        info!(run_id, agent_id = %run.agent_id, status = %run.status().domain(), "Run cancelled.");
+        if run.status().domain() == RunStatus::Stopping {
+            let attempt = run.attempt;
+            let nodes = self.db.call(move |s| s.run_nodes(run_id, attempt)).await?;
+            for node in nodes.iter().filter(|n| n.state != "exited") {
+                self.send_to_agent(&node.agent_id, cancel_message(run_id, attempt));
+            }
         }
         self.run_changed(run_id);
         self.kick_scheduler();
@@ -1034,11 +1121,6 @@ fn sanitize_points(points: &mut [v1::MetricPoint]) {
     }
 }
 
-/// Whether a gang run may be restarted once more (`--max-restarts`).
-fn may_restart(run: &v1::Run) -> bool {
-    run.restarts < run.max_restarts
-}
-
 /// Why an agent's runs are taken away from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Loss {
@@ -1046,53 +1128,6 @@ enum Loss {
     Silent,
     /// An admin revoked it.
     Revoked,
-}
-
-/// A run attempt taken away from its agents: the nodes that must be told to stop.
-struct Released {
-    run_id: i64,
-    attempt: u32,
-    agents: Vec<String>,
-}
-
-/// Takes a run away from an agent that no longer has it: a run that never started goes back
-/// to the queue (nothing of it ran); a running one is queued again for a new attempt while
-/// its retry budget lasts (`max_retries`; a gang's `max_restarts`), and is lost after that.
-/// Every node of the attempt is released with it (a gang never runs with a node missing).
-/// With `requeue`, a running run is queued again whatever its budget.
-fn release_run(
-    store: &mut Store,
-    run: &v1::Run,
-    fields: &EventFields,
-    requeue: bool,
-) -> Option<Released> {
-    let event = if run.status() == v1::RunStatus::Assigned {
-        RunEvent::Requeue
-    } else if requeue {
-        RunEvent::Retry
-    } else if is_gang(run) {
-        if may_restart(run) {
-            RunEvent::Retry
-        } else {
-            RunEvent::Lose
-        }
-    } else if run.attempt <= run.max_retries {
-        RunEvent::Retry
-    } else {
-        RunEvent::Lose
-    };
-    let agents = store
-        .run_nodes(run.id, run.attempt)
-        .map(|nodes| nodes.into_iter().map(|n| n.agent_id).collect())
-        .unwrap_or_default();
-    store
-        .transition(run.id, Some(run.attempt), event, fields)
-        .ok()
-        .map(|run| Released {
-            run_id: run.id,
-            attempt: run.attempt,
-            agents,
-        })
 }
 
 /// What one node of a run asks for: its resources, GPUs being the larger of
@@ -1106,45 +1141,23 @@ pub fn need_of(run: &v1::Run) -> scheduler::Need {
     }
 }
 
-/// What node `node_rank` of a run's new attempt is told to run.
-fn assignment(run: &v1::Run, node_rank: u32) -> v1::Assignment {
-    let gpus = run
-        .placement
-        .get(node_rank as usize)
-        .map(|node| node.gpus.clone())
-        .unwrap_or_default();
-    v1::Assignment {
-        environment: run.environment.clone(),
-        resources: run.resources,
-        env: run.env.clone(),
-        timeout_s: run.timeout_s,
-        gpus,
-        run_id: run.id,
-        attempt: run.attempt,
-        name: run.name.clone(),
-        snapshot_digest: run.snapshot_digest.clone(),
-        script: run.script.clone(),
-        args: run.args.clone(),
-        max_retries: run.max_retries,
-        checkpoint_interval_s: run.checkpoint_interval_s,
-        checkpoint_digest: run.checkpoint_digest.clone(),
-        gang: is_gang(run).then(|| v1::Gang {
-            nodes: run.nodes,
-            node_rank,
-            procs_per_node: run.procs_per_node.max(1),
-            launcher: run.launcher.clone(),
-            restart_count: run.restarts,
-            gpus_per_node: run.gpus_per_node,
-            restartable: may_restart(run),
-        }),
-    }
-}
-
 fn cancel_message(run_id: i64, attempt: u32) -> v1::CoordinatorMessage {
     v1::CoordinatorMessage {
         kind: Some(v1::coordinator_message::Kind::Cancel(v1::CancelRun {
             run_id,
             attempt,
+        })),
+    }
+}
+
+/// Tells the agent that the coordinator has no record of this attempt on it.
+fn discard(run_id: i64, attempt: u32) -> v1::CoordinatorMessage {
+    v1::CoordinatorMessage {
+        kind: Some(v1::coordinator_message::Kind::Ack(v1::Ack {
+            run_id,
+            attempt,
+            discard: true,
+            ..Default::default()
         })),
     }
 }
@@ -1163,6 +1176,7 @@ fn ack(
             log_seq,
             metric_seq,
             finished,
+            discard: false,
         })),
     }
 }

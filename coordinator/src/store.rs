@@ -187,6 +187,14 @@ CREATE TABLE agent_identities (
 );
 ALTER TABLE runs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
 "#,
+    // 8: runs that end once their nodes have stopped (`stopping` with a pending outcome),
+    // outputs that could not be kept, and each node's outputs and checkpoint.
+    r#"
+ALTER TABLE runs ADD COLUMN pending TEXT NOT NULL DEFAULT '';
+ALTER TABLE runs ADD COLUMN outputs_error TEXT NOT NULL DEFAULT '';
+ALTER TABLE runs ADD COLUMN node_checkpoints TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE run_nodes ADD COLUMN outputs_digest TEXT NOT NULL DEFAULT '';
+"#,
 ];
 
 pub struct Store {
@@ -253,6 +261,10 @@ pub struct EventFields<'a> {
     pub outputs_digest: Option<&'a str>,
     /// `Finish`/`Lose`: the global rank whose failure ended a gang run.
     pub failed_rank: Option<u32>,
+    /// `Stop`: how the run ends once its nodes have stopped.
+    pub pending: Option<run::Pending>,
+    /// `Finish`: why the outputs were not kept.
+    pub outputs_error: Option<&'a str>,
     pub now_ms: i64,
 }
 
@@ -399,7 +411,7 @@ impl Store {
                 (SELECT count(*) FROM agents a WHERE a.target = t.name AND a.state = 'online'),
                 (SELECT count(*) FROM agents a WHERE a.target = t.name),
                 (SELECT count(*) FROM runs r WHERE r.target = t.name AND r.status = 'queued'),
-                (SELECT count(*) FROM runs r WHERE r.target = t.name AND r.status IN ('assigned', 'running'))
+                (SELECT count(*) FROM runs r WHERE r.target = t.name AND r.status IN ('assigned', 'running', 'stopping'))
              FROM targets t ORDER BY t.name",
         )?;
         let targets = stmt
@@ -501,7 +513,7 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT n.agent_id, count(*) FROM runs r
              JOIN run_nodes n ON n.run_id = r.id AND n.attempt = r.attempt
-             WHERE r.status IN ('assigned', 'running') GROUP BY n.agent_id",
+             WHERE r.status IN ('assigned', 'running', 'stopping') GROUP BY n.agent_id",
         )?;
         let counts = stmt
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
@@ -511,7 +523,7 @@ impl Store {
 
     pub fn active_runs_of_agent(&self, agent_id: &str) -> anyhow::Result<Vec<v1::Run>> {
         self.query_runs(
-            "WHERE status IN ('assigned', 'running') AND id IN (SELECT n.run_id FROM run_nodes n
+            "WHERE status IN ('assigned', 'running', 'stopping') AND id IN (SELECT n.run_id FROM run_nodes n
                 WHERE n.agent_id = ?1 AND n.attempt = runs.attempt) ORDER BY id",
             params![agent_id],
         )
@@ -523,7 +535,7 @@ impl Store {
         let mut stmt = self.conn.prepare_cached(
             "SELECT n.agent_id, n.gpus, r.resources, r.gpus_per_node FROM runs r
              JOIN run_nodes n ON n.run_id = r.id AND n.attempt = r.attempt
-             WHERE r.status IN ('assigned', 'running')",
+             WHERE r.status IN ('assigned', 'running', 'stopping')",
         )?;
         let rows = stmt
             .query_map([], |row| {
@@ -563,6 +575,19 @@ impl Store {
             .optional()?)
     }
 
+    /// The node `agent_id` holds in the run's attempt, if any.
+    pub fn node_row(
+        &self,
+        run_id: i64,
+        attempt: u32,
+        agent_id: &str,
+    ) -> anyhow::Result<Option<NodeRow>> {
+        Ok(self
+            .run_nodes(run_id, attempt)?
+            .into_iter()
+            .find(|node| node.agent_id == agent_id))
+    }
+
     /// The nodes of one attempt, in node-rank order.
     pub fn run_nodes(&self, run_id: i64, attempt: u32) -> anyhow::Result<Vec<NodeRow>> {
         let mut stmt = self.conn.prepare_cached(
@@ -583,6 +608,18 @@ impl Store {
             })?
             .collect::<Result<_, _>>()?;
         Ok(rows)
+    }
+
+    /// Each node's outputs digest of one attempt, in node-rank order.
+    fn node_outputs(&self, run_id: i64, attempt: u32) -> anyhow::Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT outputs_digest FROM run_nodes WHERE run_id = ?1 AND attempt = ?2
+             ORDER BY node_rank",
+        )?;
+        let digests = stmt
+            .query_map(params![run_id, attempt], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(digests)
     }
 
     /// A node of the attempt is prepared: records its address (and node 0's rendezvous port).
@@ -611,17 +648,20 @@ impl Store {
         Ok(())
     }
 
+    /// A node of the attempt has ended (and delivered everything): its exit code and the
+    /// digest of its outputs ("" for none).
     pub fn node_exited(
         &self,
         run_id: i64,
         attempt: u32,
         node_rank: u32,
         exit_code: Option<i32>,
+        outputs_digest: &str,
     ) -> anyhow::Result<()> {
         self.conn.execute(
-            "UPDATE run_nodes SET state = 'exited', exit_code = ?4
+            "UPDATE run_nodes SET state = 'exited', exit_code = ?4, outputs_digest = ?5
              WHERE run_id = ?1 AND attempt = ?2 AND node_rank = ?3",
-            params![run_id, attempt, node_rank, exit_code],
+            params![run_id, attempt, node_rank, exit_code, outputs_digest],
         )?;
         Ok(())
     }
@@ -698,7 +738,7 @@ impl Store {
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
                 checkpoint_interval_s, checkpoint_digest, nodes, procs_per_node, gpus_per_node,
                 launcher, max_restarts, restarts, failed_rank, environment, resources, env,
-                timeout_s, owner
+                timeout_s, owner, outputs_error
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -742,6 +782,8 @@ impl Store {
                     env: serde_json::from_str(&row.get::<_, String>(27)?).unwrap_or_default(),
                     timeout_s: row.get(28)?,
                     owner: row.get(29)?,
+                    outputs_error: row.get(30)?,
+                    node_outputs_digests: Vec::new(),
                 })
             })?
             .collect::<Result<Vec<v1::Run>, _>>()?;
@@ -754,6 +796,8 @@ impl Store {
                     .into_iter()
                     .map(NodeRow::into_wire)
                     .collect();
+            } else if is_gang(run) && run.status().domain().is_terminal() {
+                run.node_outputs_digests = self.node_outputs(run.id, run.attempt)?;
             }
         }
         Ok(runs)
@@ -818,8 +862,8 @@ impl Store {
                 "UPDATE runs SET status = ?2, agent_id = '' WHERE id = ?1",
                 &[&run_id, &to.as_str()],
             )?,
-            RunEvent::Retry => update(
-                "UPDATE runs SET status = ?2, agent_id = '', started_ms = NULL,
+            RunEvent::Retry | RunEvent::Settle(run::Pending::Retry) => update(
+                "UPDATE runs SET status = ?2, agent_id = '', started_ms = NULL, pending = '',
                     message = coalesce(?3, message),
                     restarts = restarts + (nodes > 1 OR procs_per_node > 1) WHERE id = ?1",
                 &[&run_id, &to.as_str(), &fields.message],
@@ -828,23 +872,47 @@ impl Store {
                 "UPDATE runs SET status = ?2, started_ms = ?3 WHERE id = ?1",
                 &[&run_id, &to.as_str(), &now],
             )?,
-            RunEvent::Finish(_) | RunEvent::Cancel | RunEvent::Lose => update(
-                "UPDATE runs SET status = ?2, finished_ms = ?3,
+            RunEvent::Cancel if to == RunStatus::Stopping => update(
+                "UPDATE runs SET status = ?2, pending = 'cancelled', message = coalesce(?3, message)
+                 WHERE id = ?1",
+                &[&run_id, &to.as_str(), &fields.message],
+            )?,
+            RunEvent::Stop => update(
+                "UPDATE runs SET status = ?2, pending = ?3,
                     exit_code = coalesce(?4, exit_code),
                     message = coalesce(?5, message),
-                    outputs_digest = coalesce(?6, outputs_digest),
-                    failed_rank = coalesce(?7, failed_rank)
+                    failed_rank = coalesce(?6, failed_rank)
                  WHERE id = ?1",
                 &[
                     &run_id,
                     &to.as_str(),
-                    &now,
+                    &fields.pending.unwrap_or(run::Pending::Failed).as_str(),
                     &fields.exit_code,
                     &fields.message,
-                    &fields.outputs_digest,
                     &fields.failed_rank,
                 ],
             )?,
+            RunEvent::Finish(_) | RunEvent::Cancel | RunEvent::Lose | RunEvent::Settle(_) => {
+                update(
+                    "UPDATE runs SET status = ?2, finished_ms = ?3, pending = '',
+                        exit_code = coalesce(?4, exit_code),
+                        message = coalesce(?5, message),
+                        outputs_digest = coalesce(?6, outputs_digest),
+                        failed_rank = coalesce(?7, failed_rank),
+                        outputs_error = coalesce(?8, outputs_error)
+                     WHERE id = ?1",
+                    &[
+                        &run_id,
+                        &to.as_str(),
+                        &now,
+                        &fields.exit_code,
+                        &fields.message,
+                        &fields.outputs_digest,
+                        &fields.failed_rank,
+                        &fields.outputs_error,
+                    ],
+                )?
+            }
         }
         tx.commit().map_err(anyhow::Error::from)?;
         let run = self
@@ -871,13 +939,52 @@ impl Store {
         Ok(())
     }
 
-    /// Records the latest checkpoint of a run's current attempt.
-    pub fn set_checkpoint(&self, run_id: i64, attempt: u32, digest: &str) -> anyhow::Result<()> {
+    /// How a `stopping` run ends once its nodes have stopped (`None` for any other run).
+    pub fn pending(&self, run_id: i64) -> anyhow::Result<Option<run::Pending>> {
+        let pending: Option<String> = self
+            .conn
+            .query_row("SELECT pending FROM runs WHERE id = ?1", [run_id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        Ok(pending.as_deref().and_then(run::Pending::parse))
+    }
+
+    /// Records the latest checkpoint of one node of a run's current attempt: the next
+    /// attempt's node of the same rank restores it (`checkpoint_digest` is node 0's).
+    pub fn set_checkpoint(
+        &self,
+        run_id: i64,
+        attempt: u32,
+        node_rank: u32,
+        digest: &str,
+    ) -> anyhow::Result<()> {
         self.conn.execute(
-            "UPDATE runs SET checkpoint_digest = ?3 WHERE id = ?1 AND attempt = ?2",
-            params![run_id, attempt, digest],
+            r#"UPDATE runs SET node_checkpoints = json_set(node_checkpoints, '$."' || ?3 || '"', ?4),
+                checkpoint_digest = CASE WHEN ?3 = 0 THEN ?4 ELSE checkpoint_digest END
+             WHERE id = ?1 AND attempt = ?2"#,
+            params![run_id, attempt, node_rank, digest],
         )?;
         Ok(())
+    }
+
+    /// The last checkpoint each node rank uploaded, over all attempts of the run.
+    pub fn node_checkpoints(&self, run_id: i64) -> anyhow::Result<HashMap<u32, String>> {
+        let json: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT node_checkpoints FROM runs WHERE id = ?1",
+                [run_id],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let map: HashMap<String, String> = json
+            .and_then(|json| serde_json::from_str(&json).ok())
+            .unwrap_or_default();
+        Ok(map
+            .into_iter()
+            .filter_map(|(rank, digest)| Some((rank.parse().ok()?, digest)))
+            .collect())
     }
 
     // ---- logs and metrics ----
@@ -1616,6 +1723,109 @@ mod tests {
             .unwrap();
         assert_eq!((run.status(), run.restarts), (v1::RunStatus::Queued, 1));
         assert!(store.active_runs_per_agent().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_stopping_gang_holds_its_nodes_until_it_settles_and_keeps_each_nodes_results() {
+        let (_dir, mut store) = store();
+        let run = store
+            .insert_run(&NewRun {
+                name: "ddp",
+                target: "cpu",
+                snapshot_digest: "sha256:00",
+                script: "train.py",
+                args: &[],
+                max_retries: 0,
+                checkpoint_interval_s: 1,
+                gang: GangSpec {
+                    nodes: 2,
+                    max_restarts: 1,
+                    ..GangSpec::default()
+                },
+                environment: None,
+                resources: None,
+                env: &HashMap::new(),
+                timeout_s: 0,
+                owner: "",
+                now_ms: 1,
+            })
+            .unwrap();
+        let placement = ["ag-a".to_string(), "ag-b".to_string()];
+        let fields = EventFields {
+            placement: &placement,
+            now_ms: 2,
+            ..Default::default()
+        };
+        store
+            .transition(run.id, None, RunEvent::Assign, &fields)
+            .unwrap();
+        store
+            .transition(run.id, Some(1), RunEvent::Start, &fields)
+            .unwrap();
+        // Each node's checkpoint is kept for its own rank.
+        store.set_checkpoint(run.id, 1, 0, "sha256:c0").unwrap();
+        store.set_checkpoint(run.id, 1, 1, "sha256:c1").unwrap();
+        let checkpoints = store.node_checkpoints(run.id).unwrap();
+        assert_eq!(
+            (checkpoints[&0].as_str(), checkpoints[&1].as_str()),
+            ("sha256:c0", "sha256:c1")
+        );
+        // Node 1 fails: the run stops, still holding both agents, until node 0 reports.
+        store
+            .node_exited(run.id, 1, 1, Some(3), "sha256:o1")
+            .unwrap();
+        let stop = EventFields {
+            pending: Some(run::Pending::Retry),
+            message: Some("rank 1 failed"),
+            now_ms: 3,
+            ..Default::default()
+        };
+        let run = store
+            .transition(run.id, Some(1), RunEvent::Stop, &stop)
+            .unwrap();
+        assert_eq!(run.status(), v1::RunStatus::Stopping);
+        assert_eq!(store.pending(run.id).unwrap(), Some(run::Pending::Retry));
+        assert_eq!(store.active_runs_per_agent().unwrap().len(), 2);
+        store
+            .node_exited(run.id, 1, 0, Some(143), "sha256:o0")
+            .unwrap();
+        let run = store
+            .transition(
+                run.id,
+                Some(1),
+                RunEvent::Settle(run::Pending::Retry),
+                &stop,
+            )
+            .unwrap();
+        assert_eq!((run.status(), run.restarts), (v1::RunStatus::Queued, 1));
+        assert_eq!(store.pending(run.id).unwrap(), None);
+        assert!(store.active_runs_per_agent().unwrap().is_empty());
+        // The next attempt fails for good: the run keeps every node's outputs.
+        store
+            .transition(run.id, None, RunEvent::Assign, &fields)
+            .unwrap();
+        store
+            .node_exited(run.id, 2, 0, Some(0), "sha256:p0")
+            .unwrap();
+        store.node_exited(run.id, 2, 1, Some(1), "").unwrap();
+        let stop = EventFields {
+            pending: Some(run::Pending::Failed),
+            now_ms: 4,
+            ..Default::default()
+        };
+        store
+            .transition(run.id, Some(2), RunEvent::Stop, &stop)
+            .unwrap();
+        let run = store
+            .transition(
+                run.id,
+                Some(2),
+                RunEvent::Settle(run::Pending::Failed),
+                &stop,
+            )
+            .unwrap();
+        assert_eq!(run.status(), v1::RunStatus::Failed);
+        assert_eq!(run.node_outputs_digests, ["sha256:p0", ""]);
     }
 
     #[test]

@@ -160,6 +160,7 @@ impl From<RunStatus> for v1::RunStatus {
             RunStatus::Cancelled => v1::RunStatus::Cancelled,
             RunStatus::Lost => v1::RunStatus::Lost,
             RunStatus::EnvFailed => v1::RunStatus::EnvFailed,
+            RunStatus::Stopping => v1::RunStatus::Stopping,
         }
     }
 }
@@ -176,6 +177,7 @@ impl v1::RunStatus {
             v1::RunStatus::Cancelled => RunStatus::Cancelled,
             v1::RunStatus::Lost => RunStatus::Lost,
             v1::RunStatus::EnvFailed => RunStatus::EnvFailed,
+            v1::RunStatus::Stopping => RunStatus::Stopping,
         }
     }
 }
