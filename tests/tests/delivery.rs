@@ -32,6 +32,56 @@ fn source_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     dir
 }
 
+/// When a test ends, also by a failed assertion, kills the run supervisors its cluster left
+/// behind and their scripts: the agents die with the cluster but by design their runs do
+/// not, and a chatty script would write on forever.
+struct Leftovers(String);
+
+impl Leftovers {
+    fn of(dir: &Path) -> Leftovers {
+        Leftovers(format!("{}/", dir.display()))
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let pids: Vec<i32> = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+            .collect();
+        let cmdline = |pid: i32| std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let parent = |pid: i32| -> Option<i32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        let supervisors: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|&pid| {
+                let line = text(&cmdline(pid));
+                line.contains("__supervise") && line.contains(&self.0)
+            })
+            .collect();
+        for &pid in &pids {
+            if parent(pid).is_some_and(|p| supervisors.contains(&p)) {
+                // A script leads its own process group.
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        for pid in supervisors {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
 /// Waits until the run has ended (any terminal status) and returns it; on timeout, panics
 /// with the run as last seen and the tail of every agent's log.
 fn wait_ended(cluster: &Cluster, run_id: i64, timeout: Duration) -> Value {
@@ -200,6 +250,7 @@ fn burst_lines(n: usize) -> Vec<String> {
 #[test]
 fn a_burst_of_200k_lines_just_before_exit_is_stored_whole() {
     let cluster = Cluster::start(&[alpha(1)]);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("burst.py", BURST)]);
     let run_id = cluster.submit_detached(&[
         "--target",
@@ -219,6 +270,7 @@ fn a_burst_of_200k_lines_just_before_exit_is_stored_whole() {
 #[test]
 fn a_burst_of_200k_metric_points_just_before_exit_is_stored_whole() {
     let cluster = Cluster::start(&[alpha(1)]);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[(
         "points.py",
         "import kiln\nfor i in range(200000):\n    kiln.log('burst', i, step=i)\nprint('RESULT ok')\n",
@@ -255,6 +307,7 @@ fn lines_written_while_the_coordinator_is_down_are_all_stored() {
     // outage (60,000 lines) than the agent holds unacknowledged in memory (50,000 lines
     // today); at 3,000 lines a second the outage would never reach that.
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 30);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("steady.py", STEADY)]);
     let done = cluster.dir.path().join("script-done");
     let run_id = cluster.submit_detached(&[
@@ -294,6 +347,7 @@ fn lines_written_while_the_coordinator_is_down_are_all_stored() {
 #[test]
 fn a_burst_just_before_exit_is_stored_whole_over_tls() {
     let mut cluster = SecureCluster::start(&[]);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let agent = cluster.add_agent("cpu");
     let admin = cluster.login("root", "admin");
     cluster.wait_agent_state(&admin, &cluster.agent_id(agent), "online");
@@ -330,6 +384,7 @@ fn a_burst_just_before_exit_is_stored_whole_over_tls() {
 #[test]
 fn outputs_survive_a_coordinator_crash_during_their_upload() {
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 30);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[(
         "weights.py",
         r#"
@@ -387,6 +442,7 @@ print("sha256 " + hashlib.sha256(data).hexdigest(), flush=True)
 fn outputs_over_the_blob_limit_are_reported_as_not_kept() {
     let cluster =
         Cluster::start_with_coordinator_args(&[alpha(1)], 5, &["--max-blob-bytes", "1000000"]);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[(
         "big.py",
         "import os\nwith open(os.path.join(os.environ['KILN_OUTPUTS_DIR'], 'big.bin'), 'wb') as f:\n    f.write(os.urandom(3000000))\nprint('done')\n",
@@ -441,6 +497,7 @@ print("RESULT ok", flush=True)
 #[test]
 fn a_restarted_agent_stops_the_old_attempt_before_the_retry_runs() {
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 4);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("copies.py", COPIES)]);
     let marks = tempfile::tempdir().unwrap();
     let run_id = cluster.submit_detached(&[
@@ -477,6 +534,7 @@ fn a_restarted_agent_stops_the_old_attempt_before_the_retry_runs() {
 #[test]
 fn a_frozen_agents_attempt_is_stopped_when_its_retry_starts_elsewhere() {
     let cluster = Cluster::start(&[alpha(1), alpha(1)]);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("copies.py", COPIES)]);
     let marks = tempfile::tempdir().unwrap();
     let run_id = cluster.submit_detached(&[
@@ -550,6 +608,7 @@ open(os.path.join(gate, "done"), "w").close()
 #[test]
 fn lines_of_60_kib_are_stored_whole_across_a_coordinator_crash() {
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 30);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("big.py", BIG_LINES)]);
     let gate = tempfile::tempdir().unwrap();
     let run_id = cluster.submit_detached(&[
@@ -611,6 +670,7 @@ fn a_time_limit_is_enforced_while_the_coordinator_is_down() {
     // send piles up in the agent's queue to the coordinator until it is full, long before
     // the time limit. Stopping the run must not wait for room in that queue.
     let mut cluster = Cluster::start_with_ttl(&[alpha(4)], 30);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("chatty.py", CHATTY)]);
     let dir = src.path().to_str().unwrap();
     let chatty: Vec<i64> = (0..3)
@@ -667,8 +727,9 @@ print("RESULT ok", flush=True)
 
 /// Submits REBOOTED with `retries`, "reboots" the agent's host while attempt 1 runs and
 /// starts the agent again before the TTL; returns the run once it ended.
-fn reboot_during_attempt_1(retries: &str) -> (Cluster, i64, Value) {
+fn reboot_during_attempt_1(retries: &str) -> (Cluster, Leftovers, i64, Value) {
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 20);
+    let leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("job.py", REBOOTED)]);
     let run_id = cluster.submit_detached(&[
         "--max-retries",
@@ -686,12 +747,12 @@ fn reboot_during_attempt_1(retries: &str) -> (Cluster, i64, Value) {
     killpg(Pid::from_raw(script), Signal::SIGKILL).expect("kill the script's group");
     cluster.restart_agent(0);
     let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
-    (cluster, run_id, run)
+    (cluster, leftovers, run_id, run)
 }
 
 #[test]
 fn a_run_whose_host_rebooted_quickly_is_retried() {
-    let (cluster, run_id, run) = reboot_during_attempt_1("2");
+    let (cluster, _leftovers, run_id, run) = reboot_during_attempt_1("2");
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["attempt"], 2, "{run}");
     let log = logs(&cluster, run_id);
@@ -701,7 +762,7 @@ fn a_run_whose_host_rebooted_quickly_is_retried() {
 
 #[test]
 fn a_run_whose_host_rebooted_quickly_with_no_retries_left_is_lost() {
-    let (cluster, _, run) = reboot_during_attempt_1("0");
+    let (cluster, _leftovers, _, run) = reboot_during_attempt_1("0");
     assert_eq!(run["status"], "lost", "{run}");
     cluster.stop();
 }
@@ -712,6 +773,7 @@ fn a_run_whose_host_rebooted_quickly_with_no_retries_left_is_lost() {
 #[test]
 fn a_cancelled_runs_last_words_reach_the_follower_and_the_log() {
     let cluster = Cluster::start(&[alpha(1)]);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[(
         "trap.py",
         r#"
@@ -768,6 +830,7 @@ fn gang_cluster() -> Cluster {
 #[test]
 fn a_failed_gangs_last_words_are_kept() {
     let cluster = gang_cluster();
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[(
         "gang.py",
         r#"
@@ -810,6 +873,7 @@ else:
 #[test]
 fn a_gangs_outputs_download_node_by_node() {
     let cluster = gang_cluster();
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[(
         "out.py",
         r#"
@@ -875,6 +939,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 #[test]
 fn every_rank_restores_its_own_checkpoint_when_the_gang_restarts() {
     let cluster = gang_cluster();
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[(
         "ckpt.py",
         r#"
@@ -1002,6 +1067,7 @@ fn a_seeded_soak_with_coordinator_crashes_stores_every_stream_byte_for_byte() {
         state
     };
     let mut cluster = Cluster::start_with_ttl(&[alpha(2)], 30);
+    let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("soak.py", SOAK)]);
     let dir = src.path().to_str().unwrap().to_string();
     let mut runs = Vec::new();
