@@ -173,6 +173,9 @@ pub struct Cluster {
     ttl: String,
     /// Flags every agent gets on top of the harness's own (see [`Cluster::start_with_agent_args`]).
     agent_args: Vec<String>,
+    /// Flags the coordinator gets on top of the harness's own, at every start (see
+    /// [`Cluster::start_with_coordinator_args`]).
+    coordinator_args: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -206,7 +209,23 @@ impl Cluster {
         Cluster::start_full(listen, agents, ttl_s, &[])
     }
 
+    /// Like [`Cluster::start_with_ttl`], the coordinator started (and restarted) with `args`
+    /// added to its command line (e.g. `["--max-blob-bytes", "1000000"]`).
+    pub fn start_with_coordinator_args(agents: &[AgentSpec], ttl_s: u32, args: &[&str]) -> Cluster {
+        Cluster::start_inner("127.0.0.1:0", agents, ttl_s, &[], args)
+    }
+
     fn start_full(listen: &str, agents: &[AgentSpec], ttl_s: u32, agent_args: &[&str]) -> Cluster {
+        Cluster::start_inner(listen, agents, ttl_s, agent_args, &[])
+    }
+
+    fn start_inner(
+        listen: &str,
+        agents: &[AgentSpec],
+        ttl_s: u32,
+        agent_args: &[&str],
+        coordinator_args: &[&str],
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
@@ -224,7 +243,8 @@ impl Cluster {
             ])
             .arg(dir.path().join("coordinator"))
             .arg("--address-file")
-            .arg(&address_file);
+            .arg(&address_file)
+            .args(coordinator_args);
         let coordinator = Daemon::spawn("coordinator", command, dir.path().join("coordinator.log"));
         let address = wait_for("the coordinator's address", Duration::from_secs(20), || {
             std::fs::read_to_string(&address_file)
@@ -242,6 +262,7 @@ impl Cluster {
             agent_wrapper: Default::default(),
             ttl,
             agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            coordinator_args: coordinator_args.iter().map(|a| a.to_string()).collect(),
         };
         for spec in agents {
             cluster.add_agent(spec.clone());
@@ -263,6 +284,28 @@ impl Cluster {
         self.start_coordinator_again();
     }
 
+    /// SIGKILLs the coordinator and leaves it down (an outage); [`Cluster::start_coordinator`]
+    /// brings it back.
+    pub fn kill_coordinator(&mut self) {
+        self.coordinator.kill();
+    }
+
+    /// Starts the coordinator again (after [`Cluster::kill_coordinator`]) on the same address
+    /// and data directory; returns once it listens.
+    pub fn start_coordinator(&mut self) {
+        self.start_coordinator_again();
+    }
+
+    /// The coordinator's data directory (`kiln.db`, `blobs/`).
+    pub fn coordinator_data(&self) -> PathBuf {
+        self.dir.path().join("coordinator")
+    }
+
+    /// Agent `index`'s data directory (`runs/<run>.<attempt>/...`).
+    pub fn agent_data(&self, index: usize) -> PathBuf {
+        self.dir.path().join(format!("agent{index}"))
+    }
+
     fn start_coordinator_again(&mut self) {
         let listen = self.address.trim_start_matches("http://").to_string();
         let mut command = Command::new(bin("kiln-coordinator"));
@@ -275,7 +318,8 @@ impl Cluster {
                 &self.ttl,
                 "--data-dir",
             ])
-            .arg(self.dir.path().join("coordinator"));
+            .arg(self.dir.path().join("coordinator"))
+            .args(&self.coordinator_args);
         self.coordinator = Daemon::spawn(
             "coordinator",
             command,
