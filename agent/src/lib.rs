@@ -270,10 +270,13 @@ impl Agent {
             link.fence_after = Some(ttl * 2 / 3);
         }
         if let Some(after) = link.fence_after {
-            let until = spool::boottime_ms() + after.as_millis() as u64;
+            let now = spool::boottime_ms();
+            let until = now + after.as_millis() as u64;
             if until >= link.lease_written + LEASE_WRITE_STEP_MS {
+                // after = 2/3 TTL: SIGTERM then, SIGKILL at 9/10 of the TTL.
                 let lease = spool::Lease {
                     until_boottime_ms: until,
+                    kill_boottime_ms: now + after.as_millis() as u64 * 27 / 20,
                 };
                 match spool::write_json(&self.lease_file(), &lease) {
                     Ok(()) => link.lease_written = until,

@@ -133,17 +133,43 @@ pub struct Exit {
 /// shares, that wall-clock changes do not move, and that counts time suspended).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Lease {
+    /// From then on a fenceable attempt is stopped (SIGTERM).
     pub until_boottime_ms: u64,
+    /// And killed (SIGKILL) from then on: before the coordinator's TTL runs out, so the
+    /// attempt is gone before its retry can start elsewhere.
+    #[serde(default)]
+    pub kill_boottime_ms: u64,
+}
+
+/// What a lease says about a fenceable attempt now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    Valid,
+    Stop,
+    Kill,
 }
 
 impl Lease {
-    /// Whether the lease in `path` has run out. A missing or unreadable file has not: an
-    /// agent that never reached the coordinator vouches for nothing, and nothing was
-    /// given away either.
-    pub fn expired(path: &Path) -> bool {
+    /// The lease in `path` now. A missing or unreadable file is valid: an agent that never
+    /// reached the coordinator vouches for nothing, and nothing was given away either.
+    pub fn state(path: &Path) -> LeaseState {
         match read_json::<Lease>(path) {
-            Ok(Some(lease)) => boottime_ms() > lease.until_boottime_ms,
-            _ => false,
+            Ok(Some(lease)) => {
+                let now = boottime_ms();
+                let kill = if lease.kill_boottime_ms > 0 {
+                    lease.kill_boottime_ms
+                } else {
+                    lease.until_boottime_ms + 10_000
+                };
+                if now > kill {
+                    LeaseState::Kill
+                } else if now > lease.until_boottime_ms {
+                    LeaseState::Stop
+                } else {
+                    LeaseState::Valid
+                }
+            }
+            _ => LeaseState::Valid,
         }
     }
 }
@@ -348,6 +374,26 @@ mod tests {
         assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), [2, 3]);
         assert!(tail.read::<LogRecord>(1 << 20).unwrap().is_empty());
         assert_eq!(last_seq(&path).unwrap(), 3);
+    }
+
+    #[test]
+    fn a_lease_stops_then_kills_once_it_has_run_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lease.json");
+        // No lease yet: nothing was ever vouched for, nothing was given away.
+        assert_eq!(Lease::state(&path), LeaseState::Valid);
+        let now = boottime_ms();
+        let check = |until: u64, kill: u64, expected: LeaseState| {
+            let lease = Lease {
+                until_boottime_ms: until,
+                kill_boottime_ms: kill,
+            };
+            write_json(&path, &lease).unwrap();
+            assert_eq!(Lease::state(&path), expected, "{lease:?}");
+        };
+        check(now + 60_000, now + 80_000, LeaseState::Valid);
+        check(now - 1_000, now + 60_000, LeaseState::Stop);
+        check(now - 2_000, now - 1_000, LeaseState::Kill);
     }
 
     #[test]

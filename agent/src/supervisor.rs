@@ -401,9 +401,6 @@ fn supervise_container(
     })
 }
 
-/// How long a fenced attempt gets between SIGTERM and SIGKILL.
-const FENCE_STOP_GRACE: Duration = Duration::from_secs(10);
-
 /// The thread that watches the agent's lease for a fenceable attempt.
 struct LeaseWatch {
     done: Arc<AtomicBool>,
@@ -425,7 +422,7 @@ impl LeaseWatch {
 /// For a fenceable attempt, watches the agent's lease (see [`spool::Lease`]): once it has
 /// run out (the agent froze, died or lost the coordinator for two thirds of its TTL, and
 /// the coordinator is about to give the attempt to another agent), stops the attempt with
-/// `stop(SIGTERM)`, then `stop(SIGKILL)` after [`FENCE_STOP_GRACE`]. This runs in the
+/// `stop(SIGTERM)`, then `stop(SIGKILL)` at the lease's kill time (before the TTL). This runs in the
 /// supervisor, not the agent, because a frozen agent cannot fence anything.
 fn watch_lease(spec: &Spec, stop: impl Fn(Signal) + Send + 'static) -> LeaseWatch {
     let done = Arc::new(AtomicBool::new(false));
@@ -434,25 +431,29 @@ fn watch_lease(spec: &Spec, stop: impl Fn(Signal) + Send + 'static) -> LeaseWatc
         (Some(path), true) => {
             let (path, done, fenced) = (path.clone(), done.clone(), fenced.clone());
             Some(std::thread::spawn(move || {
+                let mut stopped = false;
                 while !done.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(200));
-                    if !spool::Lease::expired(&path) {
-                        continue;
-                    }
-                    eprintln!(
-                        "kiln supervisor: the agent's lease ran out: fencing the attempt off"
-                    );
-                    fenced.store(true, Ordering::SeqCst);
-                    stop(Signal::SIGTERM);
-                    let kill_at = std::time::Instant::now() + FENCE_STOP_GRACE;
-                    while !done.load(Ordering::SeqCst) {
-                        if std::time::Instant::now() >= kill_at {
+                    std::thread::sleep(Duration::from_millis(100));
+                    match spool::Lease::state(&path) {
+                        spool::LeaseState::Valid => {}
+                        spool::LeaseState::Stop if !stopped => {
+                            eprintln!(
+                                "kiln supervisor: the agent's lease ran out: fencing the attempt off"
+                            );
+                            fenced.store(true, Ordering::SeqCst);
+                            stop(Signal::SIGTERM);
+                            stopped = true;
+                        }
+                        spool::LeaseState::Stop => {}
+                        spool::LeaseState::Kill => {
+                            fenced.store(true, Ordering::SeqCst);
+                            if !stopped {
+                                stop(Signal::SIGTERM);
+                            }
                             stop(Signal::SIGKILL);
                             return;
                         }
-                        std::thread::sleep(Duration::from_millis(100));
                     }
-                    return;
                 }
             }))
         }
