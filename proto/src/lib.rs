@@ -6,6 +6,7 @@ pub mod v1 {
     tonic::include_proto!("kiln.v1");
 }
 
+pub mod page;
 pub mod tls;
 
 use std::path::PathBuf;
