@@ -2,6 +2,7 @@
 //! coordinator configured it uses the local target (see `local.rs`).
 
 mod credentials;
+mod listing;
 mod local;
 mod output;
 mod runconfig;
@@ -108,6 +109,7 @@ enum Command {
     Runs {
         #[arg(long)]
         target: Option<String>,
+        /// Show at most this many runs (0: every run).
         #[arg(long, default_value_t = 50)]
         limit: u32,
         #[arg(long)]
@@ -434,15 +436,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
         } => {
             let mut client = connection.kiln().await?;
-            let runs = client
-                .list_runs(v1::ListRunsRequest {
-                    target: target.unwrap_or_default(),
-                    limit,
-                })
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .runs;
+            let runs = listing::runs(&mut client, &target.unwrap_or_default(), limit).await?;
             output::runs(&runs, json);
             Ok(0)
         }
@@ -458,12 +452,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Metrics { run, rank, json } => {
             let mut client = connection.kiln().await?;
-            let metrics = client
-                .list_metrics(v1::ListMetricsRequest { run_id: run, rank })
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .metrics;
+            let metrics = listing::metrics(&mut client, run, rank).await?;
             output::metrics(&metrics, json);
             Ok(0)
         }
@@ -554,12 +543,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Login { .. } | Command::Logout => unreachable!("handled above"),
         Command::Agents { command, json } => {
             let mut client = connection.kiln().await?;
-            let agents = client
-                .list_agents(v1::ListAgentsRequest {})
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .agents;
+            let agents = listing::agents(&mut client).await?;
             if let Some(AgentsCommand::Show { agent, json }) = command {
                 let found = agents.iter().find(|a| {
                     a.id == agent || a.host.as_ref().is_some_and(|h| h.hostname == agent)

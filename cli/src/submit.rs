@@ -321,13 +321,10 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
 
 /// One line with the last value of each user metric, after a followed run ended.
 async fn print_metrics_summary(client: &mut KilnClient<kiln_proto::AuthChannel>, run_id: i64) {
-    let request = v1::ListMetricsRequest { run_id, rank: None };
-    let Ok(reply) = client.list_metrics(request).await else {
+    let Ok(metrics) = crate::listing::metrics(client, run_id, None).await else {
         return;
     };
-    let user: Vec<String> = reply
-        .into_inner()
-        .metrics
+    let user: Vec<String> = metrics
         .iter()
         .filter(|m| !m.name.starts_with("system/"))
         .map(|m| match m.last_step {
@@ -415,6 +412,7 @@ pub async fn print_logs(
             after_cursor: 0,
             follow: false,
             rank,
+            max_page_bytes: crate::listing::page_bytes(),
         })
         .await
         .map_err(status_error)?
@@ -472,6 +470,7 @@ pub async fn follow(
                     after_cursor: cursor,
                     follow: true,
                     rank,
+                    max_page_bytes: crate::listing::page_bytes(),
                 })
                 .await
                 .map_err(status_error)?

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use kiln_common::target::TargetName;
+use kiln_proto::page::{fill, page_bytes};
 use kiln_proto::v1::{self, agent_api_server::AgentApi, blobs_server::Blobs, kiln_server::Kiln};
 use kiln_proto::{BLOB_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use tokio::io::AsyncReadExt as _;
@@ -153,6 +154,53 @@ impl From<BlobError> for Status {
             BlobError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
             BlobError::Io(e) => internal(e),
         }
+    }
+}
+
+/// The lists a page token continues. A token is opaque to clients; here it is a letter
+/// naming the list and the position of the last item sent (a run id, a metric name, an
+/// agent's `target/id`), so a stale token resumes at the right place and never repeats or
+/// skips an item that still exists.
+#[derive(Clone, Copy)]
+enum PageToken {
+    Runs,
+    Metrics,
+    Agents,
+}
+
+impl PageToken {
+    fn tag(self) -> &'static str {
+        match self {
+            PageToken::Runs => "r",
+            PageToken::Metrics => "m",
+            PageToken::Agents => "a",
+        }
+    }
+
+    fn encode(self, position: &str) -> String {
+        format!("{}{position}", self.tag())
+    }
+
+    /// The position a request's token names; `None` for the first page.
+    fn decode(self, token: &str) -> Result<Option<&str>, Status> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        token
+            .strip_prefix(self.tag())
+            .map(Some)
+            .ok_or_else(|| self.invalid())
+    }
+
+    fn invalid(self) -> Status {
+        let call = match self {
+            PageToken::Runs => "ListRuns",
+            PageToken::Metrics => "ListMetrics",
+            PageToken::Agents => "ListAgents",
+        };
+        Status::invalid_argument(format!(
+            "page_token is not one a {call} reply gave: pass the previous reply's next_page_token, or none for the first page"
+        ))
     }
 }
 
@@ -498,14 +546,36 @@ impl Kiln for Api {
         } else {
             request.limit
         };
+        let before_id = PageToken::Runs.decode(&request.page_token)?;
+        let before_id = match before_id.map(str::parse::<i64>) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(_)) => return Err(PageToken::Runs.invalid()),
+        };
+        let max_bytes = page_bytes(request.max_page_bytes);
         let target = (!request.target.is_empty()).then_some(request.target);
-        let runs = self
+        let page = self
             .0
             .db
-            .call(move |s| s.list_runs(target.as_deref(), owner.as_deref(), limit))
+            .call(move |s| {
+                s.list_runs(
+                    target.as_deref(),
+                    owner.as_deref(),
+                    before_id,
+                    max_bytes,
+                    limit,
+                )
+            })
             .await
             .map_err(internal)?;
-        Ok(Response::new(v1::ListRunsReply { runs }))
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => PageToken::Runs.encode(&last.id.to_string()),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::ListRunsReply {
+            runs: page.items,
+            next_page_token,
+        }))
     }
 
     async fn cancel_run(
@@ -531,7 +601,8 @@ impl Kiln for Api {
         let request = request.into_inner();
         let run_id = request.run_id;
         self.accessible_run(&user, run_id).await?;
-        let (tx, rx) = mpsc::channel(16);
+        // Each item holds up to a page of bytes: buffer two, not more.
+        let (tx, rx) = mpsc::channel(2);
         let coordinator = self.0.clone();
         tokio::spawn(
             follow_logs(coordinator, request, tx).instrument(info_span!("stream_logs", run_id)),
@@ -549,13 +620,24 @@ impl Kiln for Api {
         let run = self.accessible_run(&user, run_id).await?;
         // A gang's metrics are per rank: rank 0's unless another is asked for.
         let rank = request.rank.or(is_gang(&run).then_some(0));
-        let metrics = self
+        let after_name = PageToken::Metrics
+            .decode(&request.page_token)?
+            .map(str::to_string);
+        let max_bytes = page_bytes(request.max_page_bytes);
+        let page = self
             .0
             .db
-            .call(move |s| s.metric_summaries(run_id, rank))
+            .call(move |s| s.metric_summaries_page(run_id, rank, after_name.as_deref(), max_bytes))
             .await
             .map_err(internal)?;
-        Ok(Response::new(v1::ListMetricsReply { metrics }))
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => PageToken::Metrics.encode(&last.name),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::ListMetricsReply {
+            metrics: page.items,
+            next_page_token,
+        }))
     }
 
     async fn list_targets(
@@ -577,6 +659,16 @@ impl Kiln for Api {
         request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsReply>, Status> {
         self.0.authenticate(&request).await?.user()?;
+        let request = request.into_inner();
+        // Agents are listed by (target, id); the token names the last one sent.
+        let after = match PageToken::Agents.decode(&request.page_token)? {
+            None => None,
+            Some(after) => Some(
+                after
+                    .split_once('/')
+                    .ok_or_else(|| PageToken::Agents.invalid())?,
+            ),
+        };
         let (rows, active) = self
             .0
             .db
@@ -585,6 +677,7 @@ impl Kiln for Api {
             .map_err(internal)?;
         let agents = rows
             .into_iter()
+            .filter(|row| after.is_none_or(|after| (row.target.as_str(), row.id.as_str()) > after))
             .map(|row| v1::Agent {
                 runs_active: active.get(&row.id).copied().unwrap_or(0),
                 id: row.id,
@@ -595,8 +688,18 @@ impl Kiln for Api {
                 last_heartbeat_unix_ms: row.last_heartbeat_ms,
                 environments: row.environments,
             })
-            .collect();
-        Ok(Response::new(v1::ListAgentsReply { agents }))
+            .map(Ok::<_, std::convert::Infallible>);
+        let Ok(page) = fill(agents, page_bytes(request.max_page_bytes), usize::MAX);
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => {
+                PageToken::Agents.encode(&format!("{}/{}", last.target, last.id))
+            }
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::ListAgentsReply {
+            agents: page.items,
+            next_page_token,
+        }))
     }
 
     async fn who_am_i(
@@ -657,8 +760,10 @@ async fn follow_logs(
     request: v1::StreamLogsRequest,
     tx: mpsc::Sender<Result<v1::LogStreamItem, Status>>,
 ) {
-    const PAGE: u32 = 2000;
+    // Lines per item, besides the byte cap: a follower gets a first item quickly.
+    const PAGE_LINES: usize = 2000;
     let run_id = request.run_id;
+    let max_bytes = page_bytes(request.max_page_bytes);
     // Subscribe before the first read so that no change between read and wait is missed.
     let mut changes = coordinator.run_changes.subscribe();
     let mut cursor = request.after_cursor;
@@ -670,30 +775,29 @@ async fn follow_logs(
             .call(move |s| {
                 anyhow::Ok((
                     s.get_run(run_id)?,
-                    s.read_logs(run_id, cursor, PAGE, request.rank)?,
+                    s.read_logs_page(run_id, cursor, request.rank, max_bytes, PAGE_LINES)?,
                 ))
             })
             .await;
-        let (run, lines) = match page {
-            Ok((Some(run), lines)) => (run, lines),
+        let (run, page) = match page {
+            Ok((Some(run), page)) => (run, page),
             Ok((None, _)) => return,
             Err(error) => {
                 let _ = tx.send(Err(internal(error))).await;
                 return;
             }
         };
-        let full_page = lines.len() as u32 == PAGE;
-        if let Some(last) = lines.last() {
+        if let Some(last) = page.items.last() {
             cursor = last.cursor;
             let item = v1::LogStreamItem {
-                lines,
+                lines: page.items,
                 finished: None,
             };
             if tx.send(Ok(item)).await.is_err() {
                 return;
             }
         }
-        if full_page {
+        if page.more {
             continue;
         }
         if !request.follow {

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use kiln_common::run::{self, RunEvent, RunStatus};
+use kiln_proto::page::{self, Page};
 use kiln_proto::v1;
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -706,17 +707,23 @@ impl Store {
         Ok(self.query_runs("WHERE id = ?1", params![id])?.pop())
     }
 
-    /// The newest runs first; with `owner`, only that user's.
+    /// The newest runs first, older than `before_id` when given; with `owner`, only that
+    /// user's. One page of at most `max_bytes` and `limit` runs.
     pub fn list_runs(
         &self,
         target: Option<&str>,
         owner: Option<&str>,
+        before_id: Option<i64>,
+        max_bytes: usize,
         limit: u32,
-    ) -> anyhow::Result<Vec<v1::Run>> {
-        self.query_runs(
+    ) -> anyhow::Result<Page<v1::Run>> {
+        self.query_runs_page(
             "WHERE (?1 IS NULL OR target = ?1) AND (?2 IS NULL OR owner = ?2)
-             ORDER BY id DESC LIMIT ?3",
-            params![target, owner, limit],
+                AND (?3 IS NULL OR id < ?3)
+             ORDER BY id DESC",
+            params![target, owner, before_id],
+            max_bytes,
+            limit as usize,
         )
     }
 
@@ -733,6 +740,20 @@ impl Store {
         clause: &str,
         params: impl rusqlite::Params,
     ) -> anyhow::Result<Vec<v1::Run>> {
+        Ok(self
+            .query_runs_page(clause, params, usize::MAX, usize::MAX)?
+            .items)
+    }
+
+    /// The runs `clause` selects, read lazily until a page of `max_bytes` and `max_runs` is
+    /// full.
+    fn query_runs_page(
+        &self,
+        clause: &str,
+        params: impl rusqlite::Params,
+        max_bytes: usize,
+        max_runs: usize,
+    ) -> anyhow::Result<Page<v1::Run>> {
         let sql = format!(
             "SELECT id, name, target, status, agent_id, attempt, exit_code, message, snapshot_digest,
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
@@ -786,21 +807,22 @@ impl Store {
                     node_outputs_digests: Vec::new(),
                 })
             })?
-            .collect::<Result<Vec<v1::Run>, _>>()?;
-        drop(stmt);
-        let mut runs = runs;
-        for run in &mut runs {
-            if run.status().domain().is_active() {
-                run.placement = self
-                    .run_nodes(run.id, run.attempt)?
-                    .into_iter()
-                    .map(NodeRow::into_wire)
-                    .collect();
-            } else if is_gang(run) && run.status().domain().is_terminal() {
-                run.node_outputs_digests = self.node_outputs(run.id, run.attempt)?;
-            }
-        }
-        Ok(runs)
+            // The placement and node outputs are part of the run's size: read them before
+            // the run is measured.
+            .map(|run| {
+                let mut run = run?;
+                if run.status().domain().is_active() {
+                    run.placement = self
+                        .run_nodes(run.id, run.attempt)?
+                        .into_iter()
+                        .map(NodeRow::into_wire)
+                        .collect();
+                } else if is_gang(&run) && run.status().domain().is_terminal() {
+                    run.node_outputs_digests = self.node_outputs(run.id, run.attempt)?;
+                }
+                anyhow::Ok(run)
+            });
+        page::fill(runs, max_bytes, max_runs)
     }
 
     /// Moves a run through the state machine in one transaction. `attempt`, when given,
@@ -1037,26 +1059,38 @@ impl Store {
         limit: u32,
         rank: Option<u32>,
     ) -> anyhow::Result<Vec<v1::LogLine>> {
+        let page = self.read_logs_page(run_id, after_cursor, rank, usize::MAX, limit as usize)?;
+        Ok(page.items)
+    }
+
+    /// Like [`Store::read_logs`], one page of at most `max_bytes` and `max_lines`, read
+    /// lazily.
+    pub fn read_logs_page(
+        &self,
+        run_id: i64,
+        after_cursor: i64,
+        rank: Option<u32>,
+        max_bytes: usize,
+        max_lines: usize,
+    ) -> anyhow::Result<Page<v1::LogLine>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT cursor, attempt, seq, stream, time_ms, text, rank, node FROM logs
-             WHERE run_id = ?1 AND cursor > ?2 AND (?4 IS NULL OR rank = ?4)
-             ORDER BY cursor LIMIT ?3",
+             WHERE run_id = ?1 AND cursor > ?2 AND (?3 IS NULL OR rank = ?3)
+             ORDER BY cursor",
         )?;
-        let lines = stmt
-            .query_map(params![run_id, after_cursor, limit, rank], |row| {
-                Ok(v1::LogLine {
-                    cursor: row.get(0)?,
-                    attempt: row.get(1)?,
-                    seq: row.get::<_, i64>(2)? as u64,
-                    stream: row.get(3)?,
-                    time_unix_ms: row.get(4)?,
-                    text: row.get(5)?,
-                    rank: row.get(6)?,
-                    node: row.get(7)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(lines)
+        let lines = stmt.query_map(params![run_id, after_cursor, rank], |row| {
+            Ok(v1::LogLine {
+                cursor: row.get(0)?,
+                attempt: row.get(1)?,
+                seq: row.get::<_, i64>(2)? as u64,
+                stream: row.get(3)?,
+                time_unix_ms: row.get(4)?,
+                text: row.get(5)?,
+                rank: row.get(6)?,
+                node: row.get(7)?,
+            })
+        })?;
+        Ok(page::fill(lines, max_bytes, max_lines)?)
     }
 
     /// Stores metric points with the same sequence rules as [`Store::append_logs`].
@@ -1103,23 +1137,34 @@ impl Store {
         run_id: i64,
         rank: Option<u32>,
     ) -> anyhow::Result<Vec<v1::MetricSummary>> {
+        let page = self.metric_summaries_page(run_id, rank, None, usize::MAX)?;
+        Ok(page.items)
+    }
+
+    /// Like [`Store::metric_summaries`], one page of at most `max_bytes`, of the names after
+    /// `after_name` when given.
+    pub fn metric_summaries_page(
+        &self,
+        run_id: i64,
+        rank: Option<u32>,
+        after_name: Option<&str>,
+        max_bytes: usize,
+    ) -> anyhow::Result<Page<v1::MetricSummary>> {
         // SQLite takes the bare columns of an aggregate query from the row that gave max().
         let mut stmt = self.conn.prepare_cached(
             "SELECT name, value, step, max(id), count(*) FROM metrics
-             WHERE run_id = ?1 AND (?2 IS NULL OR rank = ?2)
+             WHERE run_id = ?1 AND (?2 IS NULL OR rank = ?2) AND (?3 IS NULL OR name > ?3)
              GROUP BY name ORDER BY name",
         )?;
-        let summaries = stmt
-            .query_map(params![run_id, rank], |row| {
-                Ok(v1::MetricSummary {
-                    name: row.get(0)?,
-                    last_value: row.get(1)?,
-                    last_step: row.get(2)?,
-                    count: row.get::<_, i64>(4)? as u64,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(summaries)
+        let summaries = stmt.query_map(params![run_id, rank, after_name], |row| {
+            Ok(v1::MetricSummary {
+                name: row.get(0)?,
+                last_value: row.get(1)?,
+                last_step: row.get(2)?,
+                count: row.get::<_, i64>(4)? as u64,
+            })
+        })?;
+        Ok(page::fill(summaries, max_bytes, usize::MAX)?)
     }
 
     // ---- join tokens ----
@@ -2195,5 +2240,136 @@ mod auth_tests {
         assert!(store.delete_user("ana").unwrap());
         assert!(store.user_by_token("i3", &[3; 32], 300).unwrap().is_none());
         assert!(!store.replace_user_token("ana", "i4", &[4; 32]).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    fn store_with_runs(n_runs: usize) -> (tempfile::TempDir, Store, Vec<i64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        store.ensure_target("cpu", 0).unwrap();
+        let ids = (0..n_runs)
+            .map(|i| {
+                store
+                    .insert_run(&NewRun {
+                        name: &format!("run-{i}"),
+                        target: "cpu",
+                        snapshot_digest: "sha256:00",
+                        script: "train.py",
+                        args: &[],
+                        max_retries: 0,
+                        checkpoint_interval_s: 0,
+                        gang: GangSpec::default(),
+                        environment: None,
+                        resources: None,
+                        env: &HashMap::new(),
+                        timeout_s: 0,
+                        owner: "ana",
+                        now_ms: 1,
+                    })
+                    .unwrap()
+                    .id
+            })
+            .collect();
+        (dir, store, ids)
+    }
+
+    #[test]
+    fn runs_come_in_byte_capped_pages_each_once_newest_first() {
+        let (_dir, store, ids) = store_with_runs(10);
+        let run_bytes = page::element_len(&store.get_run(ids[0]).unwrap().unwrap());
+        let mut before = None;
+        let mut seen = Vec::new();
+        let mut n_pages = 0;
+        loop {
+            let page = store
+                .list_runs(None, None, before, 3 * run_bytes, 100)
+                .unwrap();
+            assert!(page.items.len() <= 3, "{} runs in a page", page.items.len());
+            seen.extend(page.items.iter().map(|run| run.id));
+            n_pages += 1;
+            if !page.more {
+                break;
+            }
+            before = page.items.last().map(|run| run.id);
+        }
+        let newest_first: Vec<i64> = ids.iter().rev().copied().collect();
+        assert_eq!((seen, n_pages), (newest_first, 4));
+        // The run limit ends a page too, and says that more follow.
+        let page = store.list_runs(None, None, None, usize::MAX, 4).unwrap();
+        assert_eq!((page.items.len(), page.more), (4, true));
+        // A page smaller than one run still holds one.
+        let page = store.list_runs(None, None, None, 1, 100).unwrap();
+        assert_eq!((page.items.len(), page.more), (1, true));
+    }
+
+    #[test]
+    fn log_lines_come_in_byte_capped_pages_in_order() {
+        let (_dir, mut store, ids) = store_with_runs(1);
+        let lines: Vec<v1::LogLine> = (1..=10)
+            .map(|seq| v1::LogLine {
+                seq,
+                text: format!("{seq:04} {}", "x".repeat(995)),
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(store.append_logs(ids[0], 1, 0, &lines).unwrap(), 10);
+        let mut cursor = 0;
+        let mut texts = Vec::new();
+        let mut n_pages = 0;
+        loop {
+            // Three 1000-byte lines and their fields fit; four do not.
+            let page = store
+                .read_logs_page(ids[0], cursor, None, 3500, 2000)
+                .unwrap();
+            assert!(page.items.len() <= 3);
+            texts.extend(page.items.iter().map(|line| line.text.clone()));
+            n_pages += 1;
+            cursor = page.items.last().map_or(cursor, |line| line.cursor);
+            if !page.more {
+                break;
+            }
+        }
+        let expected: Vec<String> = lines.into_iter().map(|line| line.text).collect();
+        assert_eq!((texts, n_pages), (expected, 4));
+        let page = store
+            .read_logs_page(ids[0], 0, None, usize::MAX, 2)
+            .unwrap();
+        assert_eq!((page.items.len(), page.more), (2, true));
+    }
+
+    #[test]
+    fn metric_summaries_come_in_byte_capped_pages_by_name() {
+        let (_dir, mut store, ids) = store_with_runs(1);
+        let points: Vec<v1::MetricPoint> = (1..=7)
+            .map(|seq| v1::MetricPoint {
+                seq,
+                name: format!("metric-{seq}"),
+                value: seq as f64,
+                ..Default::default()
+            })
+            .collect();
+        store.append_metrics(ids[0], 1, 0, &points).unwrap();
+        let mut after: Option<String> = None;
+        let mut names = Vec::new();
+        let mut n_pages = 0;
+        loop {
+            // A summary here takes 24 bytes: two fit in 50.
+            let page = store
+                .metric_summaries_page(ids[0], None, after.as_deref(), 50)
+                .unwrap();
+            assert!(page.items.len() <= 2);
+            names.extend(page.items.iter().map(|m| m.name.clone()));
+            n_pages += 1;
+            if !page.more {
+                break;
+            }
+            after = page.items.last().map(|m| m.name.clone());
+        }
+        let expected: Vec<String> = (1..=7).map(|i| format!("metric-{i}")).collect();
+        assert_eq!((names, n_pages), (expected, 4));
     }
 }
