@@ -7,6 +7,7 @@ pub mod blobs;
 pub mod config;
 pub mod join;
 pub mod lifecycle;
+pub mod limits;
 pub mod pki;
 pub mod scheduler;
 mod service;

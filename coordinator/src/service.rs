@@ -256,13 +256,13 @@ fn validate_environment(
         Some(Kind::User(_)) | None => {}
     }
     for (key, value) in env {
+        // Sizes were checked before (`limits::check_submission`).
         let valid = !key.is_empty()
-            && key.len() <= 256
             && !key.starts_with(|c: char| c.is_ascii_digit())
             && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid || value.contains('\0') || value.len() > 128 * 1024 {
+        if !valid || value.contains('\0') {
             return Err(Status::invalid_argument(format!(
-                "environment variable `{key}` is invalid: names are letters, digits and _ (not starting with a digit); values have no NUL and at most 128 KiB"
+                "environment variable `{key}` is invalid: names are letters, digits and _ (not starting with a digit); values have no NUL"
             )));
         }
     }
@@ -457,6 +457,8 @@ impl Kiln for Api {
     ) -> Result<Response<v1::Run>, Status> {
         let user = self.0.authenticate(&request).await?.user()?;
         let request = request.into_inner();
+        // Sizes first: the checks below may repeat a field in their messages.
+        crate::limits::check_submission(&request).map_err(Status::invalid_argument)?;
         let target = TargetName::new(&request.target)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate_script(&request.script)?;
