@@ -448,19 +448,32 @@ pub enum Followed {
     Detached,
 }
 
+/// How long a follower keeps trying to reach the coordinator before it gives up: 10 minutes,
+/// or `KILN_FOLLOW_GIVE_UP_SECS` seconds (not a documented setting: tests shorten it).
+fn give_up_after() -> Duration {
+    std::env::var("KILN_FOLLOW_GIVE_UP_SECS")
+        .ok()
+        .and_then(|secs| secs.parse().ok())
+        .map_or(Duration::from_secs(600), Duration::from_secs)
+}
+
 /// Follows a run's log until it ends (or the user detaches with Ctrl-C).
 /// A broken stream (coordinator restart) is resumed after the last line shown; Ctrl-C stops
-/// following and leaves the run alone.
+/// following and leaves the run alone. It gives up only when one outage lasts longer than
+/// [`give_up_after`]: a stream that opens again ends the outage.
 pub async fn follow(
     connection: &Connection,
     run_id: i64,
     mut cursor: i64,
     rank: Option<u32>,
 ) -> anyhow::Result<Followed> {
+    let give_up = give_up_after();
     let mut backoff = Duration::from_millis(200);
     let mut broken_since: Option<Instant> = None;
     let mut announced = false;
     loop {
+        // Set once the stream is open: whatever breaks after that is a new outage.
+        let mut connected = false;
         let attempt = async {
             let channel = connection.channel().await?;
             let mut client = kiln_proto::clients::kiln(channel, connection.bearer.clone());
@@ -475,6 +488,7 @@ pub async fn follow(
                 .await
                 .map_err(status_error)?
                 .into_inner();
+            connected = true;
             while let Some(item) = stream.next().await {
                 let item = item.map_err(status_error)?;
                 for line in &item.lines {
@@ -496,12 +510,17 @@ pub async fn follow(
                 return Ok(Followed::Detached);
             }
         };
+        if connected {
+            broken_since = None;
+            backoff = Duration::from_millis(200);
+            announced = false;
+        }
         match result {
             Ok(Some(run)) => return Ok(Followed::Ended(report_end(&run))),
             Ok(None) | Err(_) => {
                 if let Err(error) = &result {
                     let since = *broken_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > Duration::from_secs(600) {
+                    if since.elapsed() > give_up {
                         return Err(
                             anyhow::anyhow!("{error:#}").context("gave up following the run")
                         );

@@ -462,8 +462,14 @@ impl Cluster {
 
     /// `kiln ARGS` in the background, its stdout read line by line as it is printed.
     pub fn spawn_kiln(&self, args: &[&str]) -> Following {
+        self.spawn_kiln_with_env(args, &[])
+    }
+
+    /// Like [`Cluster::spawn_kiln`], with extra environment variables for `kiln`.
+    pub fn spawn_kiln_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Following {
         let mut child = self
             .kiln_command(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -285,3 +285,55 @@ fn lists_that_span_many_pages_show_every_item_once() {
     assert_eq!(text(&output.stdout).lines().collect::<Vec<_>>(), expected);
     cluster.stop();
 }
+
+#[test]
+fn a_follower_rides_out_a_short_outage_long_after_an_earlier_one() {
+    // Followers give up after this long without the coordinator (10 minutes by default).
+    const GIVE_UP_SECS: u64 = 12;
+    // A heartbeat TTL that outlasts the outages: the run itself must not be lost.
+    let mut cluster = Cluster::start_with_ttl(ONE_AGENT, 30);
+    let src = source_dir(&[(
+        "ticks.py",
+        "import sys, time\nfor i in range(400):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.1)\nsys.exit(3)\n",
+    )]);
+    let give_up = GIVE_UP_SECS.to_string();
+    let env = [("KILN_FOLLOW_GIVE_UP_SECS", give_up.as_str())];
+    let mut submit = cluster.spawn_kiln_with_env(
+        &[
+            "submit",
+            "--target",
+            "alpha",
+            src.path().to_str().unwrap(),
+            "ticks.py",
+        ],
+        &env,
+    );
+    assert_eq!(submit.line(), "tick 0\n");
+    let run_id = cluster.json(&["runs", "--json"])[0]["id"].to_string();
+    let mut logs = cluster.spawn_kiln_with_env(&["logs", &run_id, "--follow"], &env);
+    assert_eq!(logs.line(), "tick 0\n");
+    let outage = |cluster: &mut Cluster, down: Duration| {
+        cluster.coordinator.stop_cleanly();
+        std::thread::sleep(down);
+        cluster.start_coordinator();
+    };
+    outage(&mut cluster, Duration::from_secs(2));
+    // The followers reconnect; the next outage starts more than the window after this one,
+    // and lasts longer than their longest pause between tries (5 s), so they notice it.
+    std::thread::sleep(Duration::from_secs(GIVE_UP_SECS + 1));
+    outage(&mut cluster, Duration::from_secs(6));
+    let expected: String = (1..400).map(|i| format!("tick {i}\n")).collect();
+    // `kiln submit` exits with the script's code, `kiln logs --follow` with 0.
+    for (what, follower, code) in [("kiln submit", submit, 3), ("kiln logs --follow", logs, 0)] {
+        let (rest, output) = follower.finish();
+        let stderr = text(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{what}: {}",
+            tail(&stderr)
+        );
+        assert!(rest == expected, "{what} printed:\n{}", tail(&rest));
+    }
+    cluster.stop();
+}
