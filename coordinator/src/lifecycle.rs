@@ -86,9 +86,11 @@ pub fn finish_event(run: &v1::Run, finished: &v1::Finished) -> RunEvent {
 
 fn outcome_of(finished: &v1::Finished) -> Outcome {
     match finished.status() {
+        // A cancel that interrupted the environment's build is a cancel, not a broken
+        // environment.
+        v1::RunStatus::Cancelled => Outcome::Cancelled,
         _ if finished.env_failed => Outcome::EnvFailed,
         v1::RunStatus::Succeeded => Outcome::Succeeded,
-        v1::RunStatus::Cancelled => Outcome::Cancelled,
         _ => Outcome::Failed,
     }
 }
