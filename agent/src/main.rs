@@ -153,6 +153,8 @@ fn main() -> anyhow::Result<()> {
         "Configuration loaded."
     );
     let config = effective.agent_config()?;
+    // Held until the process exits: a second agent on this directory is refused.
+    let _lock = kiln_common::dirlock::DirLock::acquire(&config.data_dir, "kiln-agent")?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -1505,11 +1505,30 @@ async fn fetch_snapshot(
         .join("snapshots")
         .join(format!("{hex}.tar.zst"));
     if cached.is_file() {
-        system.line(&format!(
-            "Snapshot {} found in the agent's cache.",
-            short(digest)
-        ));
-        return Ok(cached);
+        // Verified at every use: a damaged archive (bit rot, a half-written copy, a careless
+        // hand) must cost one download, not fail every later run of this snapshot here.
+        let path = cached.clone();
+        let actual = tokio::task::spawn_blocking(move || snapshot::digest_file(&path)).await?;
+        match actual {
+            Ok(actual) if actual == digest => {
+                system.line(&format!(
+                    "Snapshot {} found in the agent's cache.",
+                    short(digest)
+                ));
+                return Ok(cached);
+            }
+            Ok(_) | Err(_) => {
+                warn!(path = %cached.display(), "Cached snapshot is damaged; fetching it again.");
+                system.line(&format!(
+                    "Snapshot {} in the agent's cache is damaged (it no longer hashes to its digest); fetching it again.",
+                    short(digest)
+                ));
+                let path = cached.clone();
+                tokio::task::spawn_blocking(move || std::fs::remove_file(path))
+                    .await?
+                    .with_context(|| format!("remove the damaged {}", cached.display()))?;
+            }
+        }
     }
     let (temp, bytes) = download_blob(agent, digest).await?;
     temp.persist(&cached).map_err(|e| e.error)?;

@@ -3,6 +3,7 @@
 //! `logging` sets up the daemons' `tracing` output.
 
 pub mod config_file;
+pub mod dirlock;
 pub mod logging;
 pub mod run;
 pub mod snapshot;

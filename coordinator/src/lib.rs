@@ -395,10 +395,26 @@ impl Coordinator {
     async fn liveness_loop(self: Arc<Self>) {
         let period = (self.config.heartbeat_ttl / 4).max(Duration::from_millis(100));
         let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_tick = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = interval.tick() => {}
+            }
+            // A tick that comes much later than its period means this process did not run
+            // (SIGSTOP, a paused VM, a starved machine): its agents' heartbeats are waiting
+            // in their sockets, unread. Judging them now would call healthy agents lost, so
+            // each gets the grace a restart gives: one TTL from now.
+            let gap = last_tick.elapsed();
+            last_tick = std::time::Instant::now();
+            if gap > period + stall_allowance(self.config.heartbeat_ttl) {
+                warn!(
+                    stalled_ms = gap.as_millis() as u64,
+                    "The coordinator did not run for a while; every agent gets a heartbeat TTL to be heard again."
+                );
+                self.grant_grace();
+                continue;
             }
             if let Err(error) = self.expire_silent_agents().await {
                 warn!(error = %format!("{error:#}"), "Liveness check failed.");
@@ -406,28 +422,42 @@ impl Coordinator {
         }
     }
 
+    /// Gives every agent not yet judged one TTL from now to be heard.
+    fn grant_grace(&self) {
+        let now = std::time::Instant::now();
+        let mut last_heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+        for at in last_heard.values_mut() {
+            *at = (*at).max(now);
+        }
+    }
+
     /// Marks agents that missed heartbeats for the TTL as lost, and their runs with them.
+    /// An agent stays on the watch list until that is written: if the write fails (a full
+    /// disk), the next tick tries again.
     async fn expire_silent_agents(&self) -> anyhow::Result<()> {
         let ttl = self.config.heartbeat_ttl;
-        let silent: Vec<String> = {
-            let mut last_heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
-            let silent: Vec<String> = last_heard
-                .iter()
-                .filter(|(_, at)| at.elapsed() > ttl)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in &silent {
-                last_heard.remove(id);
-            }
-            silent
-        };
-        for agent_id in silent {
+        let silent: Vec<(String, std::time::Instant)> = self
+            .last_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, at)| at.elapsed() > ttl)
+            .map(|(id, at)| (id.clone(), *at))
+            .collect();
+        for (agent_id, heard_at) in silent {
             warn!(agent_id = %agent_id, ttl_s = ttl.as_secs(), "Agent missed heartbeats; marking it lost.");
             let message = format!(
                 "node_lost: agent {agent_id} missed heartbeats for {}s",
                 ttl.as_secs()
             );
-            self.release_agent(&agent_id, message, Loss::Silent).await?;
+            self.release_agent(&agent_id, message, Loss::Silent)
+                .await
+                .with_context(|| format!("mark agent {agent_id} lost (tried again next check)"))?;
+            // Written: it leaves the watch list, unless it spoke meanwhile.
+            let mut last_heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+            if last_heard.get(&agent_id) == Some(&heard_at) {
+                last_heard.remove(&agent_id);
+            }
         }
         Ok(())
     }
@@ -451,10 +481,12 @@ impl Coordinator {
             }
             session.closed.cancel();
         }
-        self.last_heard
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(agent_id);
+        if loss == Loss::Revoked {
+            self.last_heard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(agent_id);
+        }
         let agent_id = agent_id.to_string();
         let lost = self
             .db
@@ -1120,6 +1152,13 @@ fn sanitize_points(points: &mut [v1::MetricPoint]) {
             point.value = 0.0;
         }
     }
+}
+
+/// How late a liveness tick may be before the coordinator counts it as its own stall
+/// rather than its agents' silence: a quarter of the TTL (at least a second), well above
+/// scheduling jitter and well below the TTL, so a stall never ages an agent to lost.
+fn stall_allowance(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_secs(1))
 }
 
 /// Why an agent's runs are taken away from it.

@@ -148,6 +148,9 @@ async fn serve(
     address_file: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut config = effective.coordinator_config();
+    // Held until the process exits: a second coordinator on this directory is refused
+    // (admin commands such as `user create` share the database and do not take it).
+    let _lock = kiln_common::dirlock::DirLock::acquire(&config.data_dir, "kiln-coordinator")?;
     if effective.tls() {
         let pki = Pki::load_or_create(&effective.pki_config())?;
         info!(ca_hash = %pki.ca_hash(), cluster = %pki.cluster_id(), "TLS on; every caller is authenticated.");

@@ -344,9 +344,19 @@ fn switch_to_wal(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 impl Store {
+    /// Opens (creating if needed) and migrates the database at `path`. Every failure names
+    /// the file, so that an admin knows what to restore or move aside.
     pub fn open(path: &Path) -> anyhow::Result<Store> {
-        let conn =
-            Connection::open(path).with_context(|| format!("open database {}", path.display()))?;
+        Store::open_unnamed(path).with_context(|| {
+            format!(
+                "the database {} cannot be used (if it is damaged, restore it from a backup or move it aside to start empty)",
+                path.display()
+            )
+        })
+    }
+
+    fn open_unnamed(path: &Path) -> anyhow::Result<Store> {
+        let conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         switch_to_wal(&conn).context("switch the database to WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;

@@ -1,0 +1,282 @@
+//! Daemons that guard themselves (issue 14): ordinary faults (a stalled coordinator, a
+//! database write that fails, two processes on one data directory, a damaged cache, a
+//! damaged database) must not end healthy runs, hang, or need a person to read the code.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiln_tests::*;
+
+const ONE: &[AgentSpec] = &[AgentSpec {
+    target: "box",
+    slots: 1,
+    advertise: None,
+}];
+
+fn source_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(dir.path(), files);
+    dir
+}
+
+fn logs(cluster: &Cluster, run_id: i64) -> String {
+    text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout)
+}
+
+/// Waits for `kiln logs RUN` to contain `needle`.
+fn wait_for_log(cluster: &Cluster, run_id: i64, needle: &str) {
+    wait_for(
+        &format!("run {run_id} to print {needle:?}"),
+        Duration::from_secs(60),
+        || logs(cluster, run_id).contains(needle).then_some(()),
+    );
+}
+
+fn wait_ended(cluster: &Cluster, run_id: i64, within: Duration) -> serde_json::Value {
+    wait_for(&format!("run {run_id} to end"), within, || {
+        let run = cluster.run(run_id);
+        let ended = !matches!(
+            run["status"].as_str(),
+            Some("queued" | "assigned" | "running" | "stopping")
+        );
+        ended.then_some(run)
+    })
+}
+
+/// Runs `command` and waits up to `within` for it to exit; kills it (and panics) if it
+/// does not, so that a refusal that never comes fails the test instead of hanging it.
+fn exits_within(mut command: Command, within: Duration) -> (i32, String) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .expect("spawn");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let stderr = std::fs::read_to_string(log.path()).unwrap();
+            return (status.code().unwrap_or(-1), stderr);
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = std::fs::read_to_string(log.path()).unwrap();
+            panic!("still running after {within:?}; its log:\n{stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_coordinator_stalled_longer_than_the_ttl_does_not_end_healthy_runs() {
+    let cluster = Cluster::start_with_ttl(ONE, 4);
+    let src = source_dir(&[(
+        "train.py",
+        "import time\nprint('started', flush=True)\ntime.sleep(16)\nprint('done', flush=True)\n",
+    )]);
+    let run_id =
+        cluster.submit_detached(&["--target", "box", src.path().to_str().unwrap(), "train.py"]);
+    wait_for_log(&cluster, run_id, "started");
+    // A VM pause, a SIGSTOP, a long GC-like stall: 9 s with a 4 s TTL. The agent kept
+    // heartbeating into the socket the whole time.
+    cluster.coordinator.pause(true);
+    std::thread::sleep(Duration::from_secs(9));
+    cluster.coordinator.pause(false);
+    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert!(logs(&cluster, run_id).contains("done"));
+    let agents = cluster.json(&["agents", "--json"]);
+    assert_eq!(agents[0]["state"], "online", "{agents}");
+    assert!(
+        !cluster.coordinator.log_text().contains("marking it lost"),
+        "{}",
+        cluster.coordinator.log_text()
+    );
+    cluster.stop();
+}
+
+/// Fills the file system holding `dir` (a tmpfs) with one file; returns its path.
+fn fill_disk(dir: &Path) -> std::path::PathBuf {
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while std::io::Write::write_all(&mut file, &block).is_ok() {}
+    let _ = file.sync_all();
+    filler
+}
+
+#[test]
+fn a_dead_agent_is_declared_lost_once_the_database_can_be_written_again() {
+    let mut cluster = Cluster::start_with_ttl(ONE, 3);
+    // Move the coordinator's data onto a small disk of its own.
+    cluster.kill_coordinator();
+    let data = cluster.coordinator_data();
+    let saved = cluster.dir.path().join("coordinator-saved");
+    std::fs::rename(&data, &saved).unwrap();
+    let _disk = SmallDisk::mount(data.clone(), "16m");
+    copy_dir(&saved, &data);
+    cluster.start_coordinator();
+    cluster.wait_agents_online(1);
+
+    let src = source_dir(&[(
+        "train.py",
+        "import time\nprint('started', flush=True)\ntime.sleep(600)\n",
+    )]);
+    let run_id =
+        cluster.submit_detached(&["--target", "box", src.path().to_str().unwrap(), "train.py"]);
+    wait_for_log(&cluster, run_id, "started");
+
+    // The disk fills up, then the agent dies while nothing can be written.
+    let filler = fill_disk(&data);
+    cluster.agents[0].kill();
+    std::thread::sleep(Duration::from_secs(8));
+    // Space comes back: within a few liveness periods the agent is lost and so is its run.
+    std::fs::remove_file(&filler).unwrap();
+    let run = wait_ended(&cluster, run_id, Duration::from_secs(15));
+    assert_eq!(run["status"], "lost", "{run}");
+    let agents = cluster.json(&["agents", "--json"]);
+    assert_eq!(agents[0]["state"], "lost", "{agents}");
+    cluster.coordinator.stop_cleanly();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", from.display()))
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A tmpfs mounted for the length of a test (the tests run as root, as CI does).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        SmallDisk(path)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_second_agent_or_coordinator_on_one_data_dir_is_refused_naming_the_holder() {
+    let cluster = Cluster::start(ONE);
+    let src = source_dir(&[(
+        "train.py",
+        "import time\nprint('started', flush=True)\ntime.sleep(4)\nprint('done', flush=True)\n",
+    )]);
+    let run_id =
+        cluster.submit_detached(&["--target", "box", src.path().to_str().unwrap(), "train.py"]);
+    wait_for_log(&cluster, run_id, "started");
+
+    let mut agent = Command::new(bin("kiln-agent"));
+    agent
+        .args(["--coordinator", &cluster.address, "--target", "box"])
+        .args(["--python", &python(), "--hostname", "host0"])
+        .arg("--data-dir")
+        .arg(cluster.agent_data(0));
+    let (code, stderr) = exits_within(agent, Duration::from_secs(15));
+    assert_ne!(code, 0);
+    let holder = format!("pid {}", cluster.agents[0].pid());
+    assert!(
+        stderr.contains(&cluster.agent_data(0).display().to_string()) && stderr.contains(&holder),
+        "the refusal names the directory and {holder}: {stderr}"
+    );
+
+    let mut coordinator = Command::new(bin("kiln-coordinator"));
+    coordinator
+        .args(["--insecure", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(cluster.coordinator_data());
+    let (code, stderr) = exits_within(coordinator, Duration::from_secs(15));
+    assert_ne!(code, 0);
+    let holder = format!("pid {}", cluster.coordinator.pid());
+    assert!(
+        stderr.contains(&cluster.coordinator_data().display().to_string())
+            && stderr.contains(&holder),
+        "the refusal names the directory and {holder}: {stderr}"
+    );
+
+    // The one that holds it never noticed.
+    let run = wait_ended(&cluster, run_id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert_eq!(
+        cluster
+            .coordinator
+            .log_text()
+            .matches("Agent online.")
+            .count(),
+        1,
+        "{}",
+        cluster.coordinator.log_text()
+    );
+    cluster.stop();
+}
+
+#[test]
+fn a_damaged_cached_snapshot_is_fetched_again() {
+    let cluster = Cluster::start(ONE);
+    let src = source_dir(&[("train.py", "print('hello from the snapshot')\n")]);
+    let dir = src.path().to_str().unwrap();
+    let first = cluster.kiln(&["submit", "--target", "box", dir, "train.py"]);
+    assert!(first.status.success(), "{}", text(&first.stderr));
+
+    // Bit rot, a half-written file, a careless admin: the cached archive is damaged.
+    let cache = cluster.agent_data(0).join("snapshots");
+    let cached: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().ends_with(".tar.zst"))
+        .collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let length = std::fs::metadata(&cached[0]).unwrap().len();
+    std::fs::write(&cached[0], vec![0u8; length as usize]).unwrap();
+
+    for _ in 0..2 {
+        let again = cluster.kiln(&["submit", "--target", "box", dir, "train.py"]);
+        assert!(again.status.success(), "{}", text(&again.stderr));
+        assert!(text(&again.stdout).contains("hello from the snapshot"));
+    }
+    cluster.stop();
+}
+
+#[test]
+fn a_damaged_database_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let db = data.join("kiln.db");
+    for damage in [vec![0u8; 8192], b"SQLite format 3\0truncated".to_vec()] {
+        std::fs::write(&db, &damage).unwrap();
+        let mut coordinator = Command::new(bin("kiln-coordinator"));
+        coordinator
+            .args(["--insecure", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data);
+        let (code, stderr) = exits_within(coordinator, Duration::from_secs(15));
+        assert_ne!(code, 0);
+        assert!(
+            stderr.contains(&db.display().to_string()),
+            "the error names {}: {stderr}",
+            db.display()
+        );
+        // Nothing was written over what the admin may still want to recover.
+        assert_eq!(std::fs::read(&db).unwrap(), damage);
+    }
+}
