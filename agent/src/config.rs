@@ -143,6 +143,14 @@ pub struct Settings {
     #[arg(long, env = "KILN_DOCKER_REGISTRY_PASSWORD_FILE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_registry_password_file: Option<PathBuf>,
+
+    /// Process runs (user, venv, conda) of an agent running as root each run as a user of
+    /// their own, a uid from this range (FIRST-LAST), so that no run reads the agent's key or
+    /// another run's files (SECURITY.md); `off` runs them as the agent's user. Ignored when
+    /// the agent is not root. [default: 1900000000-1900000999]
+    #[arg(long, env = "KILN_RUN_USERS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_users: Option<String>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -176,6 +184,7 @@ pub struct Effective {
     pub docker_registry_username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_registry_password_file: Option<PathBuf>,
+    pub run_users: String,
 }
 
 impl Settings {
@@ -206,6 +215,7 @@ impl Settings {
             docker_registry_password_file: self
                 .docker_registry_password_file
                 .or(lower.docker_registry_password_file),
+            run_users: self.run_users.or(lower.run_users),
         }
     }
 
@@ -341,6 +351,13 @@ impl Settings {
                 missing.join(", ")
             ));
         }
+        let run_users = self.run_users.unwrap_or_else(|| {
+            let range = crate::sandbox::DEFAULT_RANGE;
+            format!("{}-{}", range.start(), range.end())
+        });
+        if let Err(error) = crate::sandbox::parse_range(&run_users) {
+            problems.push(format!("run_users `{run_users}` is invalid: {error:#}"));
+        }
         if !problems.is_empty() {
             anyhow::bail!(
                 "the agent's configuration is invalid:\n  - {}",
@@ -373,6 +390,7 @@ impl Settings {
             docker_registry: self.docker_registry,
             docker_registry_username: self.docker_registry_username,
             docker_registry_password_file: self.docker_registry_password_file,
+            run_users,
         })
     }
 }
@@ -403,6 +421,7 @@ impl Effective {
             .conda_command
             .as_deref()
             .map(|c| crate::env::find_program(c).unwrap_or_else(|| PathBuf::from(c)));
+        config.run_users = crate::sandbox::parse_range(&self.run_users)?;
         config.docker = crate::docker::Settings {
             cpu_image: self.docker_cpu_image.clone(),
             gpu_image: self.docker_gpu_image.clone(),

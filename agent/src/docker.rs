@@ -1206,6 +1206,7 @@ mod tests {
 
     fn spec(work: &Path) -> Spec {
         Spec {
+            run_as: None,
             run_id: 42,
             attempt: 2,
             program: PathBuf::from("python3"),

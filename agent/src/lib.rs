@@ -12,6 +12,7 @@ pub mod env;
 pub mod gpu;
 pub mod identity;
 pub mod runner;
+pub mod sandbox;
 mod session;
 pub mod spool;
 pub mod supervisor;
@@ -64,6 +65,9 @@ pub struct Config {
     pub env: env::Settings,
     /// Docker runs: images, engine, registry login.
     pub docker: docker::Settings,
+    /// The uids that process runs get, one each, when the agent is root (see `sandbox`);
+    /// `None`: runs run as the agent's user.
+    pub run_users: Option<std::ops::RangeInclusive<u32>>,
 }
 
 impl Config {
@@ -83,6 +87,7 @@ impl Config {
             advertise_address: None,
             env: env::Settings::default(),
             docker: docker::Settings::default(),
+            run_users: None,
         }
     }
 }
@@ -106,6 +111,8 @@ struct Link {
     fence_after: Option<Duration>,
     /// The lease last written to `lease.json` (`CLOCK_BOOTTIME` ms).
     lease_written: u64,
+    /// How long the coordinator keeps this agent's runs after a goodbye (from its welcome).
+    disconnect_grace: Duration,
 }
 
 /// How much a lease must have moved before it is written again.
@@ -141,6 +148,18 @@ impl Agent {
             std::fs::create_dir_all(config.data_dir.join(dir))
                 .with_context(|| format!("create {}", config.data_dir.join(dir).display()))?;
         }
+        let mut config = config;
+        if config.run_users.is_some() && !sandbox::available() {
+            config.run_users = None;
+        }
+        if let Some(range) = &config.run_users {
+            sandbox::open_data_dir(&config.data_dir)?;
+            info!(
+                first_uid = range.start(),
+                last_uid = range.end(),
+                "Process runs each run as a user of their own."
+            );
+        }
         let python_dir = config.data_dir.join("python");
         std::fs::write(python_dir.join("kiln.py"), KILN_PY)
             .context("write the kiln Python module")?;
@@ -173,6 +192,7 @@ impl Agent {
                 last_contact: None,
                 fence_after: None,
                 lease_written: 0,
+                disconnect_grace: Duration::ZERO,
             }),
             session_generation: tokio::sync::watch::channel(0).0,
             detach: CancellationToken::new(),
@@ -283,6 +303,40 @@ impl Agent {
                     Err(error) => warn!(error = %error, "Could not extend the lease."),
                 }
             }
+        }
+    }
+
+    fn set_disconnect_grace(&self, grace: Duration) {
+        self.link
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .disconnect_grace = grace;
+    }
+
+    /// The agent is about to say goodbye (runs continue): the coordinator will keep its runs
+    /// for its disconnect grace, so the supervisors' lease is extended to two thirds of it
+    /// (SIGKILL at nine tenths), as for the TTL. Never shortens the lease.
+    fn leaving(&self) {
+        let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
+        let grace = link.disconnect_grace;
+        let now = spool::boottime_ms();
+        let until = now + grace.as_millis() as u64 * 2 / 3;
+        if until <= link.lease_written {
+            return;
+        }
+        let lease = spool::Lease {
+            until_boottime_ms: until,
+            kill_boottime_ms: now + grace.as_millis() as u64 * 9 / 10,
+        };
+        match spool::write_json(&self.lease_file(), &lease) {
+            Ok(()) => {
+                link.lease_written = until;
+                info!(
+                    grace_s = grace.as_secs(),
+                    "Runs go on; the coordinator keeps them while this agent is away."
+                );
+            }
+            Err(error) => warn!(error = %error, "Could not extend the lease for the stop."),
         }
     }
 

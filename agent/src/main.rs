@@ -155,6 +155,14 @@ fn main() -> anyhow::Result<()> {
     let config = effective.agent_config()?;
     // Held until the process exits: a second agent on this directory is refused.
     let _lock = kiln_common::dirlock::DirLock::acquire(&config.data_dir, "kiln-agent")?;
+    if config.run_users.is_none() || !kiln_agent::sandbox::available() {
+        tracing::warn!(
+            uid = nix::unistd::getuid().as_raw(),
+            "Process runs run as this agent's own user: a run can read the agent's identity \
+             and other runs' files. Run the agent as root (with run_users) or use Docker \
+             environments to contain them (SECURITY.md)."
+        );
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

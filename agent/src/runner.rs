@@ -103,6 +103,14 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
             loop {
                 tokio::select! {
                     result = &mut preparing => break result,
+                    // A stopping agent does not wait for a download, an environment build or
+                    // a gang's launch: nothing runs yet, so the attempt is dropped (a build
+                    // is killed with its future) and the coordinator gives it out again
+                    // when this agent says hello without it, or is lost.
+                    _ = control.detach.cancelled() => {
+                        info!("Agent stopping: the run's preparation is abandoned; the coordinator gives the attempt out again.");
+                        return;
+                    }
                     _ = tokio::time::sleep(PREPARE_POLL) => {
                         follower.read_spool();
                     }
@@ -311,6 +319,18 @@ async fn prepare(
     if assignment.gang.is_none() && !assignment.gpus.is_empty() && docker_image.is_none() {
         env.push(("CUDA_VISIBLE_DEVICES".to_string(), join(&assignment.gpus)));
     }
+    // A process run of a root agent gets a user of its own (see `sandbox`).
+    let run_user = match (&agent.config.run_users, &docker_image) {
+        (Some(range), None) => {
+            let user = crate::sandbox::claim(range, root, &agent.config.supervisor_program)
+                .context("claim a user for the run")?;
+            let home = root.join("home");
+            std::fs::create_dir_all(&home).context("create the run's home directory")?;
+            env.push(("HOME".to_string(), home.to_string_lossy().into_owned()));
+            Some(user)
+        }
+        _ => None,
+    };
     let checkpoint_dir = (assignment.checkpoint_interval_s > 0).then(|| root.join("checkpoint"));
     if let Some(dir) = &checkpoint_dir {
         std::fs::create_dir_all(dir).context("create the checkpoint directory")?;
@@ -355,6 +375,7 @@ async fn prepare(
         metrics_rank = Some(gang.node_rank * gang.procs_per_node.max(1));
     }
     let spec = Spec {
+        run_as: run_user,
         run_id: assignment.run_id,
         attempt: assignment.attempt,
         program,
@@ -392,6 +413,26 @@ async fn prepare(
         paths.extend(spec.checkpoint_dir.as_deref());
         crate::docker::hand_over(&paths, &docker.user)
             .context("give the run's directories to the container's user")?;
+    }
+    if let Some(user) = &spec.run_as {
+        // The run's user owns its work, home and checkpoint directories, and nothing else:
+        // `state/` (spec.json holds the run's environment) stays the agent's.
+        let mut paths = vec![spec.cwd.clone(), root.join("home")];
+        paths.extend(spec.checkpoint_dir.clone());
+        let owner = user.owner();
+        let state_dir = state.0.clone();
+        let root_dir = root.to_path_buf();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+            crate::docker::hand_over(&refs, &owner)
+                .context("give the run's directories to the run's user")?;
+            for path in &paths {
+                crate::sandbox::set_mode(path, 0o700)?;
+            }
+            crate::sandbox::set_mode(&state_dir, 0o700)?;
+            crate::sandbox::set_mode(&root_dir, 0o711)
+        })
+        .await??;
     }
     spool::write_json(&state.spec(), &spec).context("write spec.json")?;
     anyhow::ensure!(
@@ -599,6 +640,49 @@ fn gpus_of_local_rank(gpus: &[u32], local: u32, per_node: u32) -> Vec<u32> {
 
 fn join(ids: &[u32]) -> String {
     ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// How many supervisor logs `DATA_DIR/supervisor-logs/` keeps (the newest).
+const KEPT_SUPERVISOR_LOGS: usize = 100;
+
+/// Moves an attempt's `state/supervisor.log` (the supervisor's own errors; empty when all
+/// went well) to `DATA_DIR/supervisor-logs/<run>.<attempt>.log` before the attempt's
+/// directory is removed, so that an attempt that ended oddly ("the supervisor process is
+/// gone") can still be diagnosed, and says where it went. Keeps the newest
+/// [`KEPT_SUPERVISOR_LOGS`].
+fn keep_supervisor_log(data_dir: &Path, root: &Path, run_id: i64, attempt: u32) {
+    let log = root.join("state").join("supervisor.log");
+    let Ok(text) = std::fs::read_to_string(&log) else {
+        return;
+    };
+    if text.trim().is_empty() {
+        return;
+    }
+    let dir = data_dir.join("supervisor-logs");
+    let kept = dir.join(format!("{run_id}.{attempt}.log"));
+    let moved = std::fs::create_dir_all(&dir).and_then(|()| std::fs::rename(&log, &kept));
+    let tail: String = text.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+    match moved {
+        Ok(()) => {
+            warn!(run_id, attempt, log = %kept.display(), last_lines = %tail, "The run's supervisor reported errors; its log is kept.");
+        }
+        Err(error) => {
+            warn!(run_id, attempt, error = %error, last_lines = %tail, "The run's supervisor reported errors; its log could not be kept.");
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let mut logs: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if logs.len() > KEPT_SUPERVISOR_LOGS {
+        logs.sort();
+        for (_, path) in &logs[..logs.len() - KEPT_SUPERVISOR_LOGS] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Starts the supervisor in its own process group; a task reaps it when it exits.
@@ -834,14 +918,31 @@ pub(crate) async fn attach(
             }
         }
     }
+    // Removing a big run directory is slow file I/O: off the async workers.
+    let data_dir = agent.config.data_dir.clone();
+    let removed = tokio::task::spawn_blocking(move || {
+        remove_attempt(&data_dir, &root, run_id, attempt);
+    });
+    let _ = removed.await;
+}
+
+/// Removes what an attempt left on disk once it is over: its metrics socket, its claim on
+/// a run user, and its directory (keeping the supervisor's log if it says anything).
+fn remove_attempt(data_dir: &Path, root: &Path, run_id: i64, attempt: u32) {
     let _ = std::fs::remove_file(
-        agent
-            .config
-            .data_dir
+        data_dir
             .join("sock")
             .join(format!("{run_id}.{attempt}.sock")),
     );
-    if let Err(error) = std::fs::remove_dir_all(&root)
+    let run_as = spool::read_json::<Spec>(&spool::StateDir(root.join("state")).spec())
+        .ok()
+        .flatten()
+        .and_then(|spec| spec.run_as);
+    if let Some(user) = run_as {
+        crate::sandbox::release(user, root);
+    }
+    keep_supervisor_log(data_dir, root, run_id, attempt);
+    if let Err(error) = std::fs::remove_dir_all(root)
         && error.kind() != std::io::ErrorKind::NotFound
     {
         warn!(error = %error, "Could not remove the run directory.");
@@ -1668,6 +1769,42 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_supervisors_error_log_outlives_its_attempt_and_only_the_newest_are_kept() {
+        let data = tempfile::tempdir().unwrap();
+        let attempt_dir = |run: i64| {
+            let root = data.path().join(format!("runs/{run}.1"));
+            std::fs::create_dir_all(root.join("state")).unwrap();
+            root
+        };
+        // A quiet supervisor leaves nothing.
+        let root = attempt_dir(1);
+        std::fs::write(root.join("state/supervisor.log"), "").unwrap();
+        remove_attempt(data.path(), &root, 1, 1);
+        assert!(!root.exists());
+        assert!(!data.path().join("supervisor-logs/1.1.log").exists());
+        // One that said something is kept under the attempt's name.
+        let root = attempt_dir(2);
+        std::fs::write(
+            root.join("state/supervisor.log"),
+            "kiln supervisor: open logs.spool: No space left on device\n",
+        )
+        .unwrap();
+        remove_attempt(data.path(), &root, 2, 1);
+        assert!(!root.exists());
+        let kept = std::fs::read_to_string(data.path().join("supervisor-logs/2.1.log")).unwrap();
+        assert!(kept.contains("No space left"), "{kept}");
+        for run in 3..(KEPT_SUPERVISOR_LOGS as i64 + 10) {
+            let root = attempt_dir(run);
+            std::fs::write(root.join("state/supervisor.log"), "error\n").unwrap();
+            remove_attempt(data.path(), &root, run, 1);
+        }
+        let kept = std::fs::read_dir(data.path().join("supervisor-logs"))
+            .unwrap()
+            .count();
+        assert_eq!(kept, KEPT_SUPERVISOR_LOGS);
+    }
 
     fn env_of(pairs: &[(String, String)], key: &str) -> Option<String> {
         pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone())

@@ -34,7 +34,15 @@ pub(crate) async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut credentials_backoff = Duration::from_secs(5);
     loop {
-        let wait = match connected(&agent, &mut uplink, &stop).await {
+        let mut welcomed = false;
+        let result = connected(&agent, &mut uplink, &stop, &mut welcomed).await;
+        if welcomed {
+            // A session was established: the next break starts the backoff afresh, instead
+            // of every later reconnect waiting as long as the worst outage so far.
+            backoff = Duration::from_millis(100);
+            credentials_backoff = Duration::from_secs(5);
+        }
+        let wait = match result {
             Ok(()) => return,
             Err(error) if error.is::<NeedsJoin>() => {
                 warn!(
@@ -156,6 +164,7 @@ async fn connected(
     agent: &Arc<Agent>,
     uplink: &mut mpsc::Receiver<v1::AgentMessage>,
     stop: &CancellationToken,
+    welcomed: &mut bool,
 ) -> anyhow::Result<()> {
     let tls = client_tls(agent)?;
     let channel = kiln_proto::connect_with(&agent.config.coordinator, tls.as_ref()).await?;
@@ -186,7 +195,9 @@ async fn connected(
             kind: Some(Down::Welcome(welcome)),
         }) => {
             agent.coordinator_contact(Some(Duration::from_millis(welcome.heartbeat_ttl_ms)));
+            agent.set_disconnect_grace(Duration::from_millis(welcome.disconnect_grace_ms));
             info!(coordinator_version = %welcome.coordinator_version, "Connected to the coordinator.");
+            *welcomed = true;
         }
         _ => anyhow::bail!("the coordinator did not welcome this agent"),
     }
@@ -204,12 +215,19 @@ async fn connected(
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
-                // Say goodbye: forward what the runs reported while stopping, then close.
+                // Say goodbye: forward what the runs reported while stopping, announce that
+                // the runs go on (the coordinator keeps them for its disconnect grace
+                // instead of its TTL, and their supervisors extend their lease to match),
+                // then close.
                 while let Ok(message) = uplink.try_recv() {
                     if out.send(message).await.is_err() {
                         break;
                     }
                 }
+                agent.leaving();
+                let _ = out
+                    .send(up(Up::Goodbye(v1::Goodbye { runs_continue: true })))
+                    .await;
                 drop(out);
                 let _ = tokio::time::timeout(Duration::from_secs(5), async {
                     while let Ok(Some(_)) = inbound.message().await {}
@@ -230,7 +248,11 @@ async fn connected(
                 None => anyhow::bail!("the coordinator closed the session"),
             },
             _ = heartbeat.tick() => {
-                let environments = cached_environments(agent);
+                // Reading the environment cache is file I/O: off the async workers.
+                let reader = agent.clone();
+                let environments = tokio::task::spawn_blocking(move || cached_environments(&reader))
+                    .await
+                    .unwrap_or_default();
                 let beat = if reported_environments.as_ref() == Some(&environments) {
                     v1::Heartbeat::default()
                 } else {

@@ -68,6 +68,10 @@ pub struct Spec {
     /// The agent's [`Lease`] file, which a fenceable attempt's supervisor watches.
     #[serde(default)]
     pub lease_file: Option<PathBuf>,
+    /// Process runs of a root agent: the user the script runs as (see `sandbox`); `None`:
+    /// the supervisor's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<crate::sandbox::RunUser>,
 }
 
 impl Spec {

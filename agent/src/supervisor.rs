@@ -32,7 +32,11 @@ const MAX_LINE_BYTES: u64 = 64 * 1024;
 /// exits; otherwise returns. Call first thing in `main` of every binary that embeds an agent.
 pub fn run_if_requested() {
     let mut args = std::env::args_os().skip(1);
-    if args.next().as_deref() == Some(std::ffi::OsStr::new(SUBCOMMAND)) {
+    let first = args.next();
+    if first.as_deref() == Some(std::ffi::OsStr::new(crate::sandbox::KILL_SUBCOMMAND)) {
+        crate::sandbox::kill_own_user();
+    }
+    if first.as_deref() == Some(std::ffi::OsStr::new(SUBCOMMAND)) {
         let state_dir = args
             .next()
             .map(std::path::PathBuf::from)
@@ -95,6 +99,12 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&spec.metrics_socket);
     let listener = std::os::unix::net::UnixListener::bind(&spec.metrics_socket)
         .with_context(|| format!("bind {}", spec.metrics_socket.display()))?;
+    if let Some(user) = &spec.run_as {
+        // The run's user connects to the metrics socket; no one else may.
+        crate::docker::hand_over(&[spec.metrics_socket.as_path()], &user.owner())
+            .context("give the metrics socket to the run's user")?;
+        crate::sandbox::set_mode(&spec.metrics_socket, 0o600)?;
+    }
 
     if let Some(docker) = &spec.docker {
         // The container's user connects to the metrics socket.
@@ -135,6 +145,10 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(pgid.unwrap_or(0));
+        if let Some(user) = &spec.run_as {
+            // std drops the supervisor's supplementary groups when it switches from root.
+            command.uid(user.uid).gid(user.gid);
+        }
         match command.spawn() {
             Ok(child) => {
                 pgid.get_or_insert(child.id() as i32);
@@ -218,8 +232,15 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
 
     let (status, failed_rank) = wait_all(children, pid)?;
     let fenced = lease.finish();
-    // Whatever the script left behind in its group goes too, so the pipes close.
+    // Whatever the script left behind in its group goes too, so the pipes close; with a
+    // user of its own, so does every process of that user (a double-forked daemon that
+    // left the group included).
     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    if let Some(user) = &spec.run_as
+        && let Ok(program) = std::env::current_exe()
+    {
+        crate::sandbox::kill_all(&program, user.uid);
+    }
     for reader in readers {
         let _ = reader.join();
     }

@@ -39,6 +39,13 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heartbeat_ttl: Option<u64>,
 
+    /// Seconds the coordinator keeps the runs of an agent that announced its stop (SIGTERM:
+    /// `systemctl stop`/`restart`, an upgrade) before it declares it lost; its runs go on
+    /// meanwhile. [default: 600]
+    #[arg(long, env = "KILN_DISCONNECT_GRACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disconnect_grace: Option<u64>,
+
     /// Largest snapshot or outputs archive accepted, in bytes. [default: 8589934592 (8 GiB)]
     #[arg(long, env = "KILN_MAX_BLOB_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -107,6 +114,7 @@ pub struct Effective {
     pub listen: String,
     pub data_dir: PathBuf,
     pub heartbeat_ttl: u64,
+    pub disconnect_grace: u64,
     pub max_blob_bytes: u64,
     pub log: String,
     pub advertise_url: String,
@@ -130,6 +138,7 @@ impl Settings {
             listen: self.listen.or(lower.listen),
             data_dir: self.data_dir.or(lower.data_dir),
             heartbeat_ttl: self.heartbeat_ttl.or(lower.heartbeat_ttl),
+            disconnect_grace: self.disconnect_grace.or(lower.disconnect_grace),
             max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
             log: self.log.or(lower.log),
             advertise_url: self.advertise_url.or(lower.advertise_url),
@@ -170,6 +179,9 @@ impl Settings {
         if heartbeat_ttl == 0 {
             problems.push("heartbeat_ttl is 0: use at least 1 (seconds)".to_string());
         }
+        let disconnect_grace = self
+            .disconnect_grace
+            .unwrap_or(crate::DEFAULT_DISCONNECT_GRACE.as_secs());
         let max_blob_bytes = self.max_blob_bytes.unwrap_or(crate::DEFAULT_MAX_BLOB_BYTES);
         let log = self.log.unwrap_or_else(|| DEFAULT_LOG.to_string());
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log) {
@@ -230,6 +242,7 @@ impl Settings {
             listen,
             data_dir,
             heartbeat_ttl,
+            disconnect_grace,
             max_blob_bytes,
             log,
             advertise_url,
@@ -249,6 +262,7 @@ impl Effective {
     pub fn coordinator_config(&self) -> crate::Config {
         let mut config = crate::Config::new(self.data_dir.clone());
         config.heartbeat_ttl = std::time::Duration::from_secs(self.heartbeat_ttl.max(1));
+        config.disconnect_grace = std::time::Duration::from_secs(self.disconnect_grace);
         config.max_blob_bytes = self.max_blob_bytes;
         config
     }

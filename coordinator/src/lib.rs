@@ -36,6 +36,8 @@ use crate::store::{EventFields, Store, TransitionError, is_gang};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Default time without a heartbeat after which an agent is lost.
 pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(30);
+/// How long the runs of an agent that announced its stop are kept (see `v1::Goodbye`).
+pub const DEFAULT_DISCONNECT_GRACE: Duration = Duration::from_secs(600);
 /// Default largest blob (snapshot or outputs) the coordinator stores.
 pub const DEFAULT_MAX_BLOB_BYTES: u64 = 8 << 30;
 
@@ -44,6 +46,8 @@ pub struct Config {
     /// Holds `kiln.db` (SQLite, WAL) and `blobs/`.
     pub data_dir: PathBuf,
     pub heartbeat_ttl: Duration,
+    /// How long an agent that said goodbye (runs continue) is `away` before it is lost.
+    pub disconnect_grace: Duration,
     pub max_blob_bytes: u64,
     /// TLS and authentication: with a PKI every call is authenticated (see `auth.rs`);
     /// without (`--insecure`, the local target's Unix socket) nobody is.
@@ -55,6 +59,7 @@ impl Config {
         Config {
             data_dir,
             heartbeat_ttl: DEFAULT_HEARTBEAT_TTL,
+            disconnect_grace: DEFAULT_DISCONNECT_GRACE,
             max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
             pki: None,
         }
@@ -110,6 +115,8 @@ pub struct Coordinator {
     /// monotonic clock: neither an agent's clock nor a jump of this machine's wall clock
     /// can make an agent look silent.
     last_heard: Mutex<HashMap<String, std::time::Instant>>,
+    /// Agents that said goodbye with their runs going on, until they are heard again.
+    away: Mutex<std::collections::HashSet<String>>,
     next_session_id: std::sync::atomic::AtomicU64,
     /// Stale attempts already reported in the log, so each is logged once.
     stale_told: Mutex<std::collections::HashSet<(String, i64, u32)>>,
@@ -152,6 +159,7 @@ impl Coordinator {
             config,
             sessions: Mutex::new(HashMap::new()),
             last_heard: Mutex::new(last_heard),
+            away: Mutex::new(std::collections::HashSet::new()),
             next_session_id: 1.into(),
             stale_told: Mutex::new(std::collections::HashSet::new()),
             run_changes,
@@ -382,6 +390,10 @@ impl Coordinator {
 
     /// Records that an agent spoke (hello, heartbeat or any other message).
     fn heard_from(&self, agent_id: &str) {
+        self.away
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(agent_id);
         let now = std::time::Instant::now();
         let mut last_heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
         match last_heard.get_mut(agent_id) {
@@ -445,11 +457,22 @@ impl Coordinator {
             .map(|(id, at)| (id.clone(), *at))
             .collect();
         for (agent_id, heard_at) in silent {
-            warn!(agent_id = %agent_id, ttl_s = ttl.as_secs(), "Agent missed heartbeats; marking it lost.");
-            let message = format!(
-                "node_lost: agent {agent_id} missed heartbeats for {}s",
-                ttl.as_secs()
-            );
+            let away = self
+                .away
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&agent_id);
+            let message = if away {
+                let grace = self.config.disconnect_grace.as_secs();
+                warn!(agent_id = %agent_id, grace_s = grace, "Agent stopped and did not come back within the disconnect grace; marking it lost.");
+                format!("node_lost: agent {agent_id} stopped and did not come back within {grace}s")
+            } else {
+                warn!(agent_id = %agent_id, ttl_s = ttl.as_secs(), "Agent missed heartbeats; marking it lost.");
+                format!(
+                    "node_lost: agent {agent_id} missed heartbeats for {}s",
+                    ttl.as_secs()
+                )
+            };
             self.release_agent(&agent_id, message, Loss::Silent)
                 .await
                 .with_context(|| format!("mark agent {agent_id} lost (tried again next check)"))?;
@@ -675,6 +698,34 @@ impl Coordinator {
         Ok(session_id)
     }
 
+    /// An agent stops on purpose. If its runs go on, it is `away`: the liveness loop judges
+    /// it one disconnect grace from now instead of one TTL, and its runs stay placed.
+    async fn agent_leaving(&self, agent_id: &str, goodbye: v1::Goodbye) -> anyhow::Result<()> {
+        if !goodbye.runs_continue {
+            return Ok(());
+        }
+        let grace = self.config.disconnect_grace;
+        info!(agent_id = %agent_id, grace_s = grace.as_secs(), "Agent stopping; its runs go on and are kept for the disconnect grace.");
+        {
+            let mut last_heard = self.last_heard.lock().unwrap_or_else(|p| p.into_inner());
+            // `last_heard + TTL` is when the agent is judged: put that at `now + grace`.
+            let judged_at = std::time::Instant::now() + grace;
+            let at = judged_at
+                .checked_sub(self.config.heartbeat_ttl)
+                .unwrap_or_else(std::time::Instant::now)
+                .max(std::time::Instant::now());
+            last_heard.insert(agent_id.to_string(), at);
+        }
+        self.away
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(agent_id.to_string());
+        let agent_id = agent_id.to_string();
+        self.db
+            .call(move |s| s.set_agent_state(&agent_id, "away"))
+            .await
+    }
+
     async fn agent_disconnected(&self, agent_id: &str, session_id: u64) {
         let removed = {
             let mut sessions = self.sessions();
@@ -757,6 +808,10 @@ impl Coordinator {
                 Ok(Some(ack(run_id, attempt, 0, metric_seq, false)))
             }
             Kind::RunEvent(event) => self.run_event(agent_id, event).await,
+            Kind::Goodbye(goodbye) => {
+                self.agent_leaving(agent_id, goodbye).await?;
+                Ok(None)
+            }
         }
     }
 

@@ -893,6 +893,7 @@ impl AgentApi for Api {
             kind: Some(v1::coordinator_message::Kind::Welcome(v1::Welcome {
                 coordinator_version: kiln_common::VERSION.to_string(),
                 heartbeat_ttl_ms: self.0.config.heartbeat_ttl.as_millis() as u64,
+                disconnect_grace_ms: self.0.config.disconnect_grace.as_millis() as u64,
             })),
         }))
         .expect("a new channel has room");

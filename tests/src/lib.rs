@@ -47,6 +47,26 @@ pub fn python() -> String {
     }
 }
 
+/// A temporary directory for a cluster's data. Agents running as root (as the tests do)
+/// give runs users of their own, who must pass through it to their run directories.
+pub fn cluster_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("chmod the cluster directory");
+    dir
+}
+
+/// A temporary directory that a test and its runs' scripts both write (a gate, a marker):
+/// runs of a root agent have users of their own.
+pub fn shared_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod the shared directory");
+    dir
+}
+
 pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
@@ -226,7 +246,7 @@ impl Cluster {
         agent_args: &[&str],
         coordinator_args: &[&str],
     ) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = cluster_dir();
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
         let ttl = ttl_s.to_string();

@@ -24,7 +24,7 @@ pub struct SecureCluster {
 impl SecureCluster {
     /// A coordinator on loopback with TLS, heartbeat TTL 5 s, and `args` on top.
     pub fn start(args: &[&str]) -> SecureCluster {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let dir = crate::cluster_dir();
         let address_file = dir.path().join("coordinator.addr");
         let mut command = Command::new(bin("kiln-coordinator"));
         command

@@ -309,7 +309,8 @@ fn lines_written_while_the_coordinator_is_down_are_all_stored() {
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 30);
     let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("steady.py", STEADY)]);
-    let done = cluster.dir.path().join("script-done");
+    let signals = shared_dir();
+    let done = signals.path().join("script-done");
     let run_id = cluster.submit_detached(&[
         "--target",
         "alpha",
@@ -499,7 +500,7 @@ fn a_restarted_agent_stops_the_old_attempt_before_the_retry_runs() {
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 4);
     let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("copies.py", COPIES)]);
-    let marks = tempfile::tempdir().unwrap();
+    let marks = shared_dir();
     let run_id = cluster.submit_detached(&[
         "--max-retries",
         "1",
@@ -538,7 +539,7 @@ fn a_frozen_agents_attempt_is_stopped_when_its_retry_starts_elsewhere() {
     let cluster = Cluster::start(&[alpha(1), alpha(1)]);
     let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("copies.py", COPIES)]);
-    let marks = tempfile::tempdir().unwrap();
+    let marks = shared_dir();
     let run_id = cluster.submit_detached(&[
         "--max-retries",
         "1",
@@ -612,7 +613,7 @@ fn lines_of_60_kib_are_stored_whole_across_a_coordinator_crash() {
     let mut cluster = Cluster::start_with_ttl(&[alpha(1)], 30);
     let _leftovers = Leftovers::of(cluster.dir.path());
     let src = source_dir(&[("big.py", BIG_LINES)]);
-    let gate = tempfile::tempdir().unwrap();
+    let gate = shared_dir();
     let run_id = cluster.submit_detached(&[
         "--target",
         "alpha",
@@ -968,7 +969,7 @@ else:
         print("rank %s restored: %s" % (rank, f.read()), flush=True)
 "#,
     )]);
-    let gate = tempfile::tempdir().unwrap();
+    let gate = shared_dir();
     let run_id = cluster.submit_detached(&[
         "--target",
         "gpu",

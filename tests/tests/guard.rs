@@ -280,3 +280,180 @@ fn a_damaged_database_is_refused_naming_the_file() {
         assert_eq!(std::fs::read(&db).unwrap(), damage);
     }
 }
+
+#[test]
+fn a_reconnect_after_a_good_session_does_not_wait_out_an_earlier_outages_backoff() {
+    let mut cluster = Cluster::start_with_ttl(ONE, 60);
+    let connected = |cluster: &Cluster| {
+        cluster.agents[0]
+            .log_text()
+            .matches("Connected to the coordinator")
+            .count()
+    };
+    // A long outage: the agent's backoff grows to several seconds.
+    cluster.kill_coordinator();
+    std::thread::sleep(Duration::from_secs(9));
+    let before = connected(&cluster);
+    cluster.start_coordinator();
+    wait_for("the agent back", Duration::from_secs(30), || {
+        (connected(&cluster) > before).then_some(())
+    });
+    // A blip after a good session: the agent is back at once, not after the old backoff
+    // (which had grown past 6 s).
+    let before = connected(&cluster);
+    cluster.kill_coordinator();
+    cluster.start_coordinator();
+    let started = Instant::now();
+    wait_for("the agent back", Duration::from_secs(30), || {
+        (connected(&cluster) > before).then_some(())
+    });
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "the agent took {took:?} to reconnect after a blip"
+    );
+    cluster.stop();
+}
+
+#[test]
+fn a_graceful_stop_abandons_a_run_still_preparing_and_kills_its_build() {
+    // An environment build that never ends: an external conda that sleeps.
+    let tools = shared_dir();
+    let conda = tools.path().join("slow-conda");
+    let started = tools.path().join("build.pid");
+    std::fs::write(
+        &conda,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
+            started.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&conda, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut cluster =
+        Cluster::start_with_agent_args(ONE, &["--conda-command", conda.to_str().unwrap()]);
+    let src = source_dir(&[
+        ("train.py", "print('never')\n"),
+        ("environment.yml", "name: slow\ndependencies:\n  - python\n"),
+        (
+            "kiln.yaml",
+            "script: train.py\ntarget: box\nenvironment:\n  conda:\n    file: environment.yml\n",
+        ),
+    ]);
+    let run_id = cluster.submit_detached(&[src.path().to_str().unwrap()]);
+    let pid: i32 = wait_for("the build to start", Duration::from_secs(30), || {
+        std::fs::read_to_string(&started).ok()?.trim().parse().ok()
+    });
+
+    let agent_pid = nix::unistd::Pid::from_raw(cluster.agents[0].pid() as i32);
+    nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let code = wait_for("the agent to stop", Duration::from_secs(15), || {
+        cluster.agents[0].try_exit()
+    });
+    assert_eq!(code, Some(0), "{}", cluster.agents[0].log_text());
+    wait_for("the build to be killed", Duration::from_secs(10), || {
+        (!process_alive(pid)).then_some(())
+    });
+    // Nothing ran: the run is not over, it waits to be given out again.
+    let run = cluster.run(run_id);
+    assert!(
+        matches!(run["status"].as_str(), Some("queued" | "assigned")),
+        "{run}"
+    );
+    cluster.coordinator.stop_cleanly();
+}
+
+const GATED: &str = r#"import os, sys, time
+gate = sys.argv[1]
+open(os.path.join(gate, "script.pid"), "w").write(str(os.getpid()))
+print("started", flush=True)
+while not os.path.exists(os.path.join(gate, "go")):
+    time.sleep(0.2)
+print("done", flush=True)
+"#;
+
+fn stop_agent(cluster: &mut Cluster) {
+    let pid = nix::unistd::Pid::from_raw(cluster.agents[0].pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let code = wait_for("the agent to stop", Duration::from_secs(15), || {
+        cluster.agents[0].try_exit()
+    });
+    assert_eq!(code, Some(0), "{}", cluster.agents[0].log_text());
+}
+
+#[test]
+fn an_announced_agent_stop_keeps_its_runs_for_the_disconnect_grace() {
+    let mut cluster = Cluster::start_with_coordinator_args(ONE, 3, &["--disconnect-grace", "60"]);
+    let gate = shared_dir();
+    let src = source_dir(&[("train.py", GATED)]);
+    // Within its retry budget: without the grace, the TTL would give it to another attempt
+    // and its own supervisor would fence it off.
+    let run_id = cluster.submit_detached(&[
+        "--target",
+        "box",
+        "--max-retries",
+        "1",
+        src.path().to_str().unwrap(),
+        "train.py",
+        "--",
+        gate.path().to_str().unwrap(),
+    ]);
+    wait_for_log(&cluster, run_id, "started");
+    let script: i32 = std::fs::read_to_string(gate.path().join("script.pid"))
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // `systemctl stop kiln-agent` (or the first half of a restart, or an upgrade).
+    stop_agent(&mut cluster);
+    std::thread::sleep(Duration::from_secs(8));
+    let run = cluster.run(run_id);
+    assert_eq!(run["status"], "running", "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    let agents = cluster.json(&["agents", "--json"]);
+    assert_eq!(agents[0]["state"], "away", "{agents}");
+    assert!(
+        process_alive(script),
+        "the script was stopped while its agent was away"
+    );
+
+    // The agent comes back: the run finishes as the one attempt it always was.
+    cluster.restart_agent(0);
+    std::fs::write(gate.path().join("go"), "").unwrap();
+    let run = wait_ended(&cluster, run_id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert!(logs(&cluster, run_id).contains("done"));
+    let agents = cluster.json(&["agents", "--json"]);
+    assert_eq!(agents[0]["state"], "online", "{agents}");
+    cluster.stop();
+}
+
+#[test]
+fn an_agent_that_stays_away_past_the_grace_is_lost_with_its_runs() {
+    let mut cluster = Cluster::start_with_coordinator_args(ONE, 2, &["--disconnect-grace", "4"]);
+    let gate = shared_dir();
+    let src = source_dir(&[("train.py", GATED)]);
+    let run_id = cluster.submit_detached(&[
+        "--target",
+        "box",
+        src.path().to_str().unwrap(),
+        "train.py",
+        "--",
+        gate.path().to_str().unwrap(),
+    ]);
+    wait_for_log(&cluster, run_id, "started");
+    stop_agent(&mut cluster);
+    let run = wait_ended(&cluster, run_id, Duration::from_secs(20));
+    assert_eq!(run["status"], "lost", "{run}");
+    assert!(
+        run["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not come back within 4s"),
+        "{run}"
+    );
+    // Let the orphaned script end.
+    std::fs::write(gate.path().join("go"), "").unwrap();
+    cluster.coordinator.stop_cleanly();
+}

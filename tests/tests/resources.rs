@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kiln_tests::{AgentSpec, Cluster, text, wait_for, write_tree};
+use kiln_tests::{AgentSpec, Cluster, shared_dir, text, wait_for, write_tree};
 
 /// Prints its CUDA_VISIBLE_DEVICES, then waits until `release-<run id>` exists next to the
 /// snapshot (the test creates it).
@@ -46,7 +46,7 @@ fn release(dir: &Path, run: i64) {
 
 #[test]
 fn gpu_runs_get_their_own_gpus_and_queue_when_all_are_taken() {
-    let hold = tempfile::tempdir().unwrap();
+    let hold = shared_dir();
     let cluster = cluster(hold.path());
     let src = tempfile::tempdir().unwrap();
     write_tree(src.path(), &[("hold.py", HOLD_GPU)]);

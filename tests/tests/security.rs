@@ -9,8 +9,9 @@ use kiln_proto::v1;
 use kiln_tests::secure::{self, SecureCluster, block_on, channel, session};
 use kiln_tests::{text, wait_for, write_tree};
 
+/// The scripts below write markers into it, as runs with users of their own.
 fn project() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = kiln_tests::shared_dir();
     write_tree(
         dir.path(),
         &[
