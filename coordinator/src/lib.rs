@@ -819,9 +819,22 @@ impl Coordinator {
     async fn run_event(
         &self,
         agent_id: &str,
-        event: v1::RunEvent,
+        mut event: v1::RunEvent,
     ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
         let (run_id, attempt) = (event.run_id, event.attempt);
+        if let Some(v1::run_event::Kind::Finished(finished)) = &mut event.kind
+            && !finished.outputs_digest.is_empty()
+            && !self
+                .agent_may_name_blob(agent_id, &finished.outputs_digest)
+                .await?
+        {
+            warn!(run_id, attempt, agent_id = %agent_id, digest = %finished.outputs_digest, "Agent named outputs it did not upload; not keeping them.");
+            finished.outputs_error = format!(
+                "the agent reported outputs {} that it did not upload",
+                finished.outputs_digest
+            );
+            finished.outputs_digest.clear();
+        }
         let is_finish = matches!(event.kind, Some(v1::run_event::Kind::Finished(_)));
         let (run, node) = match self.ownership(agent_id, run_id, attempt).await? {
             Ownership::Current(run, node) => (run, node),
@@ -932,8 +945,11 @@ impl Coordinator {
             Some(v1::run_event::Kind::Checkpointed(checkpoint)) => {
                 if !kiln_common::snapshot::is_valid_digest(&checkpoint.digest)
                     || self.blobs.size(&checkpoint.digest).await?.is_none()
+                    || !self
+                        .agent_may_name_blob(agent_id, &checkpoint.digest)
+                        .await?
                 {
-                    warn!(run_id, attempt, digest = %checkpoint.digest, "Ignoring a checkpoint that is not stored.");
+                    warn!(run_id, attempt, digest = %checkpoint.digest, "Ignoring a checkpoint that is not stored or not this agent's.");
                     return Ok(None);
                 }
                 info!(run_id, attempt, node, digest = %checkpoint.digest, "Checkpoint stored.");

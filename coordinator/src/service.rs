@@ -455,14 +455,24 @@ impl Kiln for Api {
         &self,
         request: Request<v1::SubmitRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
-        let user = self.0.authenticate(&request).await?.user()?;
+        let caller = self.0.authenticate(&request).await?;
+        let user = caller.clone().user()?;
         let request = request.into_inner();
         // Sizes first: the checks below may repeat a field in their messages.
         crate::limits::check_submission(&request).map_err(Status::invalid_argument)?;
         let target = TargetName::new(&request.target)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate_script(&request.script)?;
-        if self.0.blobs.size(&request.snapshot_digest).await?.is_none() {
+        // Someone else's snapshot is answered as a missing one: a run on it would let its
+        // submitter read it (`Store::blob_readable`).
+        let stored = self.0.blobs.size(&request.snapshot_digest).await?.is_some();
+        if !stored
+            || !self
+                .0
+                .may_read_blob(&caller, &request.snapshot_digest)
+                .await
+                .map_err(internal)?
+        {
             return Err(Status::failed_precondition(format!(
                 "snapshot {} has not been uploaded to the coordinator",
                 request.snapshot_digest
@@ -956,8 +966,20 @@ impl Blobs for Api {
         &self,
         request: Request<v1::HasBlobRequest>,
     ) -> Result<Response<v1::HasBlobReply>, Status> {
-        self.0.authenticate(&request).await?;
-        let size = self.0.blobs.size(&request.into_inner().digest).await?;
+        let caller = self.0.authenticate(&request).await?;
+        let digest = request.into_inner().digest;
+        // A blob the caller may not read is answered as missing: no existence oracle. An
+        // uploader of the same bytes becomes an owner by uploading them (`upload_blob`).
+        let mut size = self.0.blobs.size(&digest).await?;
+        if size.is_some()
+            && !self
+                .0
+                .may_read_blob(&caller, &digest)
+                .await
+                .map_err(internal)?
+        {
+            size = None;
+        }
         Ok(Response::new(v1::HasBlobReply {
             present: size.is_some(),
             size: size.unwrap_or(0),
@@ -968,7 +990,7 @@ impl Blobs for Api {
         &self,
         request: Request<Streaming<v1::BlobChunk>>,
     ) -> Result<Response<v1::UploadBlobReply>, Status> {
-        self.0.authenticate(&request).await?;
+        let caller = self.0.authenticate(&request).await?;
         let mut chunks = request.into_inner();
         let first = chunks
             .next()
@@ -992,6 +1014,11 @@ impl Blobs for Api {
             }
         }
         let size = self.0.blobs.commit(writer).await?;
+        // The bytes hashed to the digest: the caller holds them, stored before or not.
+        self.0
+            .blob_uploaded(&caller, &digest)
+            .await
+            .map_err(internal)?;
         info!(digest = %digest, size, "Blob stored.");
         Ok(Response::new(v1::UploadBlobReply { digest, size }))
     }
@@ -1002,8 +1029,18 @@ impl Blobs for Api {
         &self,
         request: Request<v1::DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
-        self.0.authenticate(&request).await?;
+        let caller = self.0.authenticate(&request).await?;
         let digest = request.into_inner().digest;
+        self.0.blobs.path(&digest)?;
+        if !self
+            .0
+            .may_read_blob(&caller, &digest)
+            .await
+            .map_err(internal)?
+        {
+            // The very answer a missing blob gets.
+            return Err(BlobError::NotFound(digest).into());
+        }
         let mut file = self.0.blobs.open_read(&digest).await?;
         let total_size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
         let (tx, rx) = mpsc::channel(4);

@@ -392,3 +392,153 @@ fn certificates_are_renewed_and_an_expired_one_needs_a_new_join() {
         || (!previous.exists()).then_some(()),
     );
 }
+
+/// `HasBlob` as the caller on `channel` with `token` (none: the channel's certificate).
+async fn has_blob(channel: &tonic::transport::Channel, token: Option<&str>, digest: &str) -> bool {
+    let bearer = token.map_or_else(kiln_proto::Bearer::none, |t| {
+        kiln_proto::Bearer::new(t).unwrap()
+    });
+    let reply = kiln_proto::clients::blobs(channel.clone(), bearer)
+        .has_blob(v1::HasBlobRequest {
+            digest: digest.to_string(),
+        })
+        .await
+        .expect("HasBlob answers")
+        .into_inner();
+    assert_eq!(reply.present, reply.size > 0, "{reply:?}");
+    reply.present
+}
+
+/// `DownloadBlob` as the user with `token`: the bytes, or the refusal.
+async fn download_blob(
+    channel: &tonic::transport::Channel,
+    token: &str,
+    digest: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream =
+        kiln_proto::clients::blobs(channel.clone(), kiln_proto::Bearer::new(token).unwrap())
+            .download_blob(v1::DownloadBlobRequest {
+                digest: digest.to_string(),
+            })
+            .await?
+            .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend(chunk.data);
+    }
+    Ok(bytes)
+}
+
+/// `SubmitRun` of `out.py` on `snapshot` as the user with `token`.
+async fn submit_on(
+    channel: &tonic::transport::Channel,
+    token: &str,
+    snapshot: &str,
+) -> Result<v1::Run, tonic::Status> {
+    kiln_proto::clients::kiln(channel.clone(), kiln_proto::Bearer::new(token).unwrap())
+        .submit_run(v1::SubmitRunRequest {
+            target: "cpu".into(),
+            script: "out.py".into(),
+            snapshot_digest: snapshot.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[test]
+fn a_member_reads_only_blobs_they_uploaded_or_their_runs_name() {
+    let mut cluster = SecureCluster::start(&[]);
+    let a = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    let ana = cluster.login("ana", "member");
+    let bo = cluster.login("bo", "member");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(a), "online");
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[(
+            "out.py",
+            "import os\n\
+             out = os.environ.get('KILN_OUTPUTS_DIR', 'outputs')\n\
+             os.makedirs(out, exist_ok=True)\n\
+             open(os.path.join(out, 'model.bin'), 'w').write('the weights of ana')\n",
+        )],
+    );
+    let path = dir.path().to_str().unwrap();
+    let run = ana.submit_detached(&["--target", "cpu", path, "out.py"]);
+    let done = ana.wait_status(run, "succeeded");
+    let snapshot = done["snapshot_digest"].as_str().unwrap().to_string();
+    let outputs = done["outputs_digest"].as_str().unwrap().to_string();
+    let missing = format!("sha256:{}", "0".repeat(64));
+
+    let address = cluster.address.clone();
+    let agent_tls = cluster.agent_tls(a);
+    block_on(async {
+        let users = channel(&address, &cluster.anonymous()).await.unwrap();
+        let (missing_download, missing_submit) = (
+            download_blob(&users, &bo.token, &missing)
+                .await
+                .unwrap_err(),
+            submit_on(&users, &bo.token, &missing).await.unwrap_err(),
+        );
+        assert_eq!(missing_download.code(), tonic::Code::NotFound);
+        assert_eq!(missing_submit.code(), tonic::Code::FailedPrecondition);
+        let like_missing = |status: &tonic::Status, digest: &str, missing: &tonic::Status| {
+            assert_eq!(status.code(), missing.code(), "{status:?}");
+            assert_eq!(
+                status.message().replace(digest, "D"),
+                missing.message().replace(&missing_digest(missing), "D"),
+            );
+        };
+        for digest in [&snapshot, &outputs] {
+            // Bo cannot tell ana's blobs from missing ones, fetch them, or run on them.
+            assert!(!has_blob(&users, Some(&bo.token), digest).await, "{digest}");
+            let refused = download_blob(&users, &bo.token, digest).await.unwrap_err();
+            like_missing(&refused, digest, &missing_download);
+            let refused = submit_on(&users, &bo.token, digest).await.unwrap_err();
+            like_missing(&refused, digest, &missing_submit);
+            // Ana and the admin can.
+            for token in [&ana.token, &admin.token] {
+                assert!(has_blob(&users, Some(token), digest).await, "{digest}");
+                assert!(
+                    !download_blob(&users, token, digest)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+            }
+        }
+        // An agent holding no run of ana's does not see them either.
+        let as_agent = channel(&address, &agent_tls).await.unwrap();
+        assert!(!has_blob(&as_agent, None, &snapshot).await);
+    });
+    let dest = dir.path().join("stolen");
+    let output = bo.kiln(&["download", &run.to_string(), dest.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(!dest.join("model.bin").exists());
+
+    // Bo, who has the same files, uploads them (the coordinator does not take his word
+    // for it) and runs on them; ana's run and outputs are still hers.
+    let output = bo.kiln(&["submit", "--target", "cpu", path, "out.py"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let uploaded = text(&output.stderr);
+    assert!(!uploaded.contains("uploaded 0 bytes"), "{uploaded}");
+    block_on(async {
+        let users = channel(&address, &cluster.anonymous()).await.unwrap();
+        assert!(has_blob(&users, Some(&bo.token), &snapshot).await);
+        submit_on(&users, &bo.token, &snapshot).await.unwrap();
+    });
+    let output = ana.kiln(&["download", &run.to_string(), dest.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("model.bin")).unwrap(),
+        "the weights of ana"
+    );
+}
+
+/// The digest a refusal's message names.
+fn missing_digest(status: &tonic::Status) -> String {
+    let start = status.message().find("sha256:").expect("a digest");
+    status.message()[start..start + 7 + 64].to_string()
+}
