@@ -699,6 +699,8 @@ impl Kiln for Api {
                 state: row.state,
                 last_heartbeat_unix_ms: row.last_heartbeat_ms,
                 environments: row.environments,
+                conflict: row.conflict,
+                conflict_unix_ms: row.conflict_ms,
             })
             .map(Ok::<_, std::convert::Infallible>);
         let Ok(page) = fill(agents, page_bytes(request.max_page_bytes), usize::MAX);
@@ -868,6 +870,11 @@ impl AgentApi for Api {
             ));
         }
         validate_host(hello.host.as_ref(), hello.slots)?;
+        if hello.instance.len() > 128 || hello.boot_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "hello: instance and boot_id are at most 128 bytes",
+            ));
+        }
         // An authenticated agent is who its certificate says, in the target it joined.
         if let Some((id, target)) = &identity {
             if &hello.agent_id != id {
@@ -912,7 +919,10 @@ impl AgentApi for Api {
         let session_id = coordinator
             .agent_connected(hello, peer, tx.clone(), closed.clone())
             .await
-            .map_err(internal)?;
+            .map_err(|error| match error {
+                crate::HelloError::LiveSession(message) => Status::already_exists(message),
+                crate::HelloError::Failed(error) => internal(error),
+            })?;
         let span = info_span!("agent_session", agent_id = %agent_id);
         tokio::spawn(
             async move {

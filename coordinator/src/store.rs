@@ -209,6 +209,12 @@ CREATE TABLE blob_owners (
 ) WITHOUT ROWID;
 CREATE INDEX runs_by_owner ON runs(owner);
 "#,
+    // 10: the last second session refused for a live agent from another host or boot: a
+    // possible copy of its key (`sessions::judge`), shown by `kiln agents`.
+    r#"
+ALTER TABLE agents ADD COLUMN conflict TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN conflict_ms INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub struct Store {
@@ -353,6 +359,10 @@ pub struct AgentRow {
     pub state: String,
     pub last_heartbeat_ms: i64,
     pub environments: Vec<v1::CachedEnvironment>,
+    /// The last refused second session that looked like a copy of the agent's key ("" if
+    /// none), and when.
+    pub conflict: String,
+    pub conflict_ms: i64,
 }
 
 /// How long a statement waits for another process's lock on the database.
@@ -518,6 +528,15 @@ impl Store {
         Ok(())
     }
 
+    /// Records a refused second session that looked like a copy of the agent's key.
+    pub fn record_agent_conflict(&self, id: &str, what: &str, now_ms: i64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE agents SET conflict = ?2, conflict_ms = ?3 WHERE id = ?1",
+            params![id, what, now_ms],
+        )?;
+        Ok(())
+    }
+
     pub fn set_agent_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
         self.conn.execute(
             "UPDATE agents SET state = ?2 WHERE id = ?1",
@@ -528,8 +547,8 @@ impl Store {
 
     pub fn list_agents(&self) -> anyhow::Result<Vec<AgentRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, target, host, slots, state, last_heartbeat_ms, environments FROM agents
-             ORDER BY target, id",
+            "SELECT id, target, host, slots, state, last_heartbeat_ms, environments, conflict,
+                conflict_ms FROM agents ORDER BY target, id",
         )?;
         let rows = stmt
             .query_map([], |row| {
@@ -546,6 +565,8 @@ impl Store {
                         .and_then(|b| v1::Heartbeat::decode(b.as_slice()).ok())
                         .map(|report| report.environments)
                         .unwrap_or_default(),
+                    conflict: row.get(7)?,
+                    conflict_ms: row.get(8)?,
                 })
             })?
             .collect::<Result<_, _>>()?;

@@ -222,6 +222,9 @@ fn callers_reach_only_their_own_api_and_runs() {
     let other = if holder == cluster.agent_id(a) { b } else { a };
     let other_id = cluster.agent_id(other);
     let other_tls = cluster.agent_tls(other);
+    // (The other agent stops first: its identity has one session at a time.)
+    cluster.agents[other].as_mut().unwrap().stop_cleanly();
+    cluster.wait_agent_state(&admin, &other_id, "offline");
     block_on(async {
         let as_other = channel(&address, &other_tls).await.unwrap();
         let (tx, _inbound) = session(as_other, &other_id, "cpu").await.unwrap();
@@ -541,4 +544,101 @@ fn a_member_reads_only_blobs_they_uploaded_or_their_runs_name() {
 fn missing_digest(status: &tonic::Status) -> String {
     let start = status.message().find("sha256:").expect("a digest");
     status.message()[start..start + 7 + 64].to_string()
+}
+
+/// How many sessions agent `index` has opened so far (its log accumulates across restarts).
+fn sessions_opened(cluster: &SecureCluster, index: usize) -> usize {
+    cluster
+        .agent_log(index)
+        .matches("Connected to the coordinator")
+        .count()
+}
+
+#[test]
+fn a_copied_agent_key_cannot_open_a_second_session() {
+    let mut cluster = SecureCluster::start(&[]);
+    let a = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    let ana = cluster.login("ana", "member");
+    let id = cluster.agent_id(a);
+    cluster.wait_agent_state(&admin, &id, "online");
+
+    // A copy of the agent's key, on another machine, says hello with more slots to be given
+    // other users' runs. The live agent keeps its session; the copy is refused, again and
+    // again (the real agent's heartbeats keep its session live).
+    let stolen = cluster.agent_tls(a);
+    let address = cluster.address.clone();
+    block_on(async {
+        let channel = channel(&address, &stolen).await.unwrap();
+        let mut hello = secure::intruder_hello(&id, "cpu");
+        hello.slots = 64;
+        hello.boot_id = "another-boot".into();
+        hello.pid = 4242;
+        for _ in 0..4 {
+            match secure::session_with(channel.clone(), hello.clone()).await {
+                Ok(_) => panic!("a second session with agent {id}'s key was accepted"),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+                    assert!(
+                        status.message().contains("already has a live session"),
+                        "{status:?}"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+    });
+    // The coordinator flags it for an admin, who may revoke the agent.
+    let listed = admin.json(&["agents", "--json"]);
+    let agent = &listed[0];
+    assert_eq!(agent["id"], id.as_str(), "{listed}");
+    assert_eq!(agent["state"], "online", "{listed}");
+    assert_eq!(agent["slots"], 1, "{listed}");
+    let conflict = agent["conflict"]["what"].as_str().unwrap_or_default();
+    assert!(conflict.contains("possible cloned agent key"), "{listed}");
+    assert!(conflict.contains("pid 4242"), "{listed}");
+    let shown = text(&admin.kiln(&["agents", "show", &id]).stdout);
+    assert!(shown.contains("kiln agents revoke"), "{shown}");
+    let log = cluster.coordinator.log_text();
+    assert!(log.contains("possible cloned agent key"), "{log}");
+
+    // Another user's run, with a secret in its environment, goes to the real agent.
+    let dir = project();
+    let path = dir.path().to_str().unwrap();
+    let run = ana.submit_detached(&[
+        "--target",
+        "cpu",
+        "--env",
+        "SECRET=s3cret",
+        path,
+        "hello.py",
+    ]);
+    let done = ana.wait_status(run, "succeeded");
+    assert_eq!(done["agent"], id.as_str());
+    let logs = text(&ana.kiln(&["logs", &run.to_string()]).stdout);
+    assert!(logs.contains("hello over mTLS"), "{logs}");
+
+    // The real agent still gets back in at once after a restart and after a crash (its
+    // new process is another instance; the old one's connection closed).
+    for crash in [false, true] {
+        let before = sessions_opened(&cluster, a);
+        let daemon = cluster.agents[a].as_mut().unwrap();
+        if crash {
+            daemon.kill();
+        } else {
+            daemon.stop_cleanly();
+        }
+        let started = std::time::Instant::now();
+        cluster.start_agent(a);
+        wait_for("the agent to reconnect", Duration::from_secs(20), || {
+            (sessions_opened(&cluster, a) > before).then_some(())
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?} (crash: {crash})",
+            started.elapsed()
+        );
+    }
+    let run = ana.submit_detached(&["--target", "cpu", path, "hello.py"]);
+    ana.wait_status(run, "succeeded");
 }
