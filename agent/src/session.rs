@@ -16,6 +16,10 @@ use crate::Agent;
 use crate::identity;
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How soon a hello refused because this agent id has a live session from another process
+/// (this agent restarted and the coordinator has not seen the old connection close yet) is
+/// tried again: the coordinator lets it in once the old session closed or went silent.
+const LIVE_SESSION_RETRY: Duration = Duration::from_millis(500);
 /// Without usable credentials (revoked, expired, never joined) the agent only waits for a
 /// new join: it checks its identity files this often at most, and never dials.
 const MAX_CREDENTIALS_BACKOFF: Duration = Duration::from_secs(60);
@@ -25,6 +29,19 @@ const MAX_CREDENTIALS_BACKOFF: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct NeedsJoin(String);
+
+/// The coordinator holds a live session for this agent id from another process.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LiveSession(String);
+
+/// This process's nonce for its hellos: random, drawn once, never shown. The coordinator
+/// lets a hello with it replace the live session (a reconnect of this process) and refuses
+/// another process's while this one's session is live (a copy of the agent's key).
+fn instance() -> &'static str {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    INSTANCE.get_or_init(|| hex::encode(rand::random::<[u8; 16]>()))
+}
 
 pub(crate) async fn run(
     agent: Arc<Agent>,
@@ -55,6 +72,15 @@ pub(crate) async fn run(
                 credentials_backoff = (credentials_backoff * 2).min(MAX_CREDENTIALS_BACKOFF);
                 backoff = Duration::from_millis(100);
                 wait
+            }
+            Err(error) if error.is::<LiveSession>() => {
+                warn!(
+                    error = %format!("{error:#}"),
+                    retry_in_ms = LIVE_SESSION_RETRY.as_millis() as u64,
+                    "The coordinator refused this agent's session: another process holds it."
+                );
+                backoff = Duration::from_millis(100);
+                LIVE_SESSION_RETRY
             }
             Err(error) => {
                 warn!(
@@ -176,6 +202,10 @@ async fn connected(
         host: Some(agent.host.clone()),
         slots: agent.config.slots,
         active_runs: agent.active_runs(),
+        instance: instance().to_string(),
+        boot_id: crate::spool::boot_id(),
+        pid: std::process::id(),
+        heartbeat_interval_ms: agent.config.heartbeat_interval.as_millis() as u64,
     };
     out.try_send(up(Up::Hello(hello)))
         .expect("a new channel has room");
@@ -187,6 +217,9 @@ async fn connected(
         {
             agent.revoked(status.message());
             return Err(NeedsJoin(status.message().to_string()).into());
+        }
+        Err(status) if status.code() == tonic::Code::AlreadyExists => {
+            return Err(LiveSession(status.message().to_string()).into());
         }
         Err(status) => return Err(status.into()),
     };

@@ -461,6 +461,17 @@ pub fn agent(a: &v1::Agent, as_json: bool) {
         }
     }
     field("last heartbeat", time(a.last_heartbeat_unix_ms));
+    if !a.conflict.is_empty() {
+        field(
+            "conflict",
+            format!(
+                "{}: {} (revoke it if that was not this agent: kiln agents revoke {})",
+                time(a.conflict_unix_ms),
+                a.conflict,
+                a.id
+            ),
+        );
+    }
     println!();
     if a.environments.is_empty() {
         println!("No cached environments.");
@@ -504,6 +515,9 @@ fn agent_json_fields(a: &v1::Agent, host: &v1::HostInfo) -> Value {
         "low_priority": host.low_priority,
         "runs_active": a.runs_active,
         "last_heartbeat": time(a.last_heartbeat_unix_ms),
+        "conflict": if a.conflict.is_empty() { Value::Null } else { json!({
+            "at": time(a.conflict_unix_ms), "what": a.conflict,
+        }) },
     })
 }
 
@@ -525,7 +539,11 @@ fn agents_table(agents: &[v1::Agent], default_host: &v1::HostInfo) {
                 gpus,
                 format!("{}/{}", a.runs_active, a.slots),
                 time(a.last_heartbeat_unix_ms),
-                a.state.clone(),
+                if a.conflict.is_empty() {
+                    a.state.clone()
+                } else {
+                    format!("{} (key conflict)", a.state)
+                },
             ]
         })
         .collect();

@@ -9,14 +9,17 @@
 //!
 //! The rules: the user API (`Kiln`) takes users only, the agent API (`AgentApi`, `Renew`)
 //! agents only; `Blobs` takes both. Members see, follow and cancel their own runs; admins
-//! everyone's, and only admins revoke agents.
+//! everyone's, and only admins revoke agents. Blobs have owners: a member reads (learns of,
+//! downloads, submits with) a blob they uploaded or one named by a run of theirs, an agent
+//! one it uploaded or one it needs for a run it holds, admins every blob
+//! (`Coordinator::may_read_blob`); anything else answers as a missing blob would.
 
 use rand::TryRngCore as _;
 use sha2::{Digest as _, Sha256};
 use tonic::{Request, Status};
 
 use crate::Coordinator;
-use crate::store::Role;
+use crate::store::{BlobReader, Role};
 
 const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 16;
@@ -110,6 +113,16 @@ impl Caller {
         Ok(user)
     }
 
+    /// Who this caller's uploads are recorded for: `None` on an open coordinator, which
+    /// records no owners.
+    pub fn blob_reader(&self) -> Option<BlobReader<'_>> {
+        match self {
+            Caller::Open => None,
+            Caller::User { name, .. } => Some(BlobReader::User(name)),
+            Caller::Agent { id, .. } => Some(BlobReader::Agent(id)),
+        }
+    }
+
     /// The caller as an agent: `Some(id)` when authenticated, `None` on an open coordinator
     /// (the agent names itself in hello). Users are refused.
     pub fn agent(self) -> Result<Option<(String, String)>, Status> {
@@ -125,6 +138,55 @@ impl Caller {
 }
 
 impl Coordinator {
+    /// Whether `caller` may learn of, download or submit with the blob `digest` (see the
+    /// module docs and [`crate::store::Store::blob_readable`]). Whether it is stored is not
+    /// asked here: a caller who may not read a blob is told it is missing.
+    pub async fn may_read_blob(&self, caller: &Caller, digest: &str) -> anyhow::Result<bool> {
+        match caller {
+            Caller::Open
+            | Caller::User {
+                role: Role::Admin, ..
+            } => Ok(true),
+            Caller::User { .. } | Caller::Agent { .. } => {
+                let (caller, digest) = (caller.clone(), digest.to_string());
+                self.db
+                    .call(move |s| {
+                        let reader = caller.blob_reader().expect("users and agents read as such");
+                        s.blob_readable(&digest, reader)
+                    })
+                    .await
+            }
+        }
+    }
+
+    /// Whether agent `agent_id` may name the blob `digest` in a run event (outputs, a
+    /// checkpoint): one it may read, so that a forged digest cannot hand the run's owner
+    /// someone else's blob. Always on an open coordinator, whose agents are not
+    /// authenticated and whose uploads have no owners.
+    pub async fn agent_may_name_blob(&self, agent_id: &str, digest: &str) -> anyhow::Result<bool> {
+        if self.config.pki.is_none() {
+            return Ok(true);
+        }
+        let (agent_id, digest) = (agent_id.to_string(), digest.to_string());
+        self.db
+            .call(move |s| s.blob_readable(&digest, BlobReader::Agent(&agent_id)))
+            .await
+    }
+
+    /// Records that `caller` uploaded the bytes of `digest` (nothing on an open coordinator).
+    pub async fn blob_uploaded(&self, caller: &Caller, digest: &str) -> anyhow::Result<()> {
+        if caller.blob_reader().is_none() {
+            return Ok(());
+        }
+        let (caller, digest) = (caller.clone(), digest.to_string());
+        self.db
+            .call(move |s| {
+                let reader = caller.blob_reader().expect("checked above");
+                s.add_blob_owner(&digest, reader, crate::now_ms())
+            })
+            .await
+    }
+
     /// Authenticates a request (see the module docs).
     pub async fn authenticate<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         let Some(pki) = self.config.pki.clone() else {

@@ -11,6 +11,7 @@ pub mod limits;
 pub mod pki;
 pub mod scheduler;
 mod service;
+pub mod sessions;
 pub mod store;
 
 use std::collections::HashMap;
@@ -104,6 +105,19 @@ struct Session {
     /// Cancelled to end the session's stream (the agent was declared lost): the agent then
     /// reconnects and says hello, instead of heartbeating into a session nobody owns.
     closed: CancellationToken,
+    /// The process that said hello (`sessions::judge` compares the next hello with it).
+    speaker: sessions::Speaker,
+}
+
+/// Why a hello was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HelloError {
+    /// Another process holds this agent id's live session (`sessions::judge`); the agent
+    /// tries again shortly.
+    #[error("{0}")]
+    LiveSession(String),
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
 }
 
 pub struct Coordinator {
@@ -118,6 +132,10 @@ pub struct Coordinator {
     /// Agents that said goodbye with their runs going on, until they are heard again.
     away: Mutex<std::collections::HashSet<String>>,
     next_session_id: std::sync::atomic::AtomicU64,
+    /// One hello at a time per agent id, from judging it to registering its session, so
+    /// that two processes with one identity cannot both be let in. An async mutex held
+    /// across the hello's database work (the one lock held across `.await`).
+    hello_turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Stale attempts already reported in the log, so each is logged once.
     stale_told: Mutex<std::collections::HashSet<(String, i64, u32)>>,
     /// The id of every run whose status, logs or metrics changed; followers wake on it.
@@ -161,6 +179,7 @@ impl Coordinator {
             last_heard: Mutex::new(last_heard),
             away: Mutex::new(std::collections::HashSet::new()),
             next_session_id: 1.into(),
+            hello_turns: Mutex::new(HashMap::new()),
             stale_told: Mutex::new(std::collections::HashSet::new()),
             run_changes,
             schedule_needed: Notify::new(),
@@ -588,6 +607,8 @@ impl Coordinator {
             state: "revoked".to_string(),
             last_heartbeat_unix_ms: row.last_heartbeat_ms,
             environments: row.environments,
+            conflict: row.conflict,
+            conflict_unix_ms: row.conflict_ms,
         })
     }
 
@@ -602,7 +623,19 @@ impl Coordinator {
         peer: Option<std::net::IpAddr>,
         tx: AgentTx,
         closed: CancellationToken,
-    ) -> anyhow::Result<u64> {
+    ) -> Result<u64, HelloError> {
+        let turn = self
+            .hello_turns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(hello.agent_id.clone())
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
+        let speaker = sessions::Speaker::of(&hello, peer);
+        // Judged before anything of this hello counts: a refused one neither keeps the agent
+        // alive nor touches its runs.
+        let verdict = self.judge_hello(&hello.agent_id, &speaker).await?;
         let session_id = self
             .next_session_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -682,13 +715,19 @@ impl Coordinator {
                 address,
                 tx,
                 closed,
+                speaker,
             },
         );
         if let Some(previous) = &previous {
             previous.closed.cancel();
-        }
-        if previous.is_some() {
-            info!(agent_id = %agent_id, "Agent reconnected; its previous session is replaced.");
+            match verdict {
+                Some(sessions::Verdict::TakeOver) => {
+                    info!(agent_id = %agent_id, previous = %previous.speaker.describe(), "Agent restarted; its silent previous session is replaced.")
+                }
+                _ => {
+                    info!(agent_id = %agent_id, "Agent reconnected; its previous session is replaced.")
+                }
+            }
         }
         for (run_id, attempt) in gangs {
             self.maybe_launch(run_id, attempt).await?;
@@ -724,6 +763,59 @@ impl Coordinator {
         self.db
             .call(move |s| s.set_agent_state(&agent_id, "away"))
             .await
+    }
+
+    /// Judges a hello against the agent id's live session, if any (`sessions::judge`). A
+    /// refusal from another boot or address is logged as a possible cloned key and recorded
+    /// on the agent (`kiln agents show`), for an admin to revoke it.
+    async fn judge_hello(
+        &self,
+        agent_id: &str,
+        newcomer: &sessions::Speaker,
+    ) -> Result<Option<sessions::Verdict>, HelloError> {
+        let Some(live) = self
+            .sessions()
+            .get(agent_id)
+            .map(|session| session.speaker.clone())
+        else {
+            return Ok(None);
+        };
+        let silent_for = self
+            .last_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(agent_id)
+            .map(|at| at.elapsed());
+        let ttl = self.config.heartbeat_ttl;
+        let verdict = sessions::judge(&live, newcomer, silent_for, ttl);
+        let sessions::Verdict::Refuse { grace, suspicious } = verdict else {
+            return Ok(Some(verdict));
+        };
+        let silent_ms = silent_for.unwrap_or_default().as_millis() as u64;
+        if suspicious {
+            warn!(
+                agent_id = %agent_id,
+                live = %live.describe(),
+                newcomer = %newcomer.describe(),
+                silent_ms,
+                "Refused a second session for a live agent: possible cloned agent key."
+            );
+            let conflict = format!(
+                "refused a second session from {} while the agent was live ({}): possible cloned agent key",
+                newcomer.describe(),
+                live.describe()
+            );
+            let id = agent_id.to_string();
+            self.db
+                .call(move |s| s.record_agent_conflict(&id, &conflict, now_ms()))
+                .await?;
+        } else {
+            info!(agent_id = %agent_id, newcomer_pid = newcomer.pid, silent_ms, "A new process of a live agent said hello (a restart?): refused until its old session closes or goes silent.");
+        }
+        Err(HelloError::LiveSession(format!(
+            "agent {agent_id} already has a live session from another process: one session per agent identity.              A restarted agent is let in once its old session closes or has been silent for {} ms;              otherwise this may be a copy of the agent's key (an admin sees it in `kiln agents show {agent_id}`              and can `kiln agents revoke` it)",
+            grace.as_millis()
+        )))
     }
 
     async fn agent_disconnected(&self, agent_id: &str, session_id: u64) {
@@ -874,9 +966,22 @@ impl Coordinator {
     async fn run_event(
         &self,
         agent_id: &str,
-        event: v1::RunEvent,
+        mut event: v1::RunEvent,
     ) -> anyhow::Result<Option<v1::CoordinatorMessage>> {
         let (run_id, attempt) = (event.run_id, event.attempt);
+        if let Some(v1::run_event::Kind::Finished(finished)) = &mut event.kind
+            && !finished.outputs_digest.is_empty()
+            && !self
+                .agent_may_name_blob(agent_id, &finished.outputs_digest)
+                .await?
+        {
+            warn!(run_id, attempt, agent_id = %agent_id, digest = %finished.outputs_digest, "Agent named outputs it did not upload; not keeping them.");
+            finished.outputs_error = format!(
+                "the agent reported outputs {} that it did not upload",
+                finished.outputs_digest
+            );
+            finished.outputs_digest.clear();
+        }
         let is_finish = matches!(event.kind, Some(v1::run_event::Kind::Finished(_)));
         let (run, node) = match self.ownership(agent_id, run_id, attempt).await? {
             Ownership::Current(run, node) => (run, node),
@@ -987,8 +1092,11 @@ impl Coordinator {
             Some(v1::run_event::Kind::Checkpointed(checkpoint)) => {
                 if !kiln_common::snapshot::is_valid_digest(&checkpoint.digest)
                     || self.blobs.size(&checkpoint.digest).await?.is_none()
+                    || !self
+                        .agent_may_name_blob(agent_id, &checkpoint.digest)
+                        .await?
                 {
-                    warn!(run_id, attempt, digest = %checkpoint.digest, "Ignoring a checkpoint that is not stored.");
+                    warn!(run_id, attempt, digest = %checkpoint.digest, "Ignoring a checkpoint that is not stored or not this agent's.");
                     return Ok(None);
                 }
                 info!(run_id, attempt, node, digest = %checkpoint.digest, "Checkpoint stored.");

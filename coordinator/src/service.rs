@@ -455,14 +455,24 @@ impl Kiln for Api {
         &self,
         request: Request<v1::SubmitRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
-        let user = self.0.authenticate(&request).await?.user()?;
+        let caller = self.0.authenticate(&request).await?;
+        let user = caller.clone().user()?;
         let request = request.into_inner();
         // Sizes first: the checks below may repeat a field in their messages.
         crate::limits::check_submission(&request).map_err(Status::invalid_argument)?;
         let target = TargetName::new(&request.target)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         validate_script(&request.script)?;
-        if self.0.blobs.size(&request.snapshot_digest).await?.is_none() {
+        // Someone else's snapshot is answered as a missing one: a run on it would let its
+        // submitter read it (`Store::blob_readable`).
+        let stored = self.0.blobs.size(&request.snapshot_digest).await?.is_some();
+        if !stored
+            || !self
+                .0
+                .may_read_blob(&caller, &request.snapshot_digest)
+                .await
+                .map_err(internal)?
+        {
             return Err(Status::failed_precondition(format!(
                 "snapshot {} has not been uploaded to the coordinator",
                 request.snapshot_digest
@@ -689,6 +699,8 @@ impl Kiln for Api {
                 state: row.state,
                 last_heartbeat_unix_ms: row.last_heartbeat_ms,
                 environments: row.environments,
+                conflict: row.conflict,
+                conflict_unix_ms: row.conflict_ms,
             })
             .map(Ok::<_, std::convert::Infallible>);
         let Ok(page) = fill(agents, page_bytes(request.max_page_bytes), usize::MAX);
@@ -858,6 +870,11 @@ impl AgentApi for Api {
             ));
         }
         validate_host(hello.host.as_ref(), hello.slots)?;
+        if hello.instance.len() > 128 || hello.boot_id.len() > 128 {
+            return Err(Status::invalid_argument(
+                "hello: instance and boot_id are at most 128 bytes",
+            ));
+        }
         // An authenticated agent is who its certificate says, in the target it joined.
         if let Some((id, target)) = &identity {
             if &hello.agent_id != id {
@@ -903,7 +920,10 @@ impl AgentApi for Api {
         let session_id = coordinator
             .agent_connected(hello, peer, tx.clone(), closed.clone())
             .await
-            .map_err(internal)?;
+            .map_err(|error| match error {
+                crate::HelloError::LiveSession(message) => Status::already_exists(message),
+                crate::HelloError::Failed(error) => internal(error),
+            })?;
         let span = info_span!("agent_session", agent_id = %agent_id);
         tokio::spawn(
             async move {
@@ -957,8 +977,20 @@ impl Blobs for Api {
         &self,
         request: Request<v1::HasBlobRequest>,
     ) -> Result<Response<v1::HasBlobReply>, Status> {
-        self.0.authenticate(&request).await?;
-        let size = self.0.blobs.size(&request.into_inner().digest).await?;
+        let caller = self.0.authenticate(&request).await?;
+        let digest = request.into_inner().digest;
+        // A blob the caller may not read is answered as missing: no existence oracle. An
+        // uploader of the same bytes becomes an owner by uploading them (`upload_blob`).
+        let mut size = self.0.blobs.size(&digest).await?;
+        if size.is_some()
+            && !self
+                .0
+                .may_read_blob(&caller, &digest)
+                .await
+                .map_err(internal)?
+        {
+            size = None;
+        }
         Ok(Response::new(v1::HasBlobReply {
             present: size.is_some(),
             size: size.unwrap_or(0),
@@ -969,7 +1001,7 @@ impl Blobs for Api {
         &self,
         request: Request<Streaming<v1::BlobChunk>>,
     ) -> Result<Response<v1::UploadBlobReply>, Status> {
-        self.0.authenticate(&request).await?;
+        let caller = self.0.authenticate(&request).await?;
         let mut chunks = request.into_inner();
         let first = chunks
             .next()
@@ -993,6 +1025,11 @@ impl Blobs for Api {
             }
         }
         let size = self.0.blobs.commit(writer).await?;
+        // The bytes hashed to the digest: the caller holds them, stored before or not.
+        self.0
+            .blob_uploaded(&caller, &digest)
+            .await
+            .map_err(internal)?;
         info!(digest = %digest, size, "Blob stored.");
         Ok(Response::new(v1::UploadBlobReply { digest, size }))
     }
@@ -1003,8 +1040,18 @@ impl Blobs for Api {
         &self,
         request: Request<v1::DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
-        self.0.authenticate(&request).await?;
+        let caller = self.0.authenticate(&request).await?;
         let digest = request.into_inner().digest;
+        self.0.blobs.path(&digest)?;
+        if !self
+            .0
+            .may_read_blob(&caller, &digest)
+            .await
+            .map_err(internal)?
+        {
+            // The very answer a missing blob gets.
+            return Err(BlobError::NotFound(digest).into());
+        }
         let mut file = self.0.blobs.open_read(&digest).await?;
         let total_size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
         let (tx, rx) = mpsc::channel(4);

@@ -196,10 +196,49 @@ ALTER TABLE runs ADD COLUMN outputs_error TEXT NOT NULL DEFAULT '';
 ALTER TABLE runs ADD COLUMN node_checkpoints TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE run_nodes ADD COLUMN outputs_digest TEXT NOT NULL DEFAULT '';
 "#,
+    // 9: who uploaded each blob (`user:NAME` or `agent:ID`; nobody on an open coordinator).
+    // An upload proves possession of the bytes; what else a caller may read follows from
+    // the runs they may see (`Store::blob_readable`). Blobs stored before this migration
+    // have no uploader: they stay readable through the runs that name them.
+    r#"
+CREATE TABLE blob_owners (
+    digest TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    uploaded_ms INTEGER NOT NULL,
+    PRIMARY KEY (digest, owner)
+) WITHOUT ROWID;
+CREATE INDEX runs_by_owner ON runs(owner);
+"#,
+    // 10: the last second session refused for a live agent from another host or boot: a
+    // possible copy of its key (`sessions::judge`), shown by `kiln agents`.
+    r#"
+ALTER TABLE agents ADD COLUMN conflict TEXT NOT NULL DEFAULT '';
+ALTER TABLE agents ADD COLUMN conflict_ms INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub struct Store {
     conn: Connection,
+}
+
+/// Who uploads or asks to read a blob (see [`Store::blob_readable`]). Admins and callers
+/// of an open coordinator read every blob without asking (`auth.rs`).
+#[derive(Debug, Clone, Copy)]
+pub enum BlobReader<'a> {
+    /// A user (of any role), by name.
+    User(&'a str),
+    /// An agent, by id.
+    Agent(&'a str),
+}
+
+impl BlobReader<'_> {
+    /// The `blob_owners.owner` of what this caller uploads.
+    pub fn owner_key(self) -> String {
+        match self {
+            BlobReader::User(name) => format!("user:{name}"),
+            BlobReader::Agent(id) => format!("agent:{id}"),
+        }
+    }
 }
 
 /// A run as submitted, before the database gives it an id.
@@ -320,6 +359,10 @@ pub struct AgentRow {
     pub state: String,
     pub last_heartbeat_ms: i64,
     pub environments: Vec<v1::CachedEnvironment>,
+    /// The last refused second session that looked like a copy of the agent's key ("" if
+    /// none), and when.
+    pub conflict: String,
+    pub conflict_ms: i64,
 }
 
 /// How long a statement waits for another process's lock on the database.
@@ -485,6 +528,15 @@ impl Store {
         Ok(())
     }
 
+    /// Records a refused second session that looked like a copy of the agent's key.
+    pub fn record_agent_conflict(&self, id: &str, what: &str, now_ms: i64) -> anyhow::Result<()> {
+        self.conn.execute(
+            "UPDATE agents SET conflict = ?2, conflict_ms = ?3 WHERE id = ?1",
+            params![id, what, now_ms],
+        )?;
+        Ok(())
+    }
+
     pub fn set_agent_state(&self, id: &str, state: &str) -> anyhow::Result<()> {
         self.conn.execute(
             "UPDATE agents SET state = ?2 WHERE id = ?1",
@@ -495,8 +547,8 @@ impl Store {
 
     pub fn list_agents(&self) -> anyhow::Result<Vec<AgentRow>> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, target, host, slots, state, last_heartbeat_ms, environments FROM agents
-             ORDER BY target, id",
+            "SELECT id, target, host, slots, state, last_heartbeat_ms, environments, conflict,
+                conflict_ms FROM agents ORDER BY target, id",
         )?;
         let rows = stmt
             .query_map([], |row| {
@@ -513,6 +565,8 @@ impl Store {
                         .and_then(|b| v1::Heartbeat::decode(b.as_slice()).ok())
                         .map(|report| report.environments)
                         .unwrap_or_default(),
+                    conflict: row.get(7)?,
+                    conflict_ms: row.get(8)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -1017,6 +1071,64 @@ impl Store {
             .into_iter()
             .filter_map(|(rank, digest)| Some((rank.parse().ok()?, digest)))
             .collect())
+    }
+
+    // ---- blobs ----
+
+    /// Records that `reader` uploaded the bytes of `digest` (once; repeated uploads change
+    /// nothing).
+    pub fn add_blob_owner(
+        &self,
+        digest: &str,
+        reader: BlobReader<'_>,
+        now_ms: i64,
+    ) -> anyhow::Result<()> {
+        self.conn.execute(
+            "INSERT OR IGNORE INTO blob_owners (digest, owner, uploaded_ms) VALUES (?1, ?2, ?3)",
+            params![digest, reader.owner_key(), now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Whether `reader` may learn of, download or submit with the blob `digest`: they
+    /// uploaded it, or it is named by a run they may see. For a user that is a run they
+    /// own (`auth::User::may_access`) whose snapshot, outputs (the run's or a node's) or
+    /// checkpoint (any node's) it is; for an agent, a placed run (assigned, running or
+    /// stopping) of which it holds a node of the current attempt, whose snapshot or
+    /// checkpoint it is: what the agent fetches to run it.
+    pub fn blob_readable(&self, digest: &str, reader: BlobReader<'_>) -> anyhow::Result<bool> {
+        let uploaded = self
+            .conn
+            .prepare_cached("SELECT 1 FROM blob_owners WHERE digest = ?1 AND owner = ?2")?
+            .exists(params![digest, reader.owner_key()])?;
+        if uploaded {
+            return Ok(true);
+        }
+        let named = match reader {
+            BlobReader::User(name) => self
+                .conn
+                .prepare_cached(
+                    "SELECT 1 FROM runs r WHERE r.owner = ?2 AND (
+                        r.snapshot_digest = ?1 OR r.outputs_digest = ?1
+                        OR r.checkpoint_digest = ?1
+                        OR EXISTS (SELECT 1 FROM json_each(r.node_checkpoints) WHERE value = ?1)
+                        OR EXISTS (SELECT 1 FROM run_nodes n
+                                   WHERE n.run_id = r.id AND n.outputs_digest = ?1))
+                     LIMIT 1",
+                )?
+                .exists(params![digest, name])?,
+            BlobReader::Agent(id) => self
+                .conn
+                .prepare_cached(
+                    "SELECT 1 FROM run_nodes n JOIN runs r ON r.id = n.run_id AND r.attempt = n.attempt
+                     WHERE n.agent_id = ?2 AND r.status IN ('assigned', 'running', 'stopping') AND (
+                        r.snapshot_digest = ?1 OR r.checkpoint_digest = ?1
+                        OR EXISTS (SELECT 1 FROM json_each(r.node_checkpoints) WHERE value = ?1))
+                     LIMIT 1",
+                )?
+                .exists(params![digest, id])?,
+        };
+        Ok(named)
     }
 
     // ---- logs and metrics ----
@@ -1651,6 +1763,63 @@ mod tests {
                 now_ms: 1,
             })
             .unwrap()
+    }
+
+    #[test]
+    fn a_blob_is_readable_by_its_uploaders_and_through_the_runs_that_name_it() {
+        let (_dir, mut store) = store();
+        store.ensure_target("cpu", 0).unwrap();
+        let (ana, bo) = (BlobReader::User("ana"), BlobReader::User("bo"));
+        let (ag1, ag2) = (BlobReader::Agent("ag-1"), BlobReader::Agent("ag-2"));
+        let readable =
+            |store: &Store, digest: &str, reader| store.blob_readable(digest, reader).unwrap();
+        // The uploader, and nobody else.
+        store.add_blob_owner("sha256:up", bo, 1).unwrap();
+        store.add_blob_owner("sha256:up", bo, 2).unwrap();
+        assert!(readable(&store, "sha256:up", bo));
+        assert!(!readable(&store, "sha256:up", ana));
+        assert!(!readable(&store, "sha256:up", BlobReader::Agent("bo")));
+        // A run's snapshot: its owner, and the agent holding it while it is placed.
+        let run = submit(&store);
+        assert!(readable(&store, "sha256:00", ana));
+        assert!(!readable(&store, "sha256:00", bo));
+        assert!(!readable(&store, "sha256:00", ag1), "not placed yet");
+        let placed = EventFields {
+            placement: &["ag-1".to_string()],
+            now_ms: 2,
+            ..Default::default()
+        };
+        store
+            .transition(run.id, None, RunEvent::Assign, &placed)
+            .unwrap();
+        store.set_checkpoint(run.id, 1, 0, "sha256:ck").unwrap();
+        for digest in ["sha256:00", "sha256:ck"] {
+            assert!(readable(&store, digest, ag1), "{digest}");
+            assert!(!readable(&store, digest, ag2), "{digest}");
+            assert!(readable(&store, digest, ana), "{digest}");
+            assert!(!readable(&store, digest, bo), "{digest}");
+        }
+        // Outputs, the run's and a node's: its owner; the agent only what it uploaded.
+        store
+            .node_exited(run.id, 1, 0, Some(0), "sha256:node-out")
+            .unwrap();
+        let done = EventFields {
+            exit_code: Some(0),
+            outputs_digest: Some("sha256:out"),
+            now_ms: 3,
+            ..Default::default()
+        };
+        store
+            .transition(run.id, Some(1), RunEvent::Start, &done)
+            .unwrap();
+        store
+            .transition(run.id, Some(1), RunEvent::Finish(Outcome::Succeeded), &done)
+            .unwrap();
+        for digest in ["sha256:out", "sha256:node-out", "sha256:00", "sha256:ck"] {
+            assert!(readable(&store, digest, ana), "{digest}");
+            assert!(!readable(&store, digest, bo), "{digest}");
+            assert!(!readable(&store, digest, ag1), "{digest}: the run ended");
+        }
     }
 
     #[test]

@@ -276,33 +276,47 @@ pub async fn channel(address: &str, tls: &ClientTls) -> Result<tonic::transport:
         .map_err(|e| format!("{e:#}"))
 }
 
+/// An agent's session as a raw client holds it: what to send, what comes back.
+pub type Session = (
+    tokio::sync::mpsc::Sender<v1::AgentMessage>,
+    tonic::Streaming<v1::CoordinatorMessage>,
+);
+
+/// The hello of a one-slot host named "intruder", as `agent_id` on `target`.
+pub fn intruder_hello(agent_id: &str, target: &str) -> v1::Hello {
+    v1::Hello {
+        agent_id: agent_id.to_string(),
+        target: target.to_string(),
+        host: Some(v1::HostInfo {
+            hostname: "intruder".into(),
+            cpus: 1,
+            memory_bytes: 1 << 30,
+            ..Default::default()
+        }),
+        slots: 1,
+        instance: "intruder".into(),
+        ..Default::default()
+    }
+}
+
 /// Opens an agent session that says hello as `agent_id` on `target`; the status the
 /// coordinator answered with, or the session's two halves.
 pub async fn session(
     channel: tonic::transport::Channel,
     agent_id: &str,
     target: &str,
-) -> Result<
-    (
-        tokio::sync::mpsc::Sender<v1::AgentMessage>,
-        tonic::Streaming<v1::CoordinatorMessage>,
-    ),
-    tonic::Status,
-> {
+) -> Result<Session, tonic::Status> {
+    session_with(channel, intruder_hello(agent_id, target)).await
+}
+
+/// Opens an agent session that says `hello`.
+pub async fn session_with(
+    channel: tonic::transport::Channel,
+    hello: v1::Hello,
+) -> Result<Session, tonic::Status> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(v1::AgentMessage {
-        kind: Some(v1::agent_message::Kind::Hello(v1::Hello {
-            agent_id: agent_id.to_string(),
-            target: target.to_string(),
-            host: Some(v1::HostInfo {
-                hostname: "intruder".into(),
-                cpus: 1,
-                memory_bytes: 1 << 30,
-                ..Default::default()
-            }),
-            slots: 1,
-            active_runs: Vec::new(),
-        })),
+        kind: Some(v1::agent_message::Kind::Hello(hello)),
     })
     .await
     .expect("room for hello");

@@ -418,7 +418,8 @@ async fn simulated_agent(
                         ..Default::default()
                     }),
                     slots: 1,
-                    active_runs: Vec::new(),
+                    instance: format!("sim-{id:04}"),
+                    ..Default::default()
                 })),
             };
             tx.send(hello).await?;

@@ -223,6 +223,9 @@ fn callers_reach_only_their_own_api_and_runs() {
     let other = if holder == cluster.agent_id(a) { b } else { a };
     let other_id = cluster.agent_id(other);
     let other_tls = cluster.agent_tls(other);
+    // (The other agent stops first: its identity has one session at a time.)
+    cluster.agents[other].as_mut().unwrap().stop_cleanly();
+    cluster.wait_agent_state(&admin, &other_id, "offline");
     block_on(async {
         let as_other = channel(&address, &other_tls).await.unwrap();
         let (tx, _inbound) = session(as_other, &other_id, "cpu").await.unwrap();
@@ -392,4 +395,251 @@ fn certificates_are_renewed_and_an_expired_one_needs_a_new_join() {
         Duration::from_secs(20),
         || (!previous.exists()).then_some(()),
     );
+}
+
+/// `HasBlob` as the caller on `channel` with `token` (none: the channel's certificate).
+async fn has_blob(channel: &tonic::transport::Channel, token: Option<&str>, digest: &str) -> bool {
+    let bearer = token.map_or_else(kiln_proto::Bearer::none, |t| {
+        kiln_proto::Bearer::new(t).unwrap()
+    });
+    let reply = kiln_proto::clients::blobs(channel.clone(), bearer)
+        .has_blob(v1::HasBlobRequest {
+            digest: digest.to_string(),
+        })
+        .await
+        .expect("HasBlob answers")
+        .into_inner();
+    assert_eq!(reply.present, reply.size > 0, "{reply:?}");
+    reply.present
+}
+
+/// `DownloadBlob` as the user with `token`: the bytes, or the refusal.
+async fn download_blob(
+    channel: &tonic::transport::Channel,
+    token: &str,
+    digest: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream =
+        kiln_proto::clients::blobs(channel.clone(), kiln_proto::Bearer::new(token).unwrap())
+            .download_blob(v1::DownloadBlobRequest {
+                digest: digest.to_string(),
+            })
+            .await?
+            .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend(chunk.data);
+    }
+    Ok(bytes)
+}
+
+/// `SubmitRun` of `out.py` on `snapshot` as the user with `token`.
+async fn submit_on(
+    channel: &tonic::transport::Channel,
+    token: &str,
+    snapshot: &str,
+) -> Result<v1::Run, tonic::Status> {
+    kiln_proto::clients::kiln(channel.clone(), kiln_proto::Bearer::new(token).unwrap())
+        .submit_run(v1::SubmitRunRequest {
+            target: "cpu".into(),
+            script: "out.py".into(),
+            snapshot_digest: snapshot.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[test]
+fn a_member_reads_only_blobs_they_uploaded_or_their_runs_name() {
+    let mut cluster = SecureCluster::start(&[]);
+    let a = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    let ana = cluster.login("ana", "member");
+    let bo = cluster.login("bo", "member");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(a), "online");
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[(
+            "out.py",
+            "import os\n\
+             out = os.environ.get('KILN_OUTPUTS_DIR', 'outputs')\n\
+             os.makedirs(out, exist_ok=True)\n\
+             open(os.path.join(out, 'model.bin'), 'w').write('the weights of ana')\n",
+        )],
+    );
+    let path = dir.path().to_str().unwrap();
+    let run = ana.submit_detached(&["--target", "cpu", path, "out.py"]);
+    let done = ana.wait_status(run, "succeeded");
+    let snapshot = done["snapshot_digest"].as_str().unwrap().to_string();
+    let outputs = done["outputs_digest"].as_str().unwrap().to_string();
+    let missing = format!("sha256:{}", "0".repeat(64));
+
+    let address = cluster.address.clone();
+    let agent_tls = cluster.agent_tls(a);
+    block_on(async {
+        let users = channel(&address, &cluster.anonymous()).await.unwrap();
+        let (missing_download, missing_submit) = (
+            download_blob(&users, &bo.token, &missing)
+                .await
+                .unwrap_err(),
+            submit_on(&users, &bo.token, &missing).await.unwrap_err(),
+        );
+        assert_eq!(missing_download.code(), tonic::Code::NotFound);
+        assert_eq!(missing_submit.code(), tonic::Code::FailedPrecondition);
+        let like_missing = |status: &tonic::Status, digest: &str, missing: &tonic::Status| {
+            assert_eq!(status.code(), missing.code(), "{status:?}");
+            assert_eq!(
+                status.message().replace(digest, "D"),
+                missing.message().replace(&missing_digest(missing), "D"),
+            );
+        };
+        for digest in [&snapshot, &outputs] {
+            // Bo cannot tell ana's blobs from missing ones, fetch them, or run on them.
+            assert!(!has_blob(&users, Some(&bo.token), digest).await, "{digest}");
+            let refused = download_blob(&users, &bo.token, digest).await.unwrap_err();
+            like_missing(&refused, digest, &missing_download);
+            let refused = submit_on(&users, &bo.token, digest).await.unwrap_err();
+            like_missing(&refused, digest, &missing_submit);
+            // Ana and the admin can.
+            for token in [&ana.token, &admin.token] {
+                assert!(has_blob(&users, Some(token), digest).await, "{digest}");
+                assert!(
+                    !download_blob(&users, token, digest)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+            }
+        }
+        // An agent holding no run of ana's does not see them either.
+        let as_agent = channel(&address, &agent_tls).await.unwrap();
+        assert!(!has_blob(&as_agent, None, &snapshot).await);
+    });
+    let dest = dir.path().join("stolen");
+    let output = bo.kiln(&["download", &run.to_string(), dest.to_str().unwrap()]);
+    assert!(!output.status.success());
+    assert!(!dest.join("model.bin").exists());
+
+    // Bo, who has the same files, uploads them (the coordinator does not take his word
+    // for it) and runs on them; ana's run and outputs are still hers.
+    let output = bo.kiln(&["submit", "--target", "cpu", path, "out.py"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let uploaded = text(&output.stderr);
+    assert!(!uploaded.contains("uploaded 0 bytes"), "{uploaded}");
+    block_on(async {
+        let users = channel(&address, &cluster.anonymous()).await.unwrap();
+        assert!(has_blob(&users, Some(&bo.token), &snapshot).await);
+        submit_on(&users, &bo.token, &snapshot).await.unwrap();
+    });
+    let output = ana.kiln(&["download", &run.to_string(), dest.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(
+        std::fs::read_to_string(dest.join("model.bin")).unwrap(),
+        "the weights of ana"
+    );
+}
+
+/// The digest a refusal's message names.
+fn missing_digest(status: &tonic::Status) -> String {
+    let start = status.message().find("sha256:").expect("a digest");
+    status.message()[start..start + 7 + 64].to_string()
+}
+
+/// How many sessions agent `index` has opened so far (its log accumulates across restarts).
+fn sessions_opened(cluster: &SecureCluster, index: usize) -> usize {
+    cluster
+        .agent_log(index)
+        .matches("Connected to the coordinator")
+        .count()
+}
+
+#[test]
+fn a_copied_agent_key_cannot_open_a_second_session() {
+    let mut cluster = SecureCluster::start(&[]);
+    let a = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    let ana = cluster.login("ana", "member");
+    let id = cluster.agent_id(a);
+    cluster.wait_agent_state(&admin, &id, "online");
+
+    // A copy of the agent's key, on another machine, says hello with more slots to be given
+    // other users' runs. The live agent keeps its session; the copy is refused, again and
+    // again (the real agent's heartbeats keep its session live).
+    let stolen = cluster.agent_tls(a);
+    let address = cluster.address.clone();
+    block_on(async {
+        let channel = channel(&address, &stolen).await.unwrap();
+        let mut hello = secure::intruder_hello(&id, "cpu");
+        hello.slots = 64;
+        hello.boot_id = "another-boot".into();
+        hello.pid = 4242;
+        for _ in 0..4 {
+            match secure::session_with(channel.clone(), hello.clone()).await {
+                Ok(_) => panic!("a second session with agent {id}'s key was accepted"),
+                Err(status) => {
+                    assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+                    assert!(
+                        status.message().contains("already has a live session"),
+                        "{status:?}"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+    });
+    // The coordinator flags it for an admin, who may revoke the agent.
+    let listed = admin.json(&["agents", "--json"]);
+    let agent = &listed[0];
+    assert_eq!(agent["id"], id.as_str(), "{listed}");
+    assert_eq!(agent["state"], "online", "{listed}");
+    assert_eq!(agent["slots"], 1, "{listed}");
+    let conflict = agent["conflict"]["what"].as_str().unwrap_or_default();
+    assert!(conflict.contains("possible cloned agent key"), "{listed}");
+    assert!(conflict.contains("pid 4242"), "{listed}");
+    let shown = text(&admin.kiln(&["agents", "show", &id]).stdout);
+    assert!(shown.contains("kiln agents revoke"), "{shown}");
+    let log = cluster.coordinator.log_text();
+    assert!(log.contains("possible cloned agent key"), "{log}");
+
+    // Another user's run, with a secret in its environment, goes to the real agent.
+    let dir = project();
+    let path = dir.path().to_str().unwrap();
+    let run = ana.submit_detached(&[
+        "--target",
+        "cpu",
+        "--env",
+        "SECRET=s3cret",
+        path,
+        "hello.py",
+    ]);
+    let done = ana.wait_status(run, "succeeded");
+    assert_eq!(done["agent"], id.as_str());
+    let logs = text(&ana.kiln(&["logs", &run.to_string()]).stdout);
+    assert!(logs.contains("hello over mTLS"), "{logs}");
+
+    // The real agent still gets back in at once after a restart and after a crash (its
+    // new process is another instance; the old one's connection closed).
+    for crash in [false, true] {
+        let before = sessions_opened(&cluster, a);
+        let daemon = cluster.agents[a].as_mut().unwrap();
+        if crash {
+            daemon.kill();
+        } else {
+            daemon.stop_cleanly();
+        }
+        let started = std::time::Instant::now();
+        cluster.start_agent(a);
+        wait_for("the agent to reconnect", Duration::from_secs(20), || {
+            (sessions_opened(&cluster, a) > before).then_some(())
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?} (crash: {crash})",
+            started.elapsed()
+        );
+    }
+    let run = ana.submit_detached(&["--target", "cpu", path, "hello.py"]);
+    ana.wait_status(run, "succeeded");
 }
