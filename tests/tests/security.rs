@@ -392,3 +392,105 @@ fn certificates_are_renewed_and_an_expired_one_needs_a_new_join() {
         || (!previous.exists()).then_some(()),
     );
 }
+
+/// Every regular file below `dir` (not following symlinks), with its bytes.
+fn files_below(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if metadata.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        } else if metadata.is_file() {
+            files.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    files
+}
+
+#[test]
+fn outputs_never_carry_what_their_symlinks_point_at() {
+    let mut cluster = SecureCluster::start(&[]);
+    let agent = cluster.add_agent("cpu");
+    let ana = cluster.login("ana", "member");
+    let identity = cluster.agent_data(agent).join("identity");
+    let (_, key) = secure::stored_identity(&cluster.agent_data(agent));
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[
+            // outputs/ itself becomes a link to the agent's identity, or to its key.
+            (
+                "swap_dir.py",
+                "import os, shutil\no = os.environ['KILN_OUTPUTS_DIR']\nshutil.rmtree(o)\n\
+                 os.symlink(os.environ['IDENTITY'], o)\n",
+            ),
+            (
+                "swap_file.py",
+                "import os, shutil\no = os.environ['KILN_OUTPUTS_DIR']\nshutil.rmtree(o)\n\
+                 os.symlink(os.environ['IDENTITY'] + '/agent.pem', o)\n",
+            ),
+            // Links inside outputs/: to the key, to the identity directory, and one that stays inside.
+            (
+                "links.py",
+                "import os\no = os.environ['KILN_OUTPUTS_DIR']\nident = os.environ['IDENTITY']\n\
+                 open(o + '/model.txt', 'w').write('weights')\n\
+                 os.symlink(ident + '/agent.pem', o + '/key.pem')\n\
+                 os.symlink(ident, o + '/identity')\n\
+                 os.makedirs(o + '/sub')\n\
+                 os.symlink('../../../../identity/agent.pem', o + '/sub/up.pem')\n\
+                 os.symlink('../model.txt', o + '/sub/model.txt')\n",
+            ),
+        ],
+    );
+    let path = dir.path().to_str().unwrap();
+    let identity_env = format!("IDENTITY={}", identity.display());
+    let key_body = key.lines().nth(1).unwrap().to_string();
+    for script in ["swap_dir.py", "swap_file.py", "links.py"] {
+        let run = ana.submit_detached(&["--target", "cpu", "--env", &identity_env, path, script]);
+        // The run ends (its outputs are not retried for ever) and keeps what it may.
+        ana.wait_status(run, "succeeded");
+        let dest = dir.path().join(format!("downloaded-{script}"));
+        let output = ana.kiln(&["download", &run.to_string(), dest.to_str().unwrap()]);
+        if script == "links.py" {
+            assert!(output.status.success(), "{}", text(&output.stderr));
+            assert_eq!(
+                std::fs::read_to_string(dest.join("model.txt")).unwrap(),
+                "weights"
+            );
+            assert_eq!(
+                std::fs::read_link(dest.join("sub/model.txt")).unwrap(),
+                std::path::Path::new("../model.txt")
+            );
+            for gone in ["key.pem", "identity", "sub/up.pem"] {
+                assert!(
+                    std::fs::symlink_metadata(dest.join(gone)).is_err(),
+                    "{gone} was kept"
+                );
+            }
+        } else {
+            assert!(
+                !output.status.success(),
+                "{script}: outputs were downloaded"
+            );
+            let stderr = text(&output.stderr);
+            assert!(
+                stderr.contains("outputs not kept") && stderr.contains("symlink"),
+                "{script}: {stderr}"
+            );
+        }
+        for (file, bytes) in files_below(&dest) {
+            assert!(
+                !contains(&bytes, &key_body),
+                "{script}: {} holds the agent's key",
+                file.display()
+            );
+        }
+    }
+    let log = cluster.agent_log(agent);
+    assert!(log.contains("Left out of the packed directory"), "{log}");
+}
