@@ -199,7 +199,10 @@ fn main() {
         match run(cli).await {
             Ok(code) => code,
             Err(error) => {
-                eprintln!("error: {error:#}");
+                // Line by line: a message of several lines keeps them, escaped otherwise.
+                let message = format!("{error:#}");
+                let lines: Vec<_> = message.lines().map(output::sanitize).collect();
+                eprintln!("error: {}", lines.join("\n"));
                 1
             }
         }
@@ -347,8 +350,8 @@ async fn login(
     if me.authenticated {
         eprintln!(
             "Logged in to {address} as {} ({}); credentials in {}.",
-            me.user,
-            me.role,
+            output::sanitize(&me.user),
+            output::sanitize(&me.role),
             path.display()
         );
     } else {
@@ -519,9 +522,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .into_inner();
             let host = agent.host.map(|h| h.hostname).unwrap_or_default();
             eprintln!(
-                "Revoked agent {} ({host}): its certificate is refused, its runs are requeued. \
+                "Revoked agent {} ({}): its certificate is refused, its runs are requeued. \
                  The host needs a new join token to come back.",
-                agent.id
+                output::sanitize(&agent.id),
+                output::sanitize(&host)
             );
             Ok(0)
         }
@@ -534,7 +538,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(status_error)?
                 .into_inner();
             if me.authenticated {
-                println!("{} ({}) at {}", me.user, me.role, connection.address);
+                println!(
+                    "{} ({}) at {}",
+                    output::sanitize(&me.user),
+                    output::sanitize(&me.role),
+                    connection.address
+                );
             } else {
                 println!("nobody: {} authenticates no one", connection.address);
             }

@@ -339,7 +339,7 @@ async fn print_metrics_summary(client: &mut KilnClient<kiln_proto::AuthChannel>,
     if !user.is_empty() {
         eprintln!(
             "[kiln] metrics: {}; all of them: kiln metrics {run_id}",
-            user.join(", ")
+            crate::output::sanitize(&user.join(", "))
         );
     }
 }
@@ -425,18 +425,20 @@ pub async fn print_logs(
     Ok(())
 }
 
-/// Prints a line to stdout or stderr as the script wrote it; a distributed run's lines start
+/// Prints a line to stdout or stderr as the script wrote it (control characters escaped:
+/// [`crate::output::sanitize`]); a distributed run's lines start
 /// with their rank (`[rank 3] `), Kiln's own lines with `[kiln]` (and the node, past node 0).
 fn print_line(line: &v1::LogLine) {
     let rank = line
         .rank
         .map(|r| format!("[rank {r}] "))
         .unwrap_or_default();
+    let text = crate::output::sanitize(&line.text);
     match line.stream() {
-        v1::LogStream::Stdout => println!("{rank}{}", line.text),
-        v1::LogStream::Stderr => eprintln!("{rank}{}", line.text),
-        _ if line.node > 0 => eprintln!("[kiln node {}] {}", line.node, line.text),
-        _ => eprintln!("[kiln] {}", line.text),
+        v1::LogStream::Stdout => println!("{rank}{text}"),
+        v1::LogStream::Stderr => eprintln!("{rank}{text}"),
+        _ if line.node > 0 => eprintln!("[kiln node {}] {text}", line.node),
+        _ => eprintln!("[kiln] {text}"),
     }
 }
 
@@ -549,7 +551,7 @@ fn report_end(run: &v1::Run) -> i32 {
     let detail = if run.message.is_empty() {
         String::new()
     } else {
-        format!(": {}", run.message)
+        format!(": {}", crate::output::sanitize(&run.message))
     };
     eprintln!("[kiln] run {} {status}{took}{detail}", run.id);
     match run.status() {
