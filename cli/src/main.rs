@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand};
 use kiln_proto::{Address, v1};
 use tonic::transport::Channel;
 
+use crate::output::{errln, outln};
+
 /// Kiln runs your training scripts on your own machines: on this one (the local target) or
 /// on a pool of GPU VMs (a compute target of kiln-agents).
 ///
@@ -202,7 +204,7 @@ fn main() {
                 // Line by line: a message of several lines keeps them, escaped otherwise.
                 let message = format!("{error:#}");
                 let lines: Vec<_> = message.lines().map(output::sanitize).collect();
-                eprintln!("error: {}", lines.join("\n"));
+                errln!("error: {}", lines.join("\n"));
                 1
             }
         }
@@ -348,14 +350,14 @@ async fn login(
         ca,
     })?;
     if me.authenticated {
-        eprintln!(
+        errln!(
             "Logged in to {address} as {} ({}); credentials in {}.",
             output::sanitize(&me.user),
             output::sanitize(&me.role),
             path.display()
         );
     } else {
-        eprintln!(
+        errln!(
             "{address} authenticates nobody (--insecure); saved it as your coordinator in {}.",
             path.display()
         );
@@ -386,9 +388,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Some(Command::Logout) => {
             if credentials::remove()? {
-                eprintln!("Logged out: commands go to the local target again.");
+                errln!("Logged out: commands go to the local target again.");
             } else {
-                eprintln!("Not logged in.");
+                errln!("Not logged in.");
             }
             return Ok(0);
         }
@@ -396,7 +398,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let connection = Connection::from_cli(cli.coordinator.as_deref())?;
     if cli.version {
-        println!("kiln {}", kiln_common::VERSION);
+        outln!("kiln {}", kiln_common::VERSION);
         let channel = if connection.local {
             kiln_proto::connect(&connection.address).await
         } else {
@@ -409,12 +411,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                println!("coordinator {} at {}", reply.version, connection.address);
+                outln!("coordinator {} at {}", reply.version, connection.address);
             }
             Err(error) if connection.local => {
-                println!("local target: not running ({error:#})");
+                outln!("local target: not running ({error:#})");
             }
-            Err(error) => println!("coordinator: {error:#}"),
+            Err(error) => outln!("coordinator: {error:#}"),
         }
         return Ok(0);
     }
@@ -481,20 +483,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .into_inner();
             }
             match run.status() {
-                v1::RunStatus::Cancelled => eprintln!("run {} cancelled", run.id),
-                v1::RunStatus::Stopping => eprintln!(
+                v1::RunStatus::Cancelled => errln!("run {} cancelled", run.id),
+                v1::RunStatus::Stopping => errln!(
                     "run {} is stopping: it ends cancelled once its processes have stopped \
                      and delivered their output (`kiln show {}`)",
-                    run.id, run.id
+                    run.id,
+                    run.id
                 ),
                 status if was_active => {
-                    eprintln!(
+                    errln!(
                         "run {} ended before the cancel took effect: {}",
                         run.id,
                         status.domain()
                     )
                 }
-                status => eprintln!("run {} had already ended: {}", run.id, status.domain()),
+                status => errln!("run {} had already ended: {}", run.id, status.domain()),
             }
             Ok(0)
         }
@@ -521,7 +524,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(status_error)?
                 .into_inner();
             let host = agent.host.map(|h| h.hostname).unwrap_or_default();
-            eprintln!(
+            errln!(
                 "Revoked agent {} ({}): its certificate is refused, its runs are requeued. \
                  The host needs a new join token to come back.",
                 output::sanitize(&agent.id),
@@ -538,14 +541,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(status_error)?
                 .into_inner();
             if me.authenticated {
-                println!(
+                outln!(
                     "{} ({}) at {}",
                     output::sanitize(&me.user),
                     output::sanitize(&me.role),
                     connection.address
                 );
             } else {
-                println!("nobody: {} authenticates no one", connection.address);
+                outln!("nobody: {} authenticates no one", connection.address);
             }
             Ok(0)
         }

@@ -8,11 +8,62 @@
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
+use std::io::{self, Write as _};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::HumanBytes;
 use kiln_proto::v1;
 use serde_json::{Value, json};
+
+/// The exit status when stdout or stderr is a pipe whose reader has gone (`kiln runs | head
+/// -1`): what a shell reports for a process that SIGPIPE ended, as other Unix tools end.
+pub const BROKEN_PIPE_EXIT: i32 = 128 + 13;
+
+/// `println!` that ends the CLI quietly with [`BROKEN_PIPE_EXIT`] when stdout's reader has
+/// gone, instead of panicking (the standard library ignores SIGPIPE and `println!` panics on
+/// `EPIPE`). Every line the CLI prints goes through [`outln!`], [`out!`] or [`errln!`].
+macro_rules! outln {
+    () => {
+        $crate::output::write_or_exit(false, "\n".to_owned())
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(false, format!("{}\n", format_args!($($arg)*)))
+    };
+}
+/// `print!`, ending quietly on a closed pipe like [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(false, format!($($arg)*))
+    };
+}
+/// `eprintln!`, ending quietly on a closed pipe like [`outln!`].
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(true, format!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use {errln, out, outln};
+
+/// Writes `text` to stdout (or stderr) at once. A reader that has gone ends the process with
+/// [`BROKEN_PIPE_EXIT`]; any other failure (a full disk) with an error and status 1.
+pub fn write_or_exit(to_stderr: bool, text: String) {
+    let written = if to_stderr {
+        io::stderr().lock().write_all(text.as_bytes())
+    } else {
+        io::stdout().lock().write_all(text.as_bytes())
+    };
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => {
+            std::process::exit(BROKEN_PIPE_EXIT)
+        }
+        Err(error) => {
+            let stream = if to_stderr { "stderr" } else { "stdout" };
+            let _ = writeln!(io::stderr(), "error: cannot write to {stream}: {error}");
+            std::process::exit(1)
+        }
+    }
+}
 
 /// `text` with every character a terminal would act on escaped: C0 controls but the tab (so
 /// ESC, BEL, CR and LF too), DEL and C1 controls as `\x1b`, `\u{9b}`; and the Unicode
@@ -203,7 +254,7 @@ fn resources_text(resources: Option<&v1::Resources>) -> String {
 }
 
 fn print_json(value: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialise")
     );
@@ -232,7 +283,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -285,7 +336,7 @@ pub fn show(run: &v1::Run, as_json: bool) {
         print_json(&run_json(run));
         return;
     }
-    let field = |name: &str, value: String| println!("{name:<16}{}", sanitize(&value));
+    let field = |name: &str, value: String| outln!("{name:<16}{}", sanitize(&value));
     field("id", run.id.to_string());
     field("name", run.name.clone());
     field("status", run.status().domain().to_string());
@@ -483,7 +534,7 @@ pub fn agent(a: &v1::Agent, as_json: bool) {
     }
     let default_host = v1::HostInfo::default();
     let host = a.host.as_ref().unwrap_or(&default_host);
-    let field = |name: &str, value: String| println!("{name:<16}{}", sanitize(&value));
+    let field = |name: &str, value: String| outln!("{name:<16}{}", sanitize(&value));
     field("id", a.id.clone());
     field("host", host.hostname.clone());
     field("target", a.target.clone());
@@ -512,9 +563,9 @@ pub fn agent(a: &v1::Agent, as_json: bool) {
         }
     }
     field("last heartbeat", time(a.last_heartbeat_unix_ms));
-    println!();
+    outln!();
     if a.environments.is_empty() {
-        println!("No cached environments.");
+        outln!("No cached environments.");
         return;
     }
     let rows = a

@@ -1110,3 +1110,79 @@ fn hostile_run_names_and_log_lines_reach_the_terminal_escaped() {
     assert_eq!(cluster.run(run_id.parse().unwrap())["name"], name);
     cluster.stop();
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_cli_quietly() {
+    let cluster = Cluster::start(&TWO_TARGETS[..1]);
+    let src = source_dir(&[(
+        "train.py",
+        "import sys\nfor i in range(20000):\n    print(f'line {i}')\n    print(f'err {i}', file=sys.stderr)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let run_id = cluster.submit_detached(&["--target", "alpha", dir, "train.py"]);
+    cluster.wait_status(run_id, "succeeded");
+    let run = run_id.to_string();
+    let check = |args: &[&str], output: std::process::Output| {
+        let stderr = text(&output.stderr);
+        assert!(!stderr.contains("panicked"), "kiln {args:?}: {stderr}");
+        assert!(
+            matches!(output.status.code(), Some(0 | 141)),
+            "kiln {args:?}: {:?} {stderr}",
+            output.status
+        );
+    };
+    // `kiln ARGS | head -1`: the reader takes one line and goes.
+    for args in [vec!["logs", run.as_str()], vec!["logs", "-f", run.as_str()]] {
+        let mut child = cluster
+            .kiln_command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+        assert_eq!(first, "line 0\n");
+        drop(stdout);
+        let mut stderr = String::new();
+        // stderr is a pipe too: read it all, so only stdout is closed.
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        check(
+            &args,
+            std::process::Output {
+                status,
+                stdout: Vec::new(),
+                stderr: stderr.into_bytes(),
+            },
+        );
+    }
+    // A reader gone before the first line, on stdout or on stderr (`2>&1 | head -1`).
+    for args in [
+        vec!["runs"],
+        vec!["show", run.as_str()],
+        vec!["metrics", run.as_str()],
+        vec!["agents"],
+        vec!["targets"],
+        vec!["logs", run.as_str()],
+    ] {
+        let mut child = cluster
+            .kiln_command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        check(&args, child.wait_with_output().unwrap());
+    }
+    let mut child = cluster
+        .kiln_command(&["logs", &run])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(matches!(status.code(), Some(0 | 141)), "{status:?}");
+    cluster.stop();
+}
