@@ -10,7 +10,7 @@ use kiln_agent::{Agent, gpu};
 use kiln_common::target::TargetName;
 use kiln_proto::{Address, v1};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Kiln's agent: joins a compute target, runs the scripts the coordinator assigns to it and
 /// streams their logs and metrics back.
@@ -85,6 +85,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The identity, run state (env secrets) and spools are nobody else's, and so are the files
+    // of the runs' processes, which inherit it: files 0600, directories 0700.
+    kiln_common::private::restrict_umask();
     kiln_proto::tls::install_provider();
     kiln_agent::supervisor::run_if_requested();
     kiln_agent::limit_malloc_arenas();
@@ -146,6 +149,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     kiln_common::logging::init_logging(&effective.log);
+    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir)
+        .with_context(|| format!("create {}", effective.data_dir.display()))?
+    {
+        warn!("{warning}");
+    }
     let config_file = file.map(|path| path.display().to_string());
     info!(
         config_file = config_file.as_deref().unwrap_or("none"),

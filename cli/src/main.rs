@@ -190,8 +190,9 @@ fn main() {
     kiln_agent::supervisor::run_if_requested();
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::LocalDaemon)) {
-        // The daemon embeds an agent: same allocator setting as kiln-agent.
+        // The daemon embeds an agent: same allocator setting and umask as kiln-agent.
         kiln_agent::limit_malloc_arenas();
+        kiln_common::private::restrict_umask();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

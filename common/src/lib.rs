@@ -4,6 +4,7 @@
 
 pub mod config_file;
 pub mod logging;
+pub mod private;
 pub mod run;
 pub mod snapshot;
 pub mod target;

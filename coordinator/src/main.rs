@@ -113,6 +113,8 @@ enum TokenCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The database, blobs and CA key are nobody else's: files 0600, directories 0700.
+    kiln_common::private::restrict_umask();
     kiln_proto::tls::install_provider();
     let args = Args::parse();
     let (file, effective) = match config::load(args.config.as_deref())
@@ -135,6 +137,11 @@ fn main() -> anyhow::Result<()> {
         None => {}
     }
     kiln_common::logging::init_logging(&effective.log);
+    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir)
+        .with_context(|| format!("create data directory {}", effective.data_dir.display()))?
+    {
+        warn!("{warning}");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -494,3 +494,98 @@ fn outputs_never_carry_what_their_symlinks_point_at() {
     let log = cluster.agent_log(agent);
     assert!(log.contains("Left out of the packed directory"), "{log}");
 }
+
+/// Every file, directory and socket below `root` (itself included) that grants anything to
+/// its group or to others, with its mode; symlinks are not followed.
+fn open_to_others(root: &std::path::Path, except: &[&std::path::Path]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        if except.iter().any(|skip| path.starts_with(skip)) {
+            continue;
+        }
+        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
+            continue; // gone meanwhile
+        };
+        if metadata.is_symlink() {
+            continue;
+        }
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            found.push(format!("{} {mode:o}", path.display()));
+        }
+        if metadata.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|entry| entry.path()));
+        }
+    }
+    found
+}
+
+#[test]
+fn daemons_keep_their_files_private_whatever_the_umask() {
+    // As an operator starting them by hand would (files 0644, directories 0755).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let mut cluster = SecureCluster::start(&[]);
+    let agent = cluster.add_agent("cpu");
+    let ana = cluster.login("ana", "member");
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[(
+            "wait.py",
+            "import os, time\n\
+             open(os.path.join(os.environ['KILN_OUTPUTS_DIR'], 'result.txt'), 'w').write('42')\n\
+             open(os.environ['STARTED'], 'w').write('1')\n\
+             while not os.path.exists(os.environ['GO']):\n    time.sleep(0.1)\n",
+        )],
+    );
+    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    let run = ana.submit_detached(&[
+        "--target",
+        "cpu",
+        "--env",
+        &format!("STARTED={}", started.display()),
+        "--env",
+        &format!("GO={}", go.display()),
+        "--env",
+        "API_KEY=hunter2",
+        dir.path().to_str().unwrap(),
+        "wait.py",
+    ]);
+    wait_for("the script to start", Duration::from_secs(30), || {
+        started.exists().then_some(())
+    });
+    let agent_data = cluster.agent_data(agent);
+    let python = agent_data.join("python");
+    // What is not private on purpose: the `kiln` module containers read (public code), and
+    // the unpacked snapshot, whose modes `unpack` normalises (inside the 0700 run directory).
+    let runs = agent_data.join("runs");
+    let snapshot_trees: Vec<std::path::PathBuf> = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path().join("work"))
+        .collect();
+    let mut except: Vec<&std::path::Path> = vec![python.as_path()];
+    except.extend(snapshot_trees.iter().map(|p| p.as_path()));
+    let spec_files: Vec<_> = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.path().join("state/spec.json").exists())
+        .collect();
+    assert!(!spec_files.is_empty(), "the run has a spec.json to check");
+    let mut open = open_to_others(&cluster.data_dir(), &[]);
+    open.extend(open_to_others(&agent_data, &except));
+    assert!(
+        open.is_empty(),
+        "open to others while the run runs: {open:#?}"
+    );
+
+    std::fs::write(&go, "").unwrap();
+    ana.wait_status(run, "succeeded");
+    let mut open = open_to_others(&cluster.data_dir(), &[]);
+    open.extend(open_to_others(&agent_data, &except));
+    assert!(open.is_empty(), "open to others after the run: {open:#?}");
+}
