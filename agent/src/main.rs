@@ -21,7 +21,7 @@ use tracing::{info, warn};
 ///
 /// Examples:
 ///   sudo kiln-agent join --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX \
-///       --token ID.SECRET --target gpu
+///       --target gpu --token-file -
 ///   kiln-agent --print-config
 ///   kiln-agent --coordinator http://127.0.0.1:7070 --target cpu   (an --insecure coordinator)
 #[derive(Parser, Debug)]
@@ -57,7 +57,7 @@ enum Command {
     ///
     /// Example:
     ///   sudo kiln-agent join --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX \
-    ///       --token ID.SECRET --target gpu
+    ///       --target gpu --token-file -
     #[command(verbatim_doc_comment)]
     Join {
         /// The coordinator: https://HOST:PORT (http:// for an --insecure one).
@@ -67,9 +67,20 @@ enum Command {
         /// printed it. Required for https.
         #[arg(long)]
         ca_hash: Option<String>,
-        /// The join token (ID.SECRET) that `kiln-coordinator token create` printed.
-        #[arg(long, env = "KILN_JOIN_TOKEN", hide_env_values = true)]
-        token: String,
+        /// The join token (ID.SECRET) that `kiln-coordinator token create` printed. Visible
+        /// to every user of this host while `join` runs: prefer --token-file.
+        #[arg(
+            long,
+            env = "KILN_JOIN_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// Read the join token from this file's first line, or from standard input for `-`
+        /// (what the command `token create` prints does: paste the token, then Enter).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// The compute target the token was made for.
         #[arg(long)]
         target: String,
@@ -96,11 +107,17 @@ fn main() -> anyhow::Result<()> {
         coordinator,
         ca_hash,
         token,
+        token_file,
         target,
         no_restart,
         data_dir,
     }) = args.command
     {
+        let token = match (token, token_file) {
+            (_, Some(path)) => kiln_common::private::read_token_file(&path, "join token")?,
+            (Some(token), None) => token,
+            (None, None) => unreachable!("clap requires --token or --token-file"),
+        };
         let path = args
             .config
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));

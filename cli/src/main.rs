@@ -26,7 +26,7 @@ use crate::output::{errln, outln};
 ///
 /// Examples:
 ///   kiln submit examples/quickstart train.py -- --epochs 5
-///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token ID.SECRET
+///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token-file -
 ///   kiln submit --target gpu . train.py
 ///   kiln runs
 #[derive(Parser, Debug)]
@@ -73,12 +73,23 @@ enum Command {
     /// Stored in $XDG_CONFIG_HOME/kiln/credentials.toml, readable by you only.
     ///
     /// Example:
-    ///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token ID.SECRET
+    ///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token-file -
     #[command(verbatim_doc_comment)]
     Login {
-        /// The API token (ID.SECRET).
-        #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
-        token: String,
+        /// The API token (ID.SECRET). Visible to every user of this host while `login` runs:
+        /// prefer --token-file.
+        #[arg(
+            long,
+            env = "KILN_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// Read the API token from this file's first line, or from standard input for `-`
+        /// (what the command `user create` prints does: paste the token, then Enter).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// The SHA-256 of the coordinator's CA certificate, as `user create` printed it.
         #[arg(long, conflicts_with = "ca_file")]
         ca_hash: Option<String>,
@@ -376,12 +387,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Some(Command::Login {
             token,
+            token_file,
             ca_hash,
             ca_file,
         }) => {
+            let token = match (token, token_file) {
+                (_, Some(path)) => kiln_common::private::read_token_file(path, "API token")?,
+                (Some(token), None) => token.clone(),
+                (None, None) => unreachable!("clap requires --token or --token-file"),
+            };
             return login(
                 cli.coordinator.as_deref(),
-                token,
+                &token,
                 ca_hash.as_deref(),
                 ca_file.as_deref(),
             )
@@ -594,5 +611,27 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
             anyhow::anyhow!("the coordinator is unavailable: {}", status.message())
         }
         _ => anyhow::anyhow!("{}", status.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_takes_its_token_from_a_flag_or_a_file_not_both() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["kiln", "login"], args].concat());
+        let from_file = parse(&["--ca-hash", "sha256:ab", "--token-file", "-"]).expect("file");
+        assert!(matches!(
+            from_file.command,
+            Some(Command::Login { token: None, token_file: Some(ref path), .. }) if path == std::path::Path::new("-")
+        ));
+        let inline = parse(&["--token", "a.b"]).expect("flag");
+        assert!(matches!(
+            inline.command,
+            Some(Command::Login { token: Some(ref token), token_file: None, .. }) if token == "a.b"
+        ));
+        let both = parse(&["--token", "a.b", "--token-file", "t"]).expect_err("both");
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 }

@@ -66,3 +66,65 @@ mod tests {
         assert_eq!(private_dir(&open).expect("again"), None);
     }
 }
+
+/// The most bytes [`read_token_file`] reads: a token is about 50.
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// A token (join or API: `what`) from `--token-file PATH`, or from standard input for `-`, so
+/// that it appears neither in the process list nor in the shell's history: the first line,
+/// trimmed. On a terminal, standard input is asked for it and read up to Enter.
+pub fn read_token_file(path: &Path, what: &str) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    use std::io::{BufRead as _, IsTerminal as _, Read as _, Write as _};
+    let mut text = String::new();
+    if path == Path::new("-") {
+        let stdin = std::io::stdin();
+        if stdin.is_terminal() {
+            eprint!("Paste the {what} and press Enter: ");
+            let _ = std::io::stderr().flush();
+        }
+        stdin
+            .lock()
+            .take(MAX_TOKEN_FILE_BYTES)
+            .read_line(&mut text)
+            .context("read the token from standard input")?;
+    } else {
+        std::fs::File::open(path)
+            .and_then(|file| file.take(MAX_TOKEN_FILE_BYTES).read_to_string(&mut text))
+            .with_context(|| format!("read the token from {}", path.display()))?;
+    }
+    let token = text.lines().next().unwrap_or_default().trim();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "{} holds no token: expected ID.SECRET on its first line",
+        if path == Path::new("-") {
+            "standard input".to_string()
+        } else {
+            format!("`{}`", path.display())
+        }
+    );
+    Ok(token.to_string())
+}
+
+#[cfg(test)]
+mod token_file_tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_gives_its_first_line_trimmed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("token");
+        std::fs::write(&path, "  0123.abcd  \nignored\n").expect("write");
+        assert_eq!(read_token_file(&path, "token").expect("read"), "0123.abcd");
+        std::fs::write(&path, "\n").expect("write");
+        let error = read_token_file(&path, "token")
+            .expect_err("empty")
+            .to_string();
+        assert!(error.contains("holds no token"), "{error}");
+        let error = format!(
+            "{:#}",
+            read_token_file(&tmp.path().join("missing"), "token").expect_err("missing")
+        );
+        assert!(error.contains("read the token from"), "{error}");
+    }
+}

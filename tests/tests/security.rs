@@ -589,3 +589,53 @@ fn daemons_keep_their_files_private_whatever_the_umask() {
     open.extend(open_to_others(&agent_data, &except));
     assert!(open.is_empty(), "open to others after the run: {open:#?}");
 }
+
+#[test]
+fn tokens_are_read_from_standard_input_or_a_file_as_printed() {
+    let mut cluster = SecureCluster::start(&[]);
+    // The join command as `token create` printed it, the token pasted on its standard input.
+    let (join, token) = cluster.printed_join("cpu", &[]);
+    assert!(!join.contains(&token), "{join:?}");
+    let output = cluster.join_fed(0, &join, &format!("{token}\n"));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // With nothing on standard input, it says so (and spends nothing).
+    let (join, _) = cluster.printed_join("cpu", &[]);
+    let output = cluster.join_fed(1, &join, "");
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("standard input holds no token"),
+        "{}",
+        text(&output.stderr)
+    );
+    cluster.start_agent(0);
+
+    // `kiln login` as `user create` printed it, the token from a file instead of `-`.
+    let output = cluster.admin_command(&["user", "create", "ops", "--role", "admin"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let (mut login, token) = secure::printed_command(&text(&output.stdout), &["kiln"]);
+    assert_eq!(login[0], "login");
+    let home = cluster.dir.path().join("home-ops");
+    std::fs::create_dir_all(&home).unwrap();
+    let token_file = home.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    *login.last_mut().unwrap() = token_file.display().to_string();
+    let ops = secure::User { home, token };
+    let login: Vec<&str> = login.iter().map(String::as_str).collect();
+    let output = ops.kiln(&login);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let me = ops.kiln(&["whoami"]);
+    assert!(
+        text(&me.stdout).starts_with("ops (admin)"),
+        "{}",
+        text(&me.stdout)
+    );
+    cluster.wait_agent_state(&ops, &cluster.agent_id(0), "online");
+    // `--token` and `--token-file` together are refused.
+    let output = ops.kiln(&["login", "--token", "a.b", "--token-file", "-"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("cannot be used with"),
+        "{}",
+        text(&output.stderr)
+    );
+}
