@@ -163,6 +163,15 @@ impl Agent {
         let python_dir = config.data_dir.join("python");
         std::fs::write(python_dir.join("kiln.py"), KILN_PY)
             .context("write the kiln Python module")?;
+        // Public code a container's user (`nobody` under a root agent) must read; the umask
+        // would make it the agent's only.
+        for (path, mode) in [
+            (python_dir.join("kiln.py"), 0o644),
+            (python_dir.clone(), 0o755),
+        ] {
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .with_context(|| format!("make {} readable", path.display()))?;
+        }
         let agent_id = load_or_create_agent_id(&config)?;
         let mut host = telemetry::host_info(config.hostname.as_deref(), gpus.as_ref());
         host.low_priority = config.low_priority;

@@ -10,7 +10,7 @@ use kiln_agent::{Agent, gpu};
 use kiln_common::target::TargetName;
 use kiln_proto::{Address, v1};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Kiln's agent: joins a compute target, runs the scripts the coordinator assigns to it and
 /// streams their logs and metrics back.
@@ -21,7 +21,7 @@ use tracing::info;
 ///
 /// Examples:
 ///   sudo kiln-agent join --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX \
-///       --token ID.SECRET --target gpu
+///       --target gpu --token-file -
 ///   kiln-agent --print-config
 ///   kiln-agent --coordinator http://127.0.0.1:7070 --target cpu   (an --insecure coordinator)
 #[derive(Parser, Debug)]
@@ -57,7 +57,7 @@ enum Command {
     ///
     /// Example:
     ///   sudo kiln-agent join --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX \
-    ///       --token ID.SECRET --target gpu
+    ///       --target gpu --token-file -
     #[command(verbatim_doc_comment)]
     Join {
         /// The coordinator: https://HOST:PORT (http:// for an --insecure one).
@@ -67,9 +67,20 @@ enum Command {
         /// printed it. Required for https.
         #[arg(long)]
         ca_hash: Option<String>,
-        /// The join token (ID.SECRET) that `kiln-coordinator token create` printed.
-        #[arg(long, env = "KILN_JOIN_TOKEN", hide_env_values = true)]
-        token: String,
+        /// The join token (ID.SECRET) that `kiln-coordinator token create` printed. Visible
+        /// to every user of this host while `join` runs: prefer --token-file.
+        #[arg(
+            long,
+            env = "KILN_JOIN_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// Read the join token from this file's first line, or from standard input for `-`
+        /// (what the command `token create` prints does: paste the token, then Enter).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// The compute target the token was made for.
         #[arg(long)]
         target: String,
@@ -85,6 +96,9 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The identity, run state (env secrets) and spools are nobody else's, and so are the files
+    // of the runs' processes, which inherit it: files 0600, directories 0700.
+    kiln_common::private::restrict_umask();
     kiln_proto::tls::install_provider();
     kiln_agent::supervisor::run_if_requested();
     kiln_agent::limit_malloc_arenas();
@@ -93,11 +107,17 @@ fn main() -> anyhow::Result<()> {
         coordinator,
         ca_hash,
         token,
+        token_file,
         target,
         no_restart,
         data_dir,
     }) = args.command
     {
+        let token = match (token, token_file) {
+            (_, Some(path)) => kiln_common::private::read_token_file(&path, "join token")?,
+            (Some(token), None) => token,
+            (None, None) => unreachable!("clap requires --token or --token-file"),
+        };
         let path = args
             .config
             .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
@@ -146,6 +166,11 @@ fn main() -> anyhow::Result<()> {
         }
     }
     kiln_common::logging::init_logging(&effective.log);
+    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir)
+        .with_context(|| format!("create {}", effective.data_dir.display()))?
+    {
+        warn!("{warning}");
+    }
     let config_file = file.map(|path| path.display().to_string());
     info!(
         config_file = config_file.as_deref().unwrap_or("none"),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use kiln_common::snapshot::{self, DIGEST_PREFIX, PackOptions, UnpackLimits};
+use kiln_common::snapshot::{self, DIGEST_PREFIX, PackOptions, SnapshotError, UnpackLimits};
 use kiln_proto::v1::{self, agent_message::Kind as Up};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -967,7 +967,9 @@ async fn finish(
     control: &RunControl,
 ) -> Option<v1::Finished> {
     let outputs = root.join("work/outputs");
-    let (outputs_digest, outputs_error) = if exit.start_error.is_none() && outputs.is_dir() {
+    // A symlink in outputs/'s place is packed too, to be refused with a reason the user sees.
+    let present = std::fs::symlink_metadata(&outputs).is_ok_and(|m| m.is_dir() || m.is_symlink());
+    let (outputs_digest, outputs_error) = if exit.start_error.is_none() && present {
         match upload_outputs(agent, &outputs, control).await {
             Uploaded::Stored(digest) => (digest, String::new()),
             Uploaded::Refused(reason) => {
@@ -1022,6 +1024,9 @@ enum Uploaded {
     Detached,
 }
 
+/// How many entries left out of a packed directory are logged one by one.
+const MAX_SKIPPED_LOGGED: usize = 10;
+
 /// First and longest wait between outputs upload tries.
 const UPLOAD_RETRY_FIRST: Duration = Duration::from_millis(500);
 const UPLOAD_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -1073,9 +1078,26 @@ fn error_text(error: &anyhow::Error) -> String {
 }
 
 /// The reason to give up, when a retry cannot help: the coordinator refused the blob
-/// itself (too large, invalid). Transport errors, an unavailable coordinator and full disks
-/// (on either side) are worth another try.
+/// itself (too large, invalid), or the directory cannot be packed safely (it is a symlink,
+/// or changed into one while it was read). Transport errors, an unavailable coordinator and
+/// full disks (on either side) are worth another try.
 fn permanent_refusal(error: &anyhow::Error) -> Option<String> {
+    match error
+        .chain()
+        .find_map(|e| e.downcast_ref::<SnapshotError>())
+    {
+        Some(SnapshotError::NotADirectory(path)) => {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            return Some(format!(
+                "{name}/ is a symlink or not a directory; it must be a real directory, and symlinks \
+                 are never followed"
+            ));
+        }
+        Some(refused @ (SnapshotError::Unsafe { .. } | SnapshotError::NonUtf8Path(_))) => {
+            return Some(refused.to_string());
+        }
+        _ => {}
+    }
     let status = error
         .chain()
         .find_map(|e| e.downcast_ref::<tonic::Status>())?;
@@ -1730,18 +1752,22 @@ async fn unpack(archive: &Path, work: &Path) -> anyhow::Result<()> {
     .await?
 }
 
-/// Packs a directory (no ignore rules) and uploads it unless the coordinator has it.
+/// Packs a directory the run's script wrote (no ignore rules, nothing outside it: see
+/// [`snapshot::pack_untrusted_dir`]) and uploads it unless the coordinator has it.
 async fn upload_dir(agent: &Agent, outputs: &Path) -> anyhow::Result<String> {
     let temp = tempfile::NamedTempFile::new_in(agent.config.data_dir.join("snapshots/tmp"))?;
     let (dir, dest) = (outputs.to_path_buf(), temp.path().to_path_buf());
-    let packed = tokio::task::spawn_blocking(move || {
-        let options = PackOptions {
-            use_ignore_files: false,
-            ..PackOptions::default()
-        };
-        snapshot::pack_dir_to_file(&dir, &options, &dest)
+    let untrusted = tokio::task::spawn_blocking(move || {
+        snapshot::pack_untrusted_dir(&dir, PackOptions::default().level, &dest)
     })
     .await??;
+    for skipped in untrusted.skipped.iter().take(MAX_SKIPPED_LOGGED) {
+        warn!(dir = %outputs.display(), entry = %skipped, "Left out of the packed directory.");
+    }
+    if untrusted.skipped.len() > MAX_SKIPPED_LOGGED {
+        warn!(dir = %outputs.display(), n_more = untrusted.skipped.len() - MAX_SKIPPED_LOGGED, "More entries were left out of the packed directory.");
+    }
+    let packed = untrusted.packed;
     let channel = agent.coordinator_channel().await;
     let mut client = kiln_proto::clients::blobs(channel.clone(), kiln_proto::Bearer::none());
     let present = client

@@ -15,6 +15,8 @@ use clap::{Parser, Subcommand};
 use kiln_proto::{Address, v1};
 use tonic::transport::Channel;
 
+use crate::output::{errln, outln};
+
 /// Kiln runs your training scripts on your own machines: on this one (the local target) or
 /// on a pool of GPU VMs (a compute target of kiln-agents).
 ///
@@ -24,7 +26,7 @@ use tonic::transport::Channel;
 ///
 /// Examples:
 ///   kiln submit examples/quickstart train.py -- --epochs 5
-///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token ID.SECRET
+///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token-file -
 ///   kiln submit --target gpu . train.py
 ///   kiln runs
 #[derive(Parser, Debug)]
@@ -71,12 +73,23 @@ enum Command {
     /// Stored in $XDG_CONFIG_HOME/kiln/credentials.toml, readable by you only.
     ///
     /// Example:
-    ///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token ID.SECRET
+    ///   kiln login --coordinator https://10.0.0.5:7070 --ca-hash sha256:HEX --token-file -
     #[command(verbatim_doc_comment)]
     Login {
-        /// The API token (ID.SECRET).
-        #[arg(long, env = "KILN_TOKEN", hide_env_values = true)]
-        token: String,
+        /// The API token (ID.SECRET). Visible to every user of this host while `login` runs:
+        /// prefer --token-file.
+        #[arg(
+            long,
+            env = "KILN_TOKEN",
+            hide_env_values = true,
+            required_unless_present = "token_file",
+            conflicts_with = "token_file"
+        )]
+        token: Option<String>,
+        /// Read the API token from this file's first line, or from standard input for `-`
+        /// (what the command `user create` prints does: paste the token, then Enter).
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// The SHA-256 of the coordinator's CA certificate, as `user create` printed it.
         #[arg(long, conflicts_with = "ca_file")]
         ca_hash: Option<String>,
@@ -188,8 +201,9 @@ fn main() {
     kiln_agent::supervisor::run_if_requested();
     let cli = Cli::parse();
     if matches!(cli.command, Some(Command::LocalDaemon)) {
-        // The daemon embeds an agent: same allocator setting as kiln-agent.
+        // The daemon embeds an agent: same allocator setting and umask as kiln-agent.
         kiln_agent::limit_malloc_arenas();
+        kiln_common::private::restrict_umask();
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -199,7 +213,10 @@ fn main() {
         match run(cli).await {
             Ok(code) => code,
             Err(error) => {
-                eprintln!("error: {error:#}");
+                // Line by line: a message of several lines keeps them, escaped otherwise.
+                let message = format!("{error:#}");
+                let lines: Vec<_> = message.lines().map(output::sanitize).collect();
+                errln!("error: {}", lines.join("\n"));
                 1
             }
         }
@@ -345,14 +362,14 @@ async fn login(
         ca,
     })?;
     if me.authenticated {
-        eprintln!(
+        errln!(
             "Logged in to {address} as {} ({}); credentials in {}.",
-            me.user,
-            me.role,
+            output::sanitize(&me.user),
+            output::sanitize(&me.role),
             path.display()
         );
     } else {
-        eprintln!(
+        errln!(
             "{address} authenticates nobody (--insecure); saved it as your coordinator in {}.",
             path.display()
         );
@@ -370,12 +387,18 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Some(Command::Login {
             token,
+            token_file,
             ca_hash,
             ca_file,
         }) => {
+            let token = match (token, token_file) {
+                (_, Some(path)) => kiln_common::private::read_token_file(path, "API token")?,
+                (Some(token), None) => token.clone(),
+                (None, None) => unreachable!("clap requires --token or --token-file"),
+            };
             return login(
                 cli.coordinator.as_deref(),
-                token,
+                &token,
                 ca_hash.as_deref(),
                 ca_file.as_deref(),
             )
@@ -383,9 +406,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Some(Command::Logout) => {
             if credentials::remove()? {
-                eprintln!("Logged out: commands go to the local target again.");
+                errln!("Logged out: commands go to the local target again.");
             } else {
-                eprintln!("Not logged in.");
+                errln!("Not logged in.");
             }
             return Ok(0);
         }
@@ -393,7 +416,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let connection = Connection::from_cli(cli.coordinator.as_deref())?;
     if cli.version {
-        println!("kiln {}", kiln_common::VERSION);
+        outln!("kiln {}", kiln_common::VERSION);
         let channel = if connection.local {
             kiln_proto::connect(&connection.address).await
         } else {
@@ -406,12 +429,12 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .await
                     .map_err(status_error)?
                     .into_inner();
-                println!("coordinator {} at {}", reply.version, connection.address);
+                outln!("coordinator {} at {}", reply.version, connection.address);
             }
             Err(error) if connection.local => {
-                println!("local target: not running ({error:#})");
+                outln!("local target: not running ({error:#})");
             }
-            Err(error) => println!("coordinator: {error:#}"),
+            Err(error) => outln!("coordinator: {error:#}"),
         }
         return Ok(0);
     }
@@ -478,20 +501,21 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .into_inner();
             }
             match run.status() {
-                v1::RunStatus::Cancelled => eprintln!("run {} cancelled", run.id),
-                v1::RunStatus::Stopping => eprintln!(
+                v1::RunStatus::Cancelled => errln!("run {} cancelled", run.id),
+                v1::RunStatus::Stopping => errln!(
                     "run {} is stopping: it ends cancelled once its processes have stopped \
                      and delivered their output (`kiln show {}`)",
-                    run.id, run.id
+                    run.id,
+                    run.id
                 ),
                 status if was_active => {
-                    eprintln!(
+                    errln!(
                         "run {} ended before the cancel took effect: {}",
                         run.id,
                         status.domain()
                     )
                 }
-                status => eprintln!("run {} had already ended: {}", run.id, status.domain()),
+                status => errln!("run {} had already ended: {}", run.id, status.domain()),
             }
             Ok(0)
         }
@@ -518,10 +542,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(status_error)?
                 .into_inner();
             let host = agent.host.map(|h| h.hostname).unwrap_or_default();
-            eprintln!(
-                "Revoked agent {} ({host}): its certificate is refused, its runs are requeued. \
+            errln!(
+                "Revoked agent {} ({}): its certificate is refused, its runs are requeued. \
                  The host needs a new join token to come back.",
-                agent.id
+                output::sanitize(&agent.id),
+                output::sanitize(&host)
             );
             Ok(0)
         }
@@ -534,9 +559,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(status_error)?
                 .into_inner();
             if me.authenticated {
-                println!("{} ({}) at {}", me.user, me.role, connection.address);
+                outln!(
+                    "{} ({}) at {}",
+                    output::sanitize(&me.user),
+                    output::sanitize(&me.role),
+                    connection.address
+                );
             } else {
-                println!("nobody: {} authenticates no one", connection.address);
+                outln!("nobody: {} authenticates no one", connection.address);
             }
             Ok(0)
         }
@@ -581,5 +611,27 @@ pub fn status_error(status: tonic::Status) -> anyhow::Error {
             anyhow::anyhow!("the coordinator is unavailable: {}", status.message())
         }
         _ => anyhow::anyhow!("{}", status.message()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_takes_its_token_from_a_flag_or_a_file_not_both() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["kiln", "login"], args].concat());
+        let from_file = parse(&["--ca-hash", "sha256:ab", "--token-file", "-"]).expect("file");
+        assert!(matches!(
+            from_file.command,
+            Some(Command::Login { token: None, token_file: Some(ref path), .. }) if path == std::path::Path::new("-")
+        ));
+        let inline = parse(&["--token", "a.b"]).expect("flag");
+        assert!(matches!(
+            inline.command,
+            Some(Command::Login { token: Some(ref token), token_file: None, .. }) if token == "a.b"
+        ));
+        let both = parse(&["--token", "a.b", "--token-file", "t"]).expect_err("both");
+        assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 }

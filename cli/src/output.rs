@@ -1,11 +1,104 @@
 //! How the CLI prints things: aligned tables for people, JSON (snake_case fields, arrays for
 //! lists) for scripts.
+//!
+//! Text that others wrote (run names and messages, log lines, metric names, host names, agent
+//! ids, error messages) reaches the terminal only through [`sanitize`], so it cannot move the
+//! cursor, retitle the window, write the clipboard or start a line that looks like Kiln's own.
+//! JSON needs nothing more: serde escapes control characters.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::io::{self, Write as _};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use indicatif::HumanBytes;
 use kiln_proto::v1;
 use serde_json::{Value, json};
+
+/// The exit status when stdout or stderr is a pipe whose reader has gone (`kiln runs | head
+/// -1`): what a shell reports for a process that SIGPIPE ended, as other Unix tools end.
+pub const BROKEN_PIPE_EXIT: i32 = 128 + 13;
+
+/// `println!` that ends the CLI quietly with [`BROKEN_PIPE_EXIT`] when stdout's reader has
+/// gone, instead of panicking (the standard library ignores SIGPIPE and `println!` panics on
+/// `EPIPE`). Every line the CLI prints goes through [`outln!`], [`out!`] or [`errln!`].
+macro_rules! outln {
+    () => {
+        $crate::output::write_or_exit(false, "\n".to_owned())
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(false, format!("{}\n", format_args!($($arg)*)))
+    };
+}
+/// `print!`, ending quietly on a closed pipe like [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(false, format!($($arg)*))
+    };
+}
+/// `eprintln!`, ending quietly on a closed pipe like [`outln!`].
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_or_exit(true, format!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use {errln, out, outln};
+
+/// Writes `text` to stdout (or stderr) at once. A reader that has gone ends the process with
+/// [`BROKEN_PIPE_EXIT`]; any other failure (a full disk) with an error and status 1.
+pub fn write_or_exit(to_stderr: bool, text: String) {
+    let written = if to_stderr {
+        io::stderr().lock().write_all(text.as_bytes())
+    } else {
+        io::stdout().lock().write_all(text.as_bytes())
+    };
+    match written {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::BrokenPipe => {
+            std::process::exit(BROKEN_PIPE_EXIT)
+        }
+        Err(error) => {
+            let stream = if to_stderr { "stderr" } else { "stdout" };
+            let _ = writeln!(io::stderr(), "error: cannot write to {stream}: {error}");
+            std::process::exit(1)
+        }
+    }
+}
+
+/// `text` with every character a terminal would act on escaped: C0 controls but the tab (so
+/// ESC, BEL, CR and LF too), DEL and C1 controls as `\x1b`, `\u{9b}`; and the Unicode
+/// controls that reorder or break lines (bidi overrides, embeddings and isolates, the line
+/// and paragraph separators) as `\u{202e}`. Borrowed when there is nothing to escape.
+pub fn sanitize(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for ch in text.chars() {
+        if !needs_escape(ch) {
+            out.push(ch);
+        } else if ch.is_ascii() {
+            let _ = write!(out, "\\x{:02x}", u32::from(ch));
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(ch));
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn needs_escape(ch: char) -> bool {
+    (ch.is_control() && ch != '\t')
+        || matches!(
+            ch,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
 
 pub fn time(ms: i64) -> String {
     let time = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
@@ -161,14 +254,23 @@ fn resources_text(resources: Option<&v1::Resources>) -> String {
 }
 
 fn print_json(value: &Value) {
-    println!(
+    outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialise")
     );
 }
 
-/// Prints rows as a table with a header, columns padded to their widest cell.
+/// Prints rows as a table with a header, columns padded to their widest cell. Every cell is
+/// [`sanitize`]d.
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|row| {
+            row.into_iter()
+                .map(|cell| sanitize(&cell).into_owned())
+                .collect()
+        })
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -181,7 +283,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .zip(&widths)
             .map(|(cell, width)| format!("{cell:<width$}"))
             .collect();
-        println!("{}", padded.join("  ").trim_end());
+        outln!("{}", padded.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -234,7 +336,7 @@ pub fn show(run: &v1::Run, as_json: bool) {
         print_json(&run_json(run));
         return;
     }
-    let field = |name: &str, value: String| println!("{name:<16}{value}");
+    let field = |name: &str, value: String| outln!("{name:<16}{}", sanitize(&value));
     field("id", run.id.to_string());
     field("name", run.name.clone());
     field("status", run.status().domain().to_string());
@@ -432,7 +534,7 @@ pub fn agent(a: &v1::Agent, as_json: bool) {
     }
     let default_host = v1::HostInfo::default();
     let host = a.host.as_ref().unwrap_or(&default_host);
-    let field = |name: &str, value: String| println!("{name:<16}{value}");
+    let field = |name: &str, value: String| outln!("{name:<16}{}", sanitize(&value));
     field("id", a.id.clone());
     field("host", host.hostname.clone());
     field("target", a.target.clone());
@@ -472,9 +574,9 @@ pub fn agent(a: &v1::Agent, as_json: bool) {
             ),
         );
     }
-    println!();
+    outln!();
     if a.environments.is_empty() {
-        println!("No cached environments.");
+        outln!("No cached environments.");
         return;
     }
     let rows = a
@@ -561,4 +663,44 @@ fn agents_table(agents: &[v1::Agent], default_host: &v1::HostInfo) {
         ],
         rows,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: &str) {
+        assert_eq!(sanitize(input), expected, "{input:?}");
+    }
+
+    #[test]
+    fn sanitize_escapes_what_a_terminal_would_act_on() {
+        check("plain run name", "plain run name");
+        check("tab\tstays", "tab\tstays");
+        check("ünïcödé 日本語 ok", "ünïcödé 日本語 ok");
+        // Window title (OSC 0), clear screen (CSI 2J), clipboard write (OSC 52).
+        check("\x1b]0;pwned\x07", "\\x1b]0;pwned\\x07");
+        check("\x1b[2J", "\\x1b[2J");
+        check("\x1b]52;c;aGk=\x07", "\\x1b]52;c;aGk=\\x07");
+        // A carriage return or newline cannot start a line that looks like Kiln's own.
+        check(
+            "50%\r[kiln] run 99 succeeded",
+            "50%\\x0d[kiln] run 99 succeeded",
+        );
+        check("a\nb", "a\\x0ab");
+        check("nul\0del\x7f", "nul\\x00del\\x7f");
+        // C1 controls: CSI (U+009B) and OSC (U+009D) as single characters.
+        check("\u{9b}2J \u{9d}0;x\u{9c}", "\\u{9b}2J \\u{9d}0;x\\u{9c}");
+        // Bidi overrides and isolates, line separators.
+        check(
+            "evil\u{202e}txt.exe\u{2066}\u{2069}\u{2028}",
+            "evil\\u{202e}txt.exe\\u{2066}\\u{2069}\\u{2028}",
+        );
+    }
+
+    #[test]
+    fn sanitize_borrows_clean_text() {
+        assert!(matches!(sanitize("clean"), Cow::Borrowed("clean")));
+        assert!(matches!(sanitize("\x1b"), Cow::Owned(_)));
+    }
 }

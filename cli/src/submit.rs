@@ -13,6 +13,7 @@ use kiln_common::target::LOCAL_TARGET;
 use kiln_proto::v1::{self, kiln_client::KilnClient};
 use tokio_stream::StreamExt as _;
 
+use crate::output::{errln, out, outln};
 use crate::{Connection, runconfig, status_error};
 
 /// Default snapshot size cap, checked before anything is uploaded.
@@ -206,7 +207,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         );
     }
     if plan.total_bytes > LARGE_SNAPSHOT_BYTES {
-        eprintln!(
+        errln!(
             "note: the snapshot is large ({}).\n{}",
             HumanBytes(plan.total_bytes),
             biggest_items_advice(&plan, &dir)
@@ -220,18 +221,18 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
             Some(path) => format!("{} and flags", path.display()),
             None => "flags; no run configuration file".to_string(),
         };
-        println!("# Run configuration ({source}):");
-        print!("{}", config.to_yaml());
-        println!("# Snapshot:");
-        println!("snapshot        {}", packed.digest);
-        println!("files           {}", packed.n_files);
-        println!(
+        outln!("# Run configuration ({source}):");
+        out!("{}", config.to_yaml());
+        outln!("# Snapshot:");
+        outln!("snapshot        {}", packed.digest);
+        outln!("files           {}", packed.n_files);
+        outln!(
             "size            {} ({} compressed)",
             HumanBytes(packed.uncompressed_bytes),
             HumanBytes(packed.compressed_bytes)
         );
         for (item, bytes) in biggest {
-            println!("  {item:<30} {:>10}", HumanBytes(bytes).to_string());
+            outln!("  {item:<30} {:>10}", HumanBytes(bytes).to_string());
         }
         return Ok(0);
     }
@@ -293,7 +294,7 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         bar.finish_and_clear();
         packed.compressed_bytes
     };
-    eprintln!(
+    errln!(
         "snapshot {} ({} files, {}): uploaded {uploaded} bytes",
         packed.digest,
         packed.n_files,
@@ -305,9 +306,9 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         .await
         .map_err(status_error)?
         .into_inner();
-    eprintln!("run {} submitted to target {}", run.id, run.target);
+    errln!("run {} submitted to target {}", run.id, run.target);
     if args.detach {
-        println!("{}", run.id);
+        outln!("{}", run.id);
         return Ok(0);
     }
     match follow(connection, run.id, 0, None).await? {
@@ -337,9 +338,9 @@ async fn print_metrics_summary(client: &mut KilnClient<kiln_proto::AuthChannel>,
         })
         .collect();
     if !user.is_empty() {
-        eprintln!(
+        errln!(
             "[kiln] metrics: {}; all of them: kiln metrics {run_id}",
-            user.join(", ")
+            crate::output::sanitize(&user.join(", "))
         );
     }
 }
@@ -425,18 +426,20 @@ pub async fn print_logs(
     Ok(())
 }
 
-/// Prints a line to stdout or stderr as the script wrote it; a distributed run's lines start
+/// Prints a line to stdout or stderr as the script wrote it (control characters escaped:
+/// [`crate::output::sanitize`]); a distributed run's lines start
 /// with their rank (`[rank 3] `), Kiln's own lines with `[kiln]` (and the node, past node 0).
 fn print_line(line: &v1::LogLine) {
     let rank = line
         .rank
         .map(|r| format!("[rank {r}] "))
         .unwrap_or_default();
+    let text = crate::output::sanitize(&line.text);
     match line.stream() {
-        v1::LogStream::Stdout => println!("{rank}{}", line.text),
-        v1::LogStream::Stderr => eprintln!("{rank}{}", line.text),
-        _ if line.node > 0 => eprintln!("[kiln node {}] {}", line.node, line.text),
-        _ => eprintln!("[kiln] {}", line.text),
+        v1::LogStream::Stdout => outln!("{rank}{text}"),
+        v1::LogStream::Stderr => errln!("{rank}{text}"),
+        _ if line.node > 0 => errln!("[kiln node {}] {text}", line.node),
+        _ => errln!("[kiln] {text}"),
     }
 }
 
@@ -504,7 +507,7 @@ pub async fn follow(
         let result = tokio::select! {
             result = attempt => result,
             _ = tokio::signal::ctrl_c() => {
-                eprintln!(
+                errln!(
                     "\nStopped following; run {run_id} keeps running. Re-attach with: kiln logs {run_id} --follow"
                 );
                 return Ok(Followed::Detached);
@@ -530,7 +533,7 @@ pub async fn follow(
                     }
                 }
                 if !announced {
-                    eprintln!("[kiln] log stream interrupted; reconnecting…");
+                    errln!("[kiln] log stream interrupted; reconnecting…");
                     announced = true;
                 }
                 tokio::time::sleep(backoff).await;
@@ -549,9 +552,9 @@ fn report_end(run: &v1::Run) -> i32 {
     let detail = if run.message.is_empty() {
         String::new()
     } else {
-        format!(": {}", run.message)
+        format!(": {}", crate::output::sanitize(&run.message))
     };
-    eprintln!("[kiln] run {} {status}{took}{detail}", run.id);
+    errln!("[kiln] run {} {status}{took}{detail}", run.id);
     match run.status() {
         v1::RunStatus::Succeeded => 0,
         v1::RunStatus::Cancelled => exit_codes::CANCELLED,
@@ -619,7 +622,7 @@ pub async fn download(connection: &Connection, run_id: i64, dest: &Path) -> anyh
         n_files += unpacked.n_files;
         total_bytes += unpacked.total_bytes;
     }
-    eprintln!(
+    errln!(
         "downloaded outputs of run {run_id} to {} ({} files, {})",
         dest.display(),
         n_files,

@@ -5,6 +5,7 @@
 pub mod config_file;
 pub mod dirlock;
 pub mod logging;
+pub mod private;
 pub mod run;
 pub mod snapshot;
 pub mod target;

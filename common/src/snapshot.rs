@@ -1,8 +1,9 @@
 //! The snapshot format: a directory packed as tar + zstd and named by the sha256 of the compressed bytes.
 //!
 //! The CLI packs a user's source directory with [`plan`] and [`pack`]; the agent checks the digest with
-//! [`digest_file`] and unpacks with [`unpack`]; the agent packs a run's `outputs/` the same way with
-//! [`pack_dir_to_file`]. Both ends use this one implementation, so they always agree on what a snapshot holds.
+//! [`digest_file`] and unpacks with [`unpack`]; the agent packs a run's `outputs/` and checkpoints the same
+//! way with [`pack_untrusted_dir`]. Both ends use this one implementation, so they always agree on what a
+//! snapshot holds.
 //!
 //! Promises:
 //! - Packing is deterministic: the same directory content gives byte-identical archives (and so the same
@@ -11,6 +12,11 @@
 //! - A snapshot holds regular files, directories and relative symlinks that stay inside it. Anything that
 //!   [`unpack`] would refuse as unsafe is already refused by [`plan`], so a snapshot that packs also
 //!   unpacks, unless it passes one of the [`UnpackLimits`] (size, entry count, depth, path length).
+//! - Packing never reads outside the directory packed: every file, directory and symlink is opened relative
+//!   to its parent's descriptor without following symlinks (`openat` with `O_NOFOLLOW`), so a tree that
+//!   changes while it is packed (a file or directory swapped for a symlink) fails the pack instead of
+//!   reading what the link points at. [`pack_untrusted_dir`], for trees a run's script wrote, also refuses
+//!   a root that is a symlink and skips symlinks that point outside instead of refusing the tree.
 //! - [`unpack`] never writes outside its destination, and is all or nothing: it builds the tree in a fresh
 //!   private directory that replaces the destination only when complete. It refuses the whole archive for
 //!   absolute paths, `..`, NUL bytes in names, duplicate paths, symlinks that point outside, paths through
@@ -20,12 +26,16 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
 use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::stat::{Mode, SFlag};
 use sha2::{Digest, Sha256};
 
 /// The prefix of every snapshot digest.
@@ -303,6 +313,23 @@ pub fn pack(
     out: &mut dyn Write,
     progress: &mut dyn FnMut(u64),
 ) -> Result<Packed, SnapshotError> {
+    let root = nix::fcntl::open(
+        &plan.root,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|errno| io_error(&plan.root, errno.into()))?;
+    pack_at(root.as_fd(), plan, options.level, out, progress)
+}
+
+/// [`pack`], reading the plan's entries relative to the directory `root` (the plan's root, opened).
+fn pack_at(
+    root: BorrowedFd<'_>,
+    plan: &Plan,
+    level: i32,
+    out: &mut dyn Write,
+    progress: &mut dyn FnMut(u64),
+) -> Result<Packed, SnapshotError> {
     let input_bytes = AtomicU64::new(0);
     let (chunk_tx, chunk_rx) = mpsc::sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
@@ -312,18 +339,11 @@ pub fn pack(
             .name("kiln-snapshot-tar".to_owned())
             .spawn_scoped(scope, || {
                 let sender = ChunkSender::new(chunk_tx, free_rx, &input_bytes);
-                write_tar(plan, sender)
+                write_tar(root, plan, sender)
             })
             .map_err(|source| io_error(&plan.root, source))?;
 
-        let compressed = compress(
-            chunk_rx,
-            free_tx,
-            options.level,
-            out,
-            progress,
-            &input_bytes,
-        );
+        let compressed = compress(chunk_rx, free_tx, level, out, progress, &input_bytes);
         let tarred = match tar_thread.join() {
             Ok(tarred) => tarred,
             Err(panic) => std::panic::resume_unwind(panic),
@@ -345,8 +365,9 @@ pub fn pack(
     })
 }
 
-/// Convenience: plan + pack `dir` into the file `dest` (created/truncated). Used for outputs/ with
-/// PackOptions{use_ignore_files:false,..}.
+/// Convenience: plan + pack `dir` into the file `dest` (created/truncated), for a directory the caller
+/// trusts as much as [`plan`] does (its root may be a symlink). A tree a run's script wrote goes through
+/// [`pack_untrusted_dir`] instead.
 pub fn pack_dir_to_file(
     dir: &Path,
     options: &PackOptions,
@@ -358,6 +379,196 @@ pub fn pack_dir_to_file(
         SnapshotError::Output(source) => io_error(dest, source),
         other => other,
     })
+}
+
+/// What [`pack_untrusted_dir`] wrote, and what it left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PackedUntrusted {
+    pub packed: Packed,
+    /// Entries left out, each as "`path`: why" (symlinks that point outside the tree, names that are not
+    /// UTF-8), in path order.
+    pub skipped: Vec<String>,
+}
+
+/// Packs a directory written by a run's script (its `outputs/`, its checkpoints) into the file `dest`
+/// (created/truncated), with no ignore rules, never reading anything outside it.
+///
+/// The script may still be running (checkpoints), may have left a daemon behind, and in a container it
+/// writes paths that mean something else on the host, so nothing in the tree is trusted:
+/// - `dir` itself is opened with `O_NOFOLLOW | O_DIRECTORY`: a symlink there (say to the agent's identity)
+///   is refused with [`SnapshotError::NotADirectory`] and nothing is packed;
+/// - the tree is walked from that descriptor, each directory opened relative to its parent without
+///   following symlinks; symlinks are stored as symlinks when they stay inside the tree (as [`plan`]
+///   requires) and left out otherwise, as are names that are not UTF-8 ([`PackedUntrusted::skipped`]
+///   says which); sockets, FIFOs and devices are left out as by [`plan`];
+/// - every file is opened relative to its parent's descriptor with `O_NOFOLLOW | O_NONBLOCK` and must
+///   still be a regular file, so a file or directory swapped for a symlink (or a FIFO) between the walk
+///   and the read fails the pack with [`SnapshotError::Unsafe`] instead of reading its target.
+pub fn pack_untrusted_dir(
+    dir: &Path,
+    level: i32,
+    dest: &Path,
+) -> Result<PackedUntrusted, SnapshotError> {
+    let root = open_untrusted_root(dir)?;
+    let (plan, skipped) = plan_untrusted(root.as_fd(), dir)?;
+    let mut file = File::create(dest).map_err(|source| io_error(dest, source))?;
+    let packed =
+        pack_at(root.as_fd(), &plan, level, &mut file, &mut |_| {}).map_err(|err| match err {
+            SnapshotError::Output(source) => io_error(dest, source),
+            other => other,
+        })?;
+    Ok(PackedUntrusted { packed, skipped })
+}
+
+/// Opens the root of an untrusted tree: a directory, not a symlink to one.
+fn open_untrusted_root(dir: &Path) -> Result<OwnedFd, SnapshotError> {
+    nix::fcntl::open(dir, DIR_FLAGS, Mode::empty()).map_err(|errno| match errno {
+        Errno::ELOOP | Errno::ENOTDIR => SnapshotError::NotADirectory(dir.to_path_buf()),
+        errno => io_error(dir, errno.into()),
+    })
+}
+
+/// The flags every directory of a tree being packed is opened with: never through a symlink.
+const DIR_FLAGS: OFlag = OFlag::O_RDONLY
+    .union(OFlag::O_DIRECTORY)
+    .union(OFlag::O_NOFOLLOW)
+    .union(OFlag::O_CLOEXEC);
+
+/// Opens the directory at `rel` ('/'-separated, "" for the root itself) below `root`, one component at a
+/// time, never following a symlink: a component that is not a directory fails with [`SnapshotError::Unsafe`].
+fn open_dir_beneath(root: BorrowedFd<'_>, rel: &str) -> Result<OwnedFd, SnapshotError> {
+    let mut dir = root
+        .try_clone_to_owned()
+        .map_err(|source| io_error(Path::new(rel), source))?;
+    for (idx, name) in rel.split('/').filter(|name| !name.is_empty()).enumerate() {
+        dir = nix::fcntl::openat(&dir, name, DIR_FLAGS, Mode::empty()).map_err(|errno| {
+            let path = rel.split('/').take(idx + 1).collect::<Vec<_>>().join("/");
+            changed_while_packing(&path, errno)
+        })?;
+    }
+    Ok(dir)
+}
+
+/// The error for `path` that could not be opened as the kind of entry the walk found.
+fn changed_while_packing(path: &str, errno: Errno) -> SnapshotError {
+    match errno {
+        Errno::ELOOP | Errno::ENOTDIR | Errno::ENXIO => SnapshotError::Unsafe {
+            path: path.to_owned(),
+            reason: "it was replaced (by a symlink or a special file) while it was being packed"
+                .to_owned(),
+        },
+        errno => io_error(Path::new(path), errno.into()),
+    }
+}
+
+/// Walks the untrusted tree open at `root` (whose path is `dir`, for messages) into a plan, returning the
+/// entries it left out too. See [`pack_untrusted_dir`].
+fn plan_untrusted(root: BorrowedFd<'_>, dir: &Path) -> Result<(Plan, Vec<String>), SnapshotError> {
+    let mut entries = Vec::new();
+    let mut skipped = Vec::new();
+    let mut total_bytes = 0u64;
+    // Directories still to list, by path below the root; each is opened afresh from the root, so the
+    // walk holds one descriptor per level it is in, not one per directory it has seen.
+    let mut pending = vec![String::new()];
+    while let Some(rel_dir) = pending.pop() {
+        let fd = open_dir_beneath(root, &rel_dir)?;
+        // A second descriptor of the same directory for `fstatat`/`readlinkat` while `listing` reads it.
+        let parent = fd
+            .try_clone()
+            .map_err(|source| io_error(&dir.join(&rel_dir), source))?;
+        let mut listing =
+            nix::dir::Dir::from_fd(fd).map_err(|errno| io_error(dir, errno.into()))?;
+        for item in listing.iter() {
+            let item = item.map_err(|errno| io_error(&dir.join(&rel_dir), errno.into()))?;
+            let name = item.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let Ok(name) = std::str::from_utf8(name) else {
+                skipped.push(format!(
+                    "`{}`: the name is not valid UTF-8",
+                    join_rel(&rel_dir, &String::from_utf8_lossy(name))
+                ));
+                continue;
+            };
+            let rel_path = join_rel(&rel_dir, name);
+            let stat =
+                nix::sys::stat::fstatat(&parent, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(|errno| io_error(&dir.join(&rel_path), errno.into()))?;
+            let (kind, size) = match SFlag::from_bits_truncate(stat.st_mode) & SFlag::S_IFMT {
+                SFlag::S_IFDIR => {
+                    pending.push(rel_path.clone());
+                    (EntryKind::Dir, 0)
+                }
+                SFlag::S_IFREG => (EntryKind::File, u64::try_from(stat.st_size).unwrap_or(0)),
+                SFlag::S_IFLNK => {
+                    let target = nix::fcntl::readlinkat(&parent, name)
+                        .map_err(|errno| io_error(&dir.join(&rel_path), errno.into()))?;
+                    let Some(target) = target.to_str() else {
+                        skipped.push(format!(
+                            "`{rel_path}`: the symlink target is not valid UTF-8"
+                        ));
+                        continue;
+                    };
+                    if let Err(reason) = check_symlink_target(&rel_path, target) {
+                        skipped.push(format!("`{rel_path}`: {reason}"));
+                        continue;
+                    }
+                    (EntryKind::Symlink, 0)
+                }
+                // Sockets, FIFOs and devices have no content worth shipping.
+                _ => continue,
+            };
+            total_bytes += size;
+            entries.push(PlanEntry {
+                rel_path,
+                kind,
+                size,
+            });
+        }
+    }
+    entries.sort_unstable_by(|a, b| a.rel_path.cmp(&b.rel_path));
+    skipped.sort_unstable();
+    let plan = Plan {
+        root: dir.to_path_buf(),
+        entries,
+        total_bytes,
+    };
+    Ok((plan, skipped))
+}
+
+fn join_rel(rel_dir: &str, name: &str) -> String {
+    if rel_dir.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{rel_dir}/{name}")
+    }
+}
+
+/// The parent directory of the entry [`write_tar`] is at, kept open while the entries of one directory
+/// follow each other (they mostly do, in path order).
+struct ParentDir {
+    rel: String,
+    fd: OwnedFd,
+}
+
+impl ParentDir {
+    /// The open parent directory of `rel_path` and the entry's name in it.
+    fn of<'c, 'p>(
+        cached: &'c mut Option<ParentDir>,
+        root: BorrowedFd<'_>,
+        rel_path: &'p str,
+    ) -> Result<(BorrowedFd<'c>, &'p str), SnapshotError> {
+        let (parent, name) = rel_path.rsplit_once('/').unwrap_or(("", rel_path));
+        if cached.as_ref().is_none_or(|dir| dir.rel != parent) {
+            *cached = Some(ParentDir {
+                rel: parent.to_owned(),
+                fd: open_dir_beneath(root, parent)?,
+            });
+        }
+        let dir = cached.as_ref().expect("set just above");
+        Ok((dir.fd.as_fd(), name))
+    }
 }
 
 /// Bounds on what [`unpack`] accepts, so that a hostile or broken archive fails early: before it fills the
@@ -934,10 +1145,17 @@ enum TarError {
 }
 
 /// Writes the tar stream of `plan` into `sender`, returning (number of files, file bytes).
-fn write_tar(plan: &Plan, sender: ChunkSender<'_>) -> Result<(usize, u64), TarError> {
+///
+/// Every entry is opened relative to `root` (the plan's root, open) without following symlinks.
+fn write_tar(
+    root: BorrowedFd<'_>,
+    plan: &Plan,
+    sender: ChunkSender<'_>,
+) -> Result<(usize, u64), TarError> {
     let mut builder = tar::Builder::new(sender);
     let mut n_files = 0usize;
     let mut n_bytes = 0u64;
+    let mut parent = None;
     for entry in &plan.entries {
         let full_path = plan.root.join(&entry.rel_path);
         let mut header = tar::Header::new_gnu();
@@ -952,7 +1170,14 @@ fn write_tar(plan: &Plan, sender: ChunkSender<'_>) -> Result<(usize, u64), TarEr
                 builder.append_data(&mut header, format!("{}/", entry.rel_path), io::empty())
             }
             EntryKind::Symlink => {
-                let target = read_link_utf8(&full_path).map_err(TarError::Snapshot)?;
+                let (dir, name) = ParentDir::of(&mut parent, root, &entry.rel_path)
+                    .map_err(TarError::Snapshot)?;
+                let target = nix::fcntl::readlinkat(dir, name)
+                    .map_err(|errno| TarError::Snapshot(changed_while_packing_link(entry, errno)))?
+                    .into_string()
+                    .map_err(|_| {
+                        TarError::Snapshot(SnapshotError::NonUtf8Path(full_path.clone()))
+                    })?;
                 check_symlink_target(&entry.rel_path, &target).map_err(|reason| {
                     TarError::Snapshot(SnapshotError::Unsafe {
                         path: entry.rel_path.clone(),
@@ -964,11 +1189,17 @@ fn write_tar(plan: &Plan, sender: ChunkSender<'_>) -> Result<(usize, u64), TarEr
                 builder.append_link(&mut header, &entry.rel_path, &target)
             }
             EntryKind::File => {
-                let mut file = File::open(&full_path)
-                    .map_err(|source| TarError::Snapshot(io_error(&full_path, source)))?;
+                let mut file =
+                    open_file_beneath(root, &mut parent, entry).map_err(TarError::Snapshot)?;
                 let metadata = file
                     .metadata()
                     .map_err(|source| TarError::Snapshot(io_error(&full_path, source)))?;
+                if !metadata.is_file() {
+                    return Err(TarError::Snapshot(changed_while_packing(
+                        &entry.rel_path,
+                        Errno::ENXIO,
+                    )));
+                }
                 let size = metadata.len();
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_mode(if metadata.mode() & 0o111 != 0 {
@@ -1007,6 +1238,32 @@ fn write_tar(plan: &Plan, sender: ChunkSender<'_>) -> Result<(usize, u64), TarEr
     let mut sender = builder.into_inner().map_err(|_| TarError::Disconnected)?;
     sender.send_chunk().map_err(|_| TarError::Disconnected)?;
     Ok((n_files, n_bytes))
+}
+
+/// Opens the regular file of `entry` relative to its parent directory, never through a symlink and
+/// without blocking on a FIFO that took its place.
+fn open_file_beneath(
+    root: BorrowedFd<'_>,
+    parent: &mut Option<ParentDir>,
+    entry: &PlanEntry,
+) -> Result<File, SnapshotError> {
+    let (dir, name) = ParentDir::of(parent, root, &entry.rel_path)?;
+    let flags = OFlag::O_RDONLY
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NONBLOCK
+        | OFlag::O_NOCTTY
+        | OFlag::O_CLOEXEC;
+    let fd = nix::fcntl::openat(dir, name, flags, Mode::empty())
+        .map_err(|errno| changed_while_packing(&entry.rel_path, errno))?;
+    Ok(File::from(fd))
+}
+
+/// The error for a symlink entry whose link could not be read: `EINVAL` means it is no longer a symlink.
+fn changed_while_packing_link(entry: &PlanEntry, errno: Errno) -> SnapshotError {
+    match errno {
+        Errno::EINVAL => changed_while_packing(&entry.rel_path, Errno::ENXIO),
+        errno => changed_while_packing(&entry.rel_path, errno),
+    }
 }
 
 fn padding(size: u64) -> u64 {
@@ -2262,6 +2519,152 @@ mod tests {
         })
         .expect("pack");
         assert_eq!(progress.last(), Some(&plan.total_bytes));
+    }
+
+    /// The decompressed tar stream of a packed archive, to look for bytes that must not be in it.
+    fn tar_bytes(archive: &[u8]) -> Vec<u8> {
+        zstd::decode_all(archive).expect("zstd")
+    }
+
+    fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|window| window == needle)
+    }
+
+    /// A secret next to `outputs/`, as the agent's identity is next to a run directory.
+    fn secret_beside(tmp: &Path) -> (PathBuf, &'static str) {
+        let secret_dir = tmp.join("identity");
+        put(
+            &secret_dir,
+            "agent.pem",
+            "-----BEGIN PRIVATE KEY----- hunter2",
+        );
+        (secret_dir, "hunter2")
+    }
+
+    #[test]
+    fn untrusted_pack_refuses_a_symlinked_root() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (secret_dir, secret) = secret_beside(tmp.path());
+        let outputs = tmp.path().join("outputs");
+        let dest = tmp.path().join("outputs.tar.zst");
+        for target in [secret_dir.clone(), secret_dir.join("agent.pem")] {
+            let _ = fs::remove_file(&outputs);
+            symlink(&target, &outputs).expect("symlink");
+            let err = pack_untrusted_dir(&outputs, 3, &dest).expect_err("a symlinked root");
+            assert!(
+                matches!(&err, SnapshotError::NotADirectory(path) if path == &outputs),
+                "{err}"
+            );
+            let written = fs::read(&dest).unwrap_or_default();
+            assert!(!contains_bytes(
+                &tar_bytes_or_empty(&written),
+                secret.as_bytes()
+            ));
+        }
+    }
+
+    fn tar_bytes_or_empty(archive: &[u8]) -> Vec<u8> {
+        if archive.is_empty() {
+            Vec::new()
+        } else {
+            tar_bytes(archive)
+        }
+    }
+
+    #[test]
+    fn untrusted_pack_skips_symlinks_that_leave_the_tree() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let (secret_dir, secret) = secret_beside(tmp.path());
+        let outputs = tmp.path().join("outputs");
+        put(&outputs, "model.bin", "weights");
+        put(&outputs, "sub/", "");
+        symlink(secret_dir.join("agent.pem"), outputs.join("key.pem")).expect("symlink");
+        symlink("../../identity/agent.pem", outputs.join("sub/relative.pem")).expect("symlink");
+        symlink(&secret_dir, outputs.join("identity")).expect("symlink");
+        symlink("../model.bin", outputs.join("sub/model.bin")).expect("symlink");
+        let dest = tmp.path().join("outputs.tar.zst");
+
+        let packed = pack_untrusted_dir(&outputs, 3, &dest).expect("pack");
+
+        assert_eq!(packed.packed.n_files, 1);
+        assert_eq!(packed.skipped.len(), 3, "{:?}", packed.skipped);
+        for name in ["`identity`", "`key.pem`", "`sub/relative.pem`"] {
+            assert!(
+                packed.skipped.iter().any(|line| line.starts_with(name)),
+                "{name}: {:?}",
+                packed.skipped
+            );
+        }
+        let archive = fs::read(&dest).expect("read archive");
+        assert!(!contains_bytes(&tar_bytes(&archive), secret.as_bytes()));
+        let unpacked = tmp.path().join("unpacked");
+        unpack(&mut archive.as_slice(), &unpacked, &UnpackLimits::default()).expect("unpack");
+        let mut expected = BTreeMap::new();
+        expected.insert(
+            "model.bin".to_owned(),
+            Node::File {
+                content: b"weights".to_vec(),
+                mode: 0o644,
+            },
+        );
+        expected.insert("sub".to_owned(), Node::Dir);
+        expected.insert(
+            "sub/model.bin".to_owned(),
+            Node::Symlink(PathBuf::from("../model.bin")),
+        );
+        assert_eq!(listing(&unpacked), expected);
+    }
+
+    #[test]
+    fn untrusted_pack_never_reads_through_an_entry_swapped_after_the_walk() {
+        type Swap = fn(&Path, &Path);
+        let swaps: [(&str, Swap); 3] = [
+            ("a file swapped for a symlink", |outputs, secret_dir| {
+                fs::remove_file(outputs.join("sub/log.txt")).expect("rm");
+                symlink(secret_dir.join("agent.pem"), outputs.join("sub/log.txt"))
+                    .expect("symlink");
+            }),
+            (
+                "a directory swapped for a symlink",
+                |outputs, secret_dir| {
+                    fs::remove_dir_all(outputs.join("sub")).expect("rm");
+                    symlink(secret_dir, outputs.join("sub")).expect("symlink");
+                },
+            ),
+            ("a file swapped for a FIFO", |outputs, _| {
+                fs::remove_file(outputs.join("sub/log.txt")).expect("rm");
+                nix::unistd::mkfifo(&outputs.join("sub/log.txt"), Mode::S_IRWXU).expect("mkfifo");
+            }),
+        ];
+        for (what, swap) in swaps {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let (secret_dir, secret) = secret_beside(tmp.path());
+            // The secret under the same name, so a swapped directory would pass for the old one.
+            fs::copy(secret_dir.join("agent.pem"), secret_dir.join("log.txt")).expect("copy");
+            let outputs = tmp.path().join("outputs");
+            put(&outputs, "sub/log.txt", "step 1");
+            let root = open_untrusted_root(&outputs).expect("open");
+            let (plan, skipped) = plan_untrusted(root.as_fd(), &outputs).expect("plan");
+            assert!(skipped.is_empty(), "{skipped:?}");
+            swap(&outputs, &secret_dir);
+
+            let mut out = Vec::new();
+            let err = pack_at(root.as_fd(), &plan, 3, &mut out, &mut |_| {}).expect_err(what);
+            assert!(
+                matches!(&err, SnapshotError::Unsafe { path, .. } if path.starts_with("sub")),
+                "{what}: {err}"
+            );
+            assert!(
+                !contains_bytes(&out, secret.as_bytes())
+                    && !contains_bytes(
+                        &zstd::stream::decode_all(out.as_slice()).unwrap_or_default(),
+                        secret.as_bytes()
+                    ),
+                "{what}"
+            );
+        }
     }
 
     #[test]

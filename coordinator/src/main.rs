@@ -113,6 +113,8 @@ enum TokenCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The database, blobs and CA key are nobody else's: files 0600, directories 0700.
+    kiln_common::private::restrict_umask();
     kiln_proto::tls::install_provider();
     let args = Args::parse();
     let (file, effective) = match config::load(args.config.as_deref())
@@ -135,6 +137,11 @@ fn main() -> anyhow::Result<()> {
         None => {}
     }
     kiln_common::logging::init_logging(&effective.log);
+    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir)
+        .with_context(|| format!("create data directory {}", effective.data_dir.display()))?
+    {
+        warn!("{warning}");
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -226,11 +233,12 @@ fn user(command: UserCommand, effective: &config::Effective) -> anyhow::Result<(
                 now_ms: now,
             })?;
             eprintln!(
-                "Created {} `{name}`. Give them this command (the token is not shown again):",
+                "Created {} `{name}`. Give them this command and the token under it, which it \
+                 reads from standard input (the token is not shown again):",
                 role.as_str()
             );
             println!(
-                "kiln login --coordinator {url}{} --token {token}",
+                "kiln login --coordinator {url}{} --token-file -\n{token}",
                 ca_hash_flag(effective)?
             );
             if !effective.tls() {
@@ -246,9 +254,12 @@ fn user(command: UserCommand, effective: &config::Effective) -> anyhow::Result<(
                 store.replace_user_token(&name, &token_id, &token_sha256)?,
                 "no user `{name}`: see `kiln-coordinator user list`"
             );
-            eprintln!("New token for `{name}`; the old one no longer works:");
+            eprintln!(
+                "New token for `{name}`; the old one no longer works. The command to log in \
+                 with it, and the token, which it reads from standard input:"
+            );
             println!(
-                "kiln login --coordinator {url}{} --token {token}",
+                "kiln login --coordinator {url}{} --token-file -\n{token}",
                 ca_hash_flag(effective)?
             );
         }
@@ -322,10 +333,12 @@ fn token(command: TokenCommand, effective: &config::Effective) -> anyhow::Result
                 );
             }
             eprintln!(
-                "As root on each new agent host, with the kiln-agent package installed, run:"
+                "As root on each new agent host, with the kiln-agent package installed, run this \
+                 command and paste the token under it when it asks (or put the token in a file \
+                 only root reads and pass --token-file FILE):"
             );
             println!(
-                "kiln-agent join --coordinator {url}{} --token {} --target {target}",
+                "kiln-agent join --coordinator {url}{} --target {target} --token-file -\n{}",
                 ca_hash_flag(effective)?,
                 created.token
             );

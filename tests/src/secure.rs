@@ -71,16 +71,21 @@ impl SecureCluster {
             .expect("run kiln-coordinator")
     }
 
-    /// `token create --target TARGET EXTRA...`: the join command line it printed.
-    pub fn join_command(&self, target: &str, extra: &[&str]) -> Vec<String> {
+    /// `token create --target TARGET EXTRA...`: the join command it printed and the token
+    /// printed under it (which the command reads from standard input).
+    pub fn printed_join(&self, target: &str, extra: &[&str]) -> (Vec<String>, String) {
         let mut args = vec!["token", "create", "--target", target];
         args.extend_from_slice(extra);
         let output = self.admin_command(&args);
         assert!(output.status.success(), "{}", text(&output.stderr));
-        let line = text(&output.stdout);
-        let words: Vec<String> = line.split_whitespace().map(str::to_string).collect();
-        assert_eq!(words[..2], ["kiln-agent", "join"], "{line}");
-        words[2..].to_vec()
+        printed_command(&text(&output.stdout), &["kiln-agent", "join"])
+    }
+
+    /// The arguments of the join command `token create --target TARGET EXTRA...` printed,
+    /// with the token on the command line (`--token TOKEN` for `--token-file -`).
+    pub fn join_command(&self, target: &str, extra: &[&str]) -> Vec<String> {
+        let (words, token) = self.printed_join(target, extra);
+        with_token_argument(words, &token)
     }
 
     fn agent_config(&self, index: usize) -> PathBuf {
@@ -93,6 +98,11 @@ impl SecureCluster {
 
     /// `kiln-agent join ARGS --no-restart` for agent `index` (its own config file).
     pub fn join(&self, index: usize, args: &[String]) -> Output {
+        self.join_fed(index, args, "")
+    }
+
+    /// [`SecureCluster::join`] with `input` on its standard input.
+    pub fn join_fed(&self, index: usize, args: &[String], input: &str) -> Output {
         let config = self.agent_config(index);
         if !config.exists() {
             std::fs::write(
@@ -106,15 +116,22 @@ impl SecureCluster {
             )
             .expect("write agent config");
         }
-        Command::new(bin("kiln-agent"))
+        let mut child = Command::new(bin("kiln-agent"))
             .arg("join")
             .args(args)
             .arg("--no-restart")
             .arg("--config")
             .arg(&config)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run kiln-agent join")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kiln-agent join");
+        let mut stdin = child.stdin.take().expect("piped");
+        // A join that fails before it reads its input closes the pipe: not an error here.
+        let _ = std::io::Write::write_all(&mut stdin, input.as_bytes());
+        drop(stdin);
+        child.wait_with_output().expect("wait for kiln-agent join")
     }
 
     /// Starts (or restarts) agent `index` from its joined config file.
@@ -155,17 +172,15 @@ impl SecureCluster {
     pub fn login(&self, name: &str, role: &str) -> User {
         let output = self.admin_command(&["user", "create", name, "--role", role]);
         assert!(output.status.success(), "{}", text(&output.stderr));
-        let line = text(&output.stdout);
-        let words: Vec<&str> = line.split_whitespace().collect();
-        assert_eq!(words[..2], ["kiln", "login"], "{line}");
+        // Without `kiln`: the arguments start with `login`.
+        let (words, token) = printed_command(&text(&output.stdout), &["kiln"]);
+        assert_eq!(words[0], "login");
         let home = self.dir.path().join(format!("home-{name}"));
         std::fs::create_dir_all(&home).expect("home");
-        let user = User {
-            home,
-            token: words[words.iter().position(|w| *w == "--token").expect("token") + 1]
-                .to_string(),
-        };
-        let output = user.kiln(&words[1..]);
+        let words = with_token_argument(words, &token);
+        let user = User { home, token };
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        let output = user.kiln(&words);
         assert!(output.status.success(), "login: {}", text(&output.stderr));
         user
     }
@@ -202,6 +217,32 @@ impl SecureCluster {
             },
         );
     }
+}
+
+/// The arguments (after `program`) of the command on the first line of `printed`, and the
+/// token on its second line.
+pub fn printed_command(printed: &str, program: &[&str]) -> (Vec<String>, String) {
+    let mut lines = printed.lines();
+    let command = lines.next().unwrap_or_default();
+    let words: Vec<String> = command.split_whitespace().map(str::to_string).collect();
+    assert_eq!(words[..program.len()], *program, "{printed}");
+    assert!(
+        words.ends_with(&["--token-file".to_string(), "-".to_string()]),
+        "{printed}"
+    );
+    let token = lines.next().expect("the token under the command").trim();
+    assert!(token.contains('.'), "{printed}");
+    (words[program.len()..].to_vec(), token.to_string())
+}
+
+/// `words` with `--token-file -` replaced by `--token TOKEN`.
+pub fn with_token_argument(mut words: Vec<String>, token: &str) -> Vec<String> {
+    let at = words
+        .iter()
+        .position(|w| w == "--token-file")
+        .expect("--token-file");
+    words.splice(at..at + 2, ["--token".to_string(), token.to_string()]);
+    words
 }
 
 /// (certificate, key) from an agent's `identity/agent.pem`.

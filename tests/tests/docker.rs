@@ -545,3 +545,65 @@ except OSError as error:
     wait_end(&cluster, again, "succeeded");
     cluster.stop();
 }
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn a_container_cannot_export_host_files_through_outputs_symlinks() {
+    ensure_test_image();
+    let cluster = docker_cluster();
+    // A secret of the agent's host, as its identity is: the container cannot see it, but a
+    // symlink it leaves in outputs/ means that path on the host.
+    let secret_dir = cluster.agent_data(0).join("planted");
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    std::fs::write(secret_dir.join("agent.pem"), "PRIVATE KEY hunter2").unwrap();
+    let src = source_dir(&[
+        (
+            "swap.py",
+            "import os, shutil, kiln\no = kiln.outputs_dir()\nshutil.rmtree(o)\n\
+             os.symlink(os.environ['SECRET_DIR'], o)\n",
+        ),
+        (
+            "links.py",
+            "import os, kiln\no = kiln.outputs_dir()\n\
+             open(o + '/model.txt', 'w').write('weights')\n\
+             os.symlink(os.environ['SECRET_DIR'] + '/agent.pem', o + '/key.pem')\n\
+             os.symlink(os.environ['SECRET_DIR'], o + '/planted')\n",
+        ),
+    ]);
+    for script in ["swap.py", "links.py"] {
+        let mut request = docker_run("box", script, "auto");
+        request
+            .env
+            .insert("SECRET_DIR".into(), secret_dir.display().to_string());
+        let run_id = submit(&cluster.address, src.path(), request);
+        let run = wait_end(&cluster, run_id, "succeeded");
+        assert_eq!(
+            run["status"],
+            "succeeded",
+            "{run} {:?}",
+            logs(&cluster, run_id)
+        );
+        let dest = cluster.dir.path().join(format!("downloaded-{script}"));
+        let download = cluster.kiln(&["download", &run_id.to_string(), dest.to_str().unwrap()]);
+        if script == "swap.py" {
+            assert!(
+                !download.status.success(),
+                "the symlinked outputs/ was downloaded"
+            );
+            assert!(
+                text(&download.stderr).contains("outputs not kept"),
+                "{}",
+                text(&download.stderr)
+            );
+        } else {
+            assert!(download.status.success(), "{}", text(&download.stderr));
+            assert_eq!(
+                std::fs::read_to_string(dest.join("model.txt")).unwrap(),
+                "weights"
+            );
+            assert!(std::fs::symlink_metadata(dest.join("key.pem")).is_err());
+            assert!(std::fs::symlink_metadata(dest.join("planted")).is_err());
+        }
+    }
+    cluster.stop();
+}

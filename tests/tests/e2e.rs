@@ -1044,3 +1044,145 @@ fn killing_the_agent_while_it_fetches_a_snapshot_runs_the_script_once() {
     assert_eq!(logs, format!("ran attempt {}\n", run["attempt"]), "{logs}");
     cluster.stop();
 }
+
+/// Whether `bytes` hold something a terminal would act on: ESC, BEL, CR, or the C1 CSI/OSC.
+fn raw_controls(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    text.chars()
+        .filter(|c| matches!(c, '\x1b' | '\x07' | '\r' | '\u{9b}' | '\u{9d}' | '\u{202e}'))
+        .map(|c| format!("{c:?}"))
+        .collect()
+}
+
+#[test]
+fn hostile_run_names_and_log_lines_reach_the_terminal_escaped() {
+    let cluster = Cluster::start(&TWO_TARGETS[..1]);
+    let src = source_dir(&[(
+        "train.py",
+        "import sys\n\
+         print('title \\x1b]0;pwned\\x07 clear \\x1b[2J clip \\x1b]52;c;aGk=\\x07')\n\
+         print('50%\\r[kiln] run 99 succeeded')\n\
+         print('c1 \\u009b2J bidi \\u202etxt.exe', file=sys.stderr)\n",
+    )]);
+    let name = "n\x1b]0;pwned\x07\x1b[2J\r[kiln] run 99 succeeded";
+    let dir = src.path().to_str().unwrap();
+    let submit = cluster.kiln(&[
+        "submit", "--target", "alpha", "--name", name, dir, "train.py",
+    ]);
+    assert!(submit.status.success(), "{}", text(&submit.stderr));
+    let run_id = submitted_run_id(&submit.stderr).to_string();
+    let outputs = [
+        ("submit", submit),
+        ("runs", cluster.kiln(&["runs"])),
+        ("show", cluster.kiln(&["show", &run_id])),
+        ("logs", cluster.kiln(&["logs", &run_id])),
+        ("logs -f", cluster.kiln(&["logs", "-f", &run_id])),
+    ];
+    for (command, output) in &outputs {
+        assert!(
+            output.status.success(),
+            "{command}: {}",
+            text(&output.stderr)
+        );
+        for (stream, bytes) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+            let found = raw_controls(bytes);
+            assert!(found.is_empty(), "kiln {command} {stream}: {found:?}");
+            // No line of it can pass for Kiln's report of another run.
+            assert!(
+                !text(bytes).lines().any(|l| l.starts_with("[kiln] run 99")),
+                "kiln {command} {stream}: {}",
+                text(bytes)
+            );
+        }
+    }
+    let logs = text(&outputs[3].1.stdout);
+    assert!(
+        logs.contains("title \\x1b]0;pwned\\x07 clear \\x1b[2J"),
+        "{logs}"
+    );
+    assert!(logs.contains("50%\\x0d[kiln] run 99 succeeded"), "{logs}");
+    let show = text(&outputs[2].1.stdout);
+    assert!(
+        show.contains("n\\x1b]0;pwned\\x07\\x1b[2J\\x0d[kiln]"),
+        "{show}"
+    );
+    // JSON keeps the text as it is (escaped by JSON itself).
+    assert_eq!(cluster.run(run_id.parse().unwrap())["name"], name);
+    cluster.stop();
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_the_cli_quietly() {
+    let cluster = Cluster::start(&TWO_TARGETS[..1]);
+    let src = source_dir(&[(
+        "train.py",
+        "import sys\nfor i in range(20000):\n    print(f'line {i}')\n    print(f'err {i}', file=sys.stderr)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let run_id = cluster.submit_detached(&["--target", "alpha", dir, "train.py"]);
+    cluster.wait_status(run_id, "succeeded");
+    let run = run_id.to_string();
+    let check = |args: &[&str], output: std::process::Output| {
+        let stderr = text(&output.stderr);
+        assert!(!stderr.contains("panicked"), "kiln {args:?}: {stderr}");
+        assert!(
+            matches!(output.status.code(), Some(0 | 141)),
+            "kiln {args:?}: {:?} {stderr}",
+            output.status
+        );
+    };
+    // `kiln ARGS | head -1`: the reader takes one line and goes.
+    for args in [vec!["logs", run.as_str()], vec!["logs", "-f", run.as_str()]] {
+        let mut child = cluster
+            .kiln_command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+        assert_eq!(first, "line 0\n");
+        drop(stdout);
+        let mut stderr = String::new();
+        // stderr is a pipe too: read it all, so only stdout is closed.
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        check(
+            &args,
+            std::process::Output {
+                status,
+                stdout: Vec::new(),
+                stderr: stderr.into_bytes(),
+            },
+        );
+    }
+    // A reader gone before the first line, on stdout or on stderr (`2>&1 | head -1`).
+    for args in [
+        vec!["runs"],
+        vec!["show", run.as_str()],
+        vec!["metrics", run.as_str()],
+        vec!["agents"],
+        vec!["targets"],
+        vec!["logs", run.as_str()],
+    ] {
+        let mut child = cluster
+            .kiln_command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        check(&args, child.wait_with_output().unwrap());
+    }
+    let mut child = cluster
+        .kiln_command(&["logs", &run])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert!(matches!(status.code(), Some(0 | 141)), "{status:?}");
+    cluster.stop();
+}

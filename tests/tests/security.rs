@@ -643,3 +643,250 @@ fn a_copied_agent_key_cannot_open_a_second_session() {
     let run = ana.submit_detached(&["--target", "cpu", path, "hello.py"]);
     ana.wait_status(run, "succeeded");
 }
+
+/// Every regular file below `dir` (not following symlinks), with its bytes.
+fn files_below(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if metadata.is_dir() {
+            for entry in std::fs::read_dir(&path).unwrap() {
+                stack.push(entry.unwrap().path());
+            }
+        } else if metadata.is_file() {
+            files.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    files
+}
+
+#[test]
+fn outputs_never_carry_what_their_symlinks_point_at() {
+    let mut cluster = SecureCluster::start(&[]);
+    let agent = cluster.add_agent("cpu");
+    let ana = cluster.login("ana", "member");
+    let identity = cluster.agent_data(agent).join("identity");
+    let (_, key) = secure::stored_identity(&cluster.agent_data(agent));
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[
+            // outputs/ itself becomes a link to the agent's identity, or to its key.
+            (
+                "swap_dir.py",
+                "import os, shutil\no = os.environ['KILN_OUTPUTS_DIR']\nshutil.rmtree(o)\n\
+                 os.symlink(os.environ['IDENTITY'], o)\n",
+            ),
+            (
+                "swap_file.py",
+                "import os, shutil\no = os.environ['KILN_OUTPUTS_DIR']\nshutil.rmtree(o)\n\
+                 os.symlink(os.environ['IDENTITY'] + '/agent.pem', o)\n",
+            ),
+            // Links inside outputs/: to the key, to the identity directory, and one that stays inside.
+            (
+                "links.py",
+                "import os\no = os.environ['KILN_OUTPUTS_DIR']\nident = os.environ['IDENTITY']\n\
+                 open(o + '/model.txt', 'w').write('weights')\n\
+                 os.symlink(ident + '/agent.pem', o + '/key.pem')\n\
+                 os.symlink(ident, o + '/identity')\n\
+                 os.makedirs(o + '/sub')\n\
+                 os.symlink('../../../../identity/agent.pem', o + '/sub/up.pem')\n\
+                 os.symlink('../model.txt', o + '/sub/model.txt')\n",
+            ),
+        ],
+    );
+    let path = dir.path().to_str().unwrap();
+    let identity_env = format!("IDENTITY={}", identity.display());
+    let key_body = key.lines().nth(1).unwrap().to_string();
+    for script in ["swap_dir.py", "swap_file.py", "links.py"] {
+        let run = ana.submit_detached(&["--target", "cpu", "--env", &identity_env, path, script]);
+        // The run ends (its outputs are not retried for ever) and keeps what it may.
+        ana.wait_status(run, "succeeded");
+        let dest = dir.path().join(format!("downloaded-{script}"));
+        let output = ana.kiln(&["download", &run.to_string(), dest.to_str().unwrap()]);
+        if script == "links.py" {
+            assert!(output.status.success(), "{}", text(&output.stderr));
+            assert_eq!(
+                std::fs::read_to_string(dest.join("model.txt")).unwrap(),
+                "weights"
+            );
+            assert_eq!(
+                std::fs::read_link(dest.join("sub/model.txt")).unwrap(),
+                std::path::Path::new("../model.txt")
+            );
+            for gone in ["key.pem", "identity", "sub/up.pem"] {
+                assert!(
+                    std::fs::symlink_metadata(dest.join(gone)).is_err(),
+                    "{gone} was kept"
+                );
+            }
+        } else {
+            assert!(
+                !output.status.success(),
+                "{script}: outputs were downloaded"
+            );
+            let stderr = text(&output.stderr);
+            assert!(
+                stderr.contains("outputs not kept") && stderr.contains("symlink"),
+                "{script}: {stderr}"
+            );
+        }
+        for (file, bytes) in files_below(&dest) {
+            assert!(
+                !contains(&bytes, &key_body),
+                "{script}: {} holds the agent's key",
+                file.display()
+            );
+        }
+    }
+    let log = cluster.agent_log(agent);
+    assert!(log.contains("Left out of the packed directory"), "{log}");
+}
+
+/// Every file, directory and socket below `root` (itself included) that grants anything to
+/// its group or to others, with its mode; symlinks are not followed.
+fn open_to_others(root: &std::path::Path, except: &[&std::path::Path]) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        if except.iter().any(|skip| path.starts_with(skip)) {
+            continue;
+        }
+        let Ok(metadata) = std::fs::symlink_metadata(&path) else {
+            continue; // gone meanwhile
+        };
+        if metadata.is_symlink() {
+            continue;
+        }
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            found.push(format!("{} {mode:o}", path.display()));
+        }
+        if metadata.is_dir()
+            && let Ok(entries) = std::fs::read_dir(&path)
+        {
+            stack.extend(entries.flatten().map(|entry| entry.path()));
+        }
+    }
+    found
+}
+
+#[test]
+fn daemons_keep_their_files_private_whatever_the_umask() {
+    // As an operator starting them by hand would (files 0644, directories 0755).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let mut cluster = SecureCluster::start(&[]);
+    let agent = cluster.add_agent("cpu");
+    let ana = cluster.login("ana", "member");
+    let dir = tempfile::tempdir().unwrap();
+    write_tree(
+        dir.path(),
+        &[(
+            "wait.py",
+            "import os, time\n\
+             open(os.path.join(os.environ['KILN_OUTPUTS_DIR'], 'result.txt'), 'w').write('42')\n\
+             open(os.environ['STARTED'], 'w').write('1')\n\
+             while not os.path.exists(os.environ['GO']):\n    time.sleep(0.1)\n",
+        )],
+    );
+    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    let run = ana.submit_detached(&[
+        "--target",
+        "cpu",
+        "--env",
+        &format!("STARTED={}", started.display()),
+        "--env",
+        &format!("GO={}", go.display()),
+        "--env",
+        "API_KEY=hunter2",
+        dir.path().to_str().unwrap(),
+        "wait.py",
+    ]);
+    wait_for("the script to start", Duration::from_secs(30), || {
+        started.exists().then_some(())
+    });
+    let agent_data = cluster.agent_data(agent);
+    let python = agent_data.join("python");
+    // What is not private on purpose: the `kiln` module containers read (public code), and
+    // the unpacked snapshot, whose modes `unpack` normalises (inside the 0700 run directory).
+    let runs = agent_data.join("runs");
+    let snapshot_trees: Vec<std::path::PathBuf> = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path().join("work"))
+        .collect();
+    let mut except: Vec<&std::path::Path> = vec![python.as_path()];
+    except.extend(snapshot_trees.iter().map(|p| p.as_path()));
+    let spec_files: Vec<_> = std::fs::read_dir(&runs)
+        .unwrap()
+        .flatten()
+        .filter(|entry| entry.path().join("state/spec.json").exists())
+        .collect();
+    assert!(!spec_files.is_empty(), "the run has a spec.json to check");
+    let mut open = open_to_others(&cluster.data_dir(), &[]);
+    open.extend(open_to_others(&agent_data, &except));
+    assert!(
+        open.is_empty(),
+        "open to others while the run runs: {open:#?}"
+    );
+
+    std::fs::write(&go, "").unwrap();
+    ana.wait_status(run, "succeeded");
+    let mut open = open_to_others(&cluster.data_dir(), &[]);
+    open.extend(open_to_others(&agent_data, &except));
+    assert!(open.is_empty(), "open to others after the run: {open:#?}");
+}
+
+#[test]
+fn tokens_are_read_from_standard_input_or_a_file_as_printed() {
+    let mut cluster = SecureCluster::start(&[]);
+    // The join command as `token create` printed it, the token pasted on its standard input.
+    let (join, token) = cluster.printed_join("cpu", &[]);
+    assert!(!join.contains(&token), "{join:?}");
+    let output = cluster.join_fed(0, &join, &format!("{token}\n"));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // With nothing on standard input, it says so (and spends nothing).
+    let (join, _) = cluster.printed_join("cpu", &[]);
+    let output = cluster.join_fed(1, &join, "");
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("standard input holds no token"),
+        "{}",
+        text(&output.stderr)
+    );
+    cluster.start_agent(0);
+
+    // `kiln login` as `user create` printed it, the token from a file instead of `-`.
+    let output = cluster.admin_command(&["user", "create", "ops", "--role", "admin"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let (mut login, token) = secure::printed_command(&text(&output.stdout), &["kiln"]);
+    assert_eq!(login[0], "login");
+    let home = cluster.dir.path().join("home-ops");
+    std::fs::create_dir_all(&home).unwrap();
+    let token_file = home.join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    *login.last_mut().unwrap() = token_file.display().to_string();
+    let ops = secure::User { home, token };
+    let login: Vec<&str> = login.iter().map(String::as_str).collect();
+    let output = ops.kiln(&login);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let me = ops.kiln(&["whoami"]);
+    assert!(
+        text(&me.stdout).starts_with("ops (admin)"),
+        "{}",
+        text(&me.stdout)
+    );
+    cluster.wait_agent_state(&ops, &cluster.agent_id(0), "online");
+    // `--token` and `--token-file` together are refused.
+    let output = ops.kiln(&["login", "--token", "a.b", "--token-file", "-"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("cannot be used with"),
+        "{}",
+        text(&output.stderr)
+    );
+}
