@@ -221,6 +221,36 @@ pub fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("set the mode of {} to {mode:o}", path.display()))
 }
 
+/// Lets every user read (and, where the owner may, execute) the tree at `root`, without
+/// following symlinks: what runs share, such as a built environment.
+pub fn open_for_reading(root: &Path) -> anyhow::Result<()> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("inspect {}", path.display()))?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let wanted = if meta.is_dir() || mode & 0o100 != 0 {
+            mode | 0o055
+        } else {
+            mode | 0o044
+        };
+        if wanted != mode {
+            set_mode(&path, wanted)?;
+        }
+        if meta.is_dir() {
+            for entry in
+                std::fs::read_dir(&path).with_context(|| format!("read {}", path.display()))?
+            {
+                stack.push(entry?.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Makes the agent's data directory reachable (search, not read) by run users, which
 /// need to get to their own `runs/<run>.<attempt>/work`, the metrics socket directory and
 /// the `kiln` Python module; and checks that every directory above it lets them through.

@@ -225,7 +225,8 @@ fn callers_reach_only_their_own_api_and_runs() {
     let other_tls = cluster.agent_tls(other);
     // (The other agent stops first: its identity has one session at a time.)
     cluster.agents[other].as_mut().unwrap().stop_cleanly();
-    cluster.wait_agent_state(&admin, &other_id, "offline");
+    // Stopped with SIGTERM, it said goodbye: away, its runs kept for the disconnect grace.
+    cluster.wait_agent_state(&admin, &other_id, "away");
     block_on(async {
         let as_other = channel(&address, &other_tls).await.unwrap();
         let (tx, _inbound) = session(as_other, &other_id, "cpu").await.unwrap();
@@ -763,7 +764,10 @@ fn open_to_others(root: &std::path::Path, except: &[&std::path::Path]) -> Vec<St
             continue;
         }
         let mode = metadata.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        // A directory others may only pass through (x, not r or w: 0711, on the way to a
+        // run user's own directory) shows them nothing.
+        let shown = if metadata.is_dir() { 0o066 } else { 0o077 };
+        if mode & shown != 0 {
             found.push(format!("{} {mode:o}", path.display()));
         }
         if metadata.is_dir()
@@ -793,7 +797,9 @@ fn daemons_keep_their_files_private_whatever_the_umask() {
              while not os.path.exists(os.environ['GO']):\n    time.sleep(0.1)\n",
         )],
     );
-    let (started, go) = (dir.path().join("started"), dir.path().join("go"));
+    // The script, as a run user of its own, signals through a directory open to it.
+    let signals = kiln_tests::shared_dir();
+    let (started, go) = (signals.path().join("started"), signals.path().join("go"));
     let run = ana.submit_detached(&[
         "--target",
         "cpu",

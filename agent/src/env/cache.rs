@@ -160,6 +160,9 @@ impl Cache {
     {
         std::fs::create_dir_all(&self.root)
             .map_err(|e| io_error(&format!("create {}", self.root.display()), e))?;
+        // Runs of a root agent have users of their own (`sandbox`): they pass through to
+        // the environment they were given, without listing the others.
+        crate::sandbox::set_mode(&self.root, 0o711).map_err(|e| EnvError(format!("{e:#}")))?;
         std::fs::create_dir_all(run_dir)
             .map_err(|e| io_error(&format!("create {}", run_dir.display()), e))?;
         std::fs::write(run_dir.join(IN_USE_FILE), key.name())
@@ -194,6 +197,13 @@ impl Cache {
         if !prefix.is_dir() {
             return Err(EnvError("the environment's build created nothing".into()));
         }
+        // Built under the agent's umask (0o077): open it to the runs' users for reading and
+        // executing, as a system interpreter is. It holds nothing private.
+        let opened = prefix.clone();
+        tokio::task::spawn_blocking(move || crate::sandbox::open_for_reading(&opened))
+            .await
+            .map_err(|e| EnvError(format!("open the environment to runs: {e}")))?
+            .map_err(|e| EnvError(format!("open the environment to runs: {e:#}")))?;
         let measured = prefix.clone();
         let size_bytes = tokio::task::spawn_blocking(move || disk_usage(&measured))
             .await
