@@ -335,9 +335,10 @@ async fn prepare(
     if let Some(dir) = &checkpoint_dir {
         std::fs::create_dir_all(dir).context("create the checkpoint directory")?;
         if !assignment.checkpoint_digest.is_empty() {
-            let n_files = restore_checkpoint(agent, &assignment.checkpoint_digest, dir)
-                .await
-                .context("could not restore the last checkpoint")?;
+            let n_files =
+                restore_checkpoint(agent, &assignment.checkpoint_digest, dir, &mut system)
+                    .await
+                    .context("could not restore the last checkpoint")?;
             system.line(&format!(
                 "Checkpoint {} restored ({n_files} files).",
                 short(&assignment.checkpoint_digest)
@@ -1653,7 +1654,8 @@ async fn fetch_snapshot(
             }
         }
     }
-    let (temp, bytes) = download_blob(agent, digest).await?;
+    let (temp, bytes) =
+        download_blob(agent, digest, "Snapshot", &mut |line| system.line(line)).await?;
     temp.persist(&cached).map_err(|e| e.error)?;
     system.line(&format!(
         "Snapshot {} fetched ({bytes} bytes).",
@@ -1662,8 +1664,54 @@ async fn fetch_snapshot(
     Ok(cached)
 }
 
-/// Downloads a blob into a temporary file and checks that it hashes to its digest.
+/// How many times a blob download is tried before the run fails, and the first wait
+/// between tries (doubling: 0.5 + 1 + 2 + 4 + 8 s, enough for a coordinator restart).
+const DOWNLOAD_TRIES: u32 = 6;
+const DOWNLOAD_RETRY_FIRST: Duration = Duration::from_millis(500);
+
+use kiln_proto::transfer::{TransferFailure, failure as transfer_failure};
+
+/// Downloads a blob into a temporary file and checks that it hashes to its digest, trying
+/// again with backoff when the transfer broke (a coordinator restart, a reset connection,
+/// bytes that do not hash to the digest); each retry is said in the run's log through
+/// `say`. `what` names the blob there ("Snapshot", "Checkpoint").
 async fn download_blob(
+    agent: &Agent,
+    digest: &str,
+    what: &str,
+    say: &mut (dyn FnMut(&str) + Send),
+) -> anyhow::Result<(tempfile::NamedTempFile, u64)> {
+    let mut wait = DOWNLOAD_RETRY_FIRST;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let error = match download_blob_once(agent, digest).await {
+            Ok(downloaded) => return Ok(downloaded),
+            Err(error) => error,
+        };
+        let transient = error
+            .chain()
+            .find_map(|e| e.downcast_ref::<TransferFailure>())
+            .is_none_or(|failure| failure.transient);
+        if !transient || tries >= DOWNLOAD_TRIES {
+            return Err(error.context(format!(
+                "{what} {} could not be downloaded (try {tries} of {DOWNLOAD_TRIES})",
+                short(digest)
+            )));
+        }
+        say(&format!(
+            "{what} {} download failed: {error:#}; trying again in {:.1}s (try {} of {DOWNLOAD_TRIES}).",
+            short(digest),
+            wait.as_secs_f64(),
+            tries + 1
+        ));
+        tokio::time::sleep(wait).await;
+        wait *= 2;
+    }
+}
+
+/// One try of [`download_blob`].
+async fn download_blob_once(
     agent: &Agent,
     digest: &str,
 ) -> anyhow::Result<(tempfile::NamedTempFile, u64)> {
@@ -1675,12 +1723,12 @@ async fn download_blob(
             digest: digest.to_string(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .map_err(|s| transfer_failure(&s))?
         .into_inner();
     let mut file = tokio::fs::File::from_std(temp.reopen()?);
     let mut bytes = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        let chunk = chunk.map_err(|s| transfer_failure(&s))?;
         bytes += chunk.data.len() as u64;
         tokio::io::AsyncWriteExt::write_all(&mut file, &chunk.data).await?;
     }
@@ -1688,16 +1736,27 @@ async fn download_blob(
     drop(file);
     let path = temp.path().to_path_buf();
     let actual = tokio::task::spawn_blocking(move || snapshot::digest_file(&path)).await??;
-    anyhow::ensure!(
-        actual == digest,
-        "downloaded blob hashes to {actual}, expected {digest}"
-    );
+    if actual != digest {
+        return Err(TransferFailure {
+            words: format!(
+                "the bytes received hash to {actual}, not to {digest} (damaged in transit)"
+            ),
+            transient: true,
+        }
+        .into());
+    }
     Ok((temp, bytes))
 }
 
 /// Restores a checkpoint blob into `dir` (empty).
-async fn restore_checkpoint(agent: &Agent, digest: &str, dir: &Path) -> anyhow::Result<u64> {
-    let (archive, _) = download_blob(agent, digest).await?;
+async fn restore_checkpoint(
+    agent: &Agent,
+    digest: &str,
+    dir: &Path,
+    system: &mut SystemLines,
+) -> anyhow::Result<u64> {
+    let (archive, _) =
+        download_blob(agent, digest, "Checkpoint", &mut |line| system.line(line)).await?;
     let dir = dir.to_path_buf();
     tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut file = std::io::BufReader::new(std::fs::File::open(archive.path())?);

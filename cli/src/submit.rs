@@ -14,6 +14,10 @@ use kiln_proto::v1::{self, kiln_client::KilnClient};
 use tokio_stream::StreamExt as _;
 
 use crate::output::{errln, out, outln};
+
+/// How many times `kiln submit` tries to upload a snapshot when the transfer breaks (waits
+/// 0.5 + 1 + 2 + 4 + 8 s between tries: a coordinator restart fits).
+const UPLOAD_TRIES: u32 = 6;
 use crate::{Connection, runconfig, status_error};
 
 /// Default snapshot size cap, checked before anything is uploaded.
@@ -275,23 +279,43 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
     let uploaded = if present {
         0
     } else {
-        let bar = progress_bar(interactive, packed.compressed_bytes, "uploading");
-        let chunks =
-            kiln_proto::blob_chunks(archive.path(), &packed.digest, packed.compressed_bytes)
-                .await?;
-        let bar_in = bar.clone();
-        let mut sent = 0u64;
-        let chunks = chunks.map(move |chunk| {
-            sent += chunk.data.len() as u64;
-            bar_in.set_position(sent);
-            chunk
-        });
-        blobs
-            .upload_blob(chunks)
-            .await
-            .map_err(status_error)
-            .context("upload the snapshot")?;
-        bar.finish_and_clear();
+        // A broken transfer (a coordinator restart, a reset connection) is tried again
+        // with backoff and said in words; a refusal is not.
+        let mut wait = Duration::from_millis(500);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let bar = progress_bar(interactive, packed.compressed_bytes, "uploading");
+            let chunks =
+                kiln_proto::blob_chunks(archive.path(), &packed.digest, packed.compressed_bytes)
+                    .await?;
+            let bar_in = bar.clone();
+            let mut sent = 0u64;
+            let chunks = chunks.map(move |chunk| {
+                sent += chunk.data.len() as u64;
+                bar_in.set_position(sent);
+                chunk
+            });
+            let result = blobs.upload_blob(chunks).await;
+            bar.finish_and_clear();
+            let status = match result {
+                Ok(_) => break,
+                Err(status) => status,
+            };
+            let failure = kiln_proto::transfer::failure(&status);
+            if !failure.transient || tries >= UPLOAD_TRIES {
+                return Err(status_error(status)).context(format!(
+                    "upload the snapshot ({failure}; try {tries} of {UPLOAD_TRIES})"
+                ));
+            }
+            errln!(
+                "snapshot upload failed: {failure}; trying again in {:.1}s (try {} of {UPLOAD_TRIES})",
+                wait.as_secs_f64(),
+                tries + 1
+            );
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+        }
         packed.compressed_bytes
     };
     errln!(

@@ -8,6 +8,7 @@ pub mod v1 {
 
 pub mod page;
 pub mod tls;
+pub mod transfer;
 
 use std::path::PathBuf;
 

@@ -610,3 +610,70 @@ pub fn submitted_run_id(stderr: &[u8]) -> i64 {
 pub fn process_alive(pid: i32) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
+
+/// A TCP proxy in front of a coordinator that cuts one connection, the first to carry more
+/// than `cut_after` bytes (either way), as a coordinator restart or a network reset would
+/// in the middle of a transfer. Later connections pass untouched.
+pub struct CuttingProxy {
+    /// `http://127.0.0.1:PORT`, for `--coordinator` or `KILN_COORDINATOR`.
+    pub address: String,
+    /// Whether the cut happened.
+    pub cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttingProxy {
+    pub fn start(coordinator: &str, cut_after: u64) -> CuttingProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let target = coordinator.trim_start_matches("http://").to_string();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let address = format!("http://{}", listener.local_addr().expect("address"));
+        let cut = Arc::new(AtomicBool::new(false));
+        let cut_flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let carried = Arc::new(AtomicU64::new(0));
+                let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                    let (carried, cut) = (carried.clone(), cut_flag.clone());
+                    std::thread::spawn(move || {
+                        let mut buffer = [0u8; 16 * 1024];
+                        loop {
+                            let n = match std::io::Read::read(&mut from, &mut buffer) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            let total = carried.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+                            if total > cut_after
+                                && cut
+                                    .compare_exchange(
+                                        false,
+                                        true,
+                                        Ordering::SeqCst,
+                                        Ordering::SeqCst,
+                                    )
+                                    .is_ok()
+                            {
+                                break;
+                            }
+                            if std::io::Write::write_all(&mut to, &buffer[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let (Ok(client2), Ok(server2)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                pipe(client, server);
+                pipe(server2, client2);
+            }
+        });
+        CuttingProxy { address, cut }
+    }
+}

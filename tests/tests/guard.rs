@@ -457,3 +457,81 @@ fn an_agent_that_stays_away_past_the_grace_is_lost_with_its_runs() {
     std::fs::write(gate.path().join("go"), "").unwrap();
     cluster.coordinator.stop_cleanly();
 }
+
+/// 4 MB that zstd cannot shrink, so that the transfer is long enough to be cut.
+fn incompressible_tree(dir: &std::path::Path) {
+    let mut bytes = vec![0u8; 4 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for byte in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *byte = x as u8;
+    }
+    std::fs::write(dir.join("weights.bin"), bytes).unwrap();
+    std::fs::write(
+        dir.join("train.py"),
+        "import os\nprint('weights', os.path.getsize('weights.bin'), flush=True)\n",
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_snapshot_upload_cut_mid_transfer_is_tried_again_and_said_in_words() {
+    let cluster = Cluster::start(ONE);
+    let proxy = CuttingProxy::start(&cluster.address, 1 << 20);
+    let src = tempfile::tempdir().unwrap();
+    incompressible_tree(src.path());
+    let output = cluster
+        .kiln_command(&[
+            "submit",
+            "--target",
+            "box",
+            src.path().to_str().unwrap(),
+            "train.py",
+        ])
+        .env("KILN_COORDINATOR", &proxy.address)
+        .output()
+        .unwrap();
+    let stderr = text(&output.stderr);
+    assert!(
+        proxy.cut.load(std::sync::atomic::Ordering::SeqCst),
+        "{stderr}"
+    );
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("snapshot upload failed: the connection to the coordinator broke")
+            && stderr.contains("trying again"),
+        "{stderr}"
+    );
+    assert!(text(&output.stdout).contains(&format!("weights {}", 4 << 20)));
+    cluster.stop();
+}
+
+#[test]
+fn a_snapshot_download_cut_mid_transfer_is_tried_again_and_said_in_the_runs_log() {
+    let mut cluster = Cluster::start(&[]);
+    let proxy = CuttingProxy::start(&cluster.address, 1 << 20);
+    // The agent reaches the coordinator through the proxy; the CLI directly.
+    let direct = std::mem::replace(&mut cluster.address, proxy.address.clone());
+    cluster.add_agent(ONE[0].clone());
+    cluster.address = direct;
+    cluster.wait_agents_online(1);
+    let src = tempfile::tempdir().unwrap();
+    incompressible_tree(src.path());
+    let run_id =
+        cluster.submit_detached(&["--target", "box", src.path().to_str().unwrap(), "train.py"]);
+    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    // Kiln's own lines (`[kiln] ...`) go to stderr.
+    let output = cluster.kiln(&["logs", &run_id.to_string()]);
+    let log = format!("{}{}", text(&output.stdout), text(&output.stderr));
+    assert!(proxy.cut.load(std::sync::atomic::Ordering::SeqCst), "{log}");
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert!(
+        log.contains("download failed: the connection to the coordinator broke")
+            && log.contains("trying again"),
+        "{log}"
+    );
+    assert!(log.contains(&format!("weights {}", 4 << 20)), "{log}");
+    cluster.stop();
+}
