@@ -945,31 +945,6 @@ fn a_soak_with_coordinator_crashes_accounts_for_every_run_once() {
     cluster.stop();
 }
 
-/// A tmpfs mounted for the length of a test (the tests run as root, as CI does).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(&path).unwrap();
-        let status = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs needs root");
-        SmallDisk(path)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_spool_disk_fails_the_run_clearly_and_the_agent_goes_on() {
     let mut cluster = Cluster::start(&[]);

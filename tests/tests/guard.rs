@@ -152,28 +152,6 @@ fn copy_dir(from: &Path, to: &Path) {
     assert!(status.success());
 }
 
-/// A tmpfs mounted for the length of a test (the tests run as root, as CI does).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
-        std::fs::create_dir_all(&path).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "mounting a tmpfs needs root");
-        SmallDisk(path)
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_second_agent_or_coordinator_on_one_data_dir_is_refused_naming_the_holder() {
     let cluster = Cluster::start(ONE);
