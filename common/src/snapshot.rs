@@ -585,6 +585,10 @@ pub struct UnpackLimits {
     /// The most entries: files, directories and symlinks, counting directories that are created only
     /// because a deeper path needs them (so an archive cannot make millions of inodes with few entries).
     pub max_entries: u64,
+    /// The most directories, explicit or implicit: each costs an inode, a `mkdir` and, when the
+    /// run ends, its removal, so a small archive of empty directories (a million of them fit in
+    /// 3 MB) must not keep an agent busy for minutes. Real source trees have far fewer.
+    pub max_dirs: u64,
     /// The most components in one path (`a/b/c` is 3 deep).
     pub max_depth: u32,
     /// The longest path of an entry, or target of a symlink, in bytes. Linux refuses 4096 and more.
@@ -602,6 +606,7 @@ impl Default for UnpackLimits {
         UnpackLimits {
             max_total_bytes: 64 << 30,
             max_entries: 1_000_000,
+            max_dirs: 100_000,
             max_depth: 256,
             max_path_bytes: 4095,
             max_name_bytes: 255,
@@ -794,6 +799,7 @@ fn unpack_into(
         seen: HashSet::new(),
         buffer: vec![0; COPY_BUFFER_BYTES],
         n_entries: 0,
+        n_dirs: 0,
         unpacked: Unpacked {
             n_files: 0,
             total_bytes: 0,
@@ -1454,6 +1460,8 @@ struct Unpacker<'a> {
     buffer: Vec<u8>,
     /// Entries met plus directories created implicitly for deeper paths.
     n_entries: u64,
+    /// Directories created, explicit or implicit.
+    n_dirs: u64,
     unpacked: Unpacked,
 }
 
@@ -1633,6 +1641,13 @@ impl Unpacker<'_> {
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {
                     if !(last_is_entry && index + 1 == parts.len()) {
                         self.count_entry()?;
+                    }
+                    self.n_dirs += 1;
+                    if self.n_dirs > self.limits.max_dirs {
+                        return Err(SnapshotError::TooLarge {
+                            limit: self.limits.max_dirs,
+                            what: "directories".to_owned(),
+                        });
                     }
                     fs::DirBuilder::new()
                         .mode(0o755)
@@ -2204,6 +2219,13 @@ mod tests {
         }
     }
 
+    fn raw_dir(path: &str) -> RawEntry<'_> {
+        RawEntry {
+            mode: 0o755,
+            ..raw(path, tar::EntryType::Directory)
+        }
+    }
+
     fn raw_link<'a>(path: &'a str, target: &'a str) -> RawEntry<'a> {
         RawEntry {
             link: target,
@@ -2413,6 +2435,38 @@ mod tests {
         let (_tmp, result) = unpack_in_tmp(&archive, &limits);
         assert!(
             matches!(&result, Err(SnapshotError::TooLarge { limit: 3, what }) if what == "entries"),
+            "{result:?}"
+        );
+    }
+
+    #[test]
+    fn unpack_enforces_a_directory_limit_whether_directories_are_entries_or_implied() {
+        let limits = UnpackLimits {
+            max_dirs: 50,
+            ..UnpackLimits::default()
+        };
+        // Many empty directories: cheap to archive, costly to make and remove.
+        let names: Vec<String> = (0..60).map(|i| format!("d{i}/")).collect();
+        let archive = raw_archive(&names.iter().map(|n| raw_dir(n)).collect::<Vec<_>>());
+        let (tmp, result) = unpack_in_tmp(&archive, &limits);
+        assert!(
+            matches!(&result, Err(SnapshotError::TooLarge { limit: 50, what }) if what == "directories"),
+            "{result:?}"
+        );
+        assert_eq!(listing(&tmp.path().join("dest")), BTreeMap::new());
+        // Under the limit, all is well.
+        let archive = raw_archive(&names[..40].iter().map(|n| raw_dir(n)).collect::<Vec<_>>());
+        let (_tmp, result) = unpack_in_tmp(&archive, &limits);
+        assert!(result.is_ok(), "{result:?}");
+        // Directories implied by a deep path count too.
+        let limits = UnpackLimits {
+            max_dirs: 5,
+            ..UnpackLimits::default()
+        };
+        let archive = raw_archive(&[raw_file("a/b/c/d/e/f/g/h", b"x")]);
+        let (_tmp, result) = unpack_in_tmp(&archive, &limits);
+        assert!(
+            matches!(&result, Err(SnapshotError::TooLarge { limit: 5, what }) if what == "directories"),
             "{result:?}"
         );
     }
