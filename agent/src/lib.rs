@@ -152,6 +152,17 @@ impl Agent {
         if config.run_users.is_some() && !sandbox::available() {
             config.run_users = None;
         }
+        if let Some(range) = config.run_users.clone()
+            && !sandbox::range_mapped(&range)
+        {
+            warn!(
+                first_uid = range.start(),
+                last_uid = range.end(),
+                "The run users' uids do not exist in this user namespace (/proc/self/uid_map): \
+                 runs run as the agent's user. Set run_users to a range the namespace maps."
+            );
+            config.run_users = None;
+        }
         if let Some(range) = &config.run_users {
             sandbox::open_data_dir(&config.data_dir)?;
             info!(

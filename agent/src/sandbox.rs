@@ -74,6 +74,30 @@ pub fn available() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Whether every uid of `range` exists in this process's user namespace
+/// (`/proc/self/uid_map`): in a container with a short map (rootless, userns-remap, LXC) a
+/// chown to an unmapped uid fails, so runs could not start. Without the file (no user
+/// namespaces), every uid exists.
+pub fn range_mapped(range: &RangeInclusive<u32>) -> bool {
+    match std::fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => map_covers(&map, range),
+        Err(_) => true,
+    }
+}
+
+fn map_covers(map: &str, range: &RangeInclusive<u32>) -> bool {
+    map.lines().any(|line| {
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|field| field.parse().ok())
+            .collect();
+        let [inside, _outside, count] = fields[..] else {
+            return false;
+        };
+        inside <= u64::from(*range.start()) && u64::from(*range.end()) < inside + count
+    })
+}
+
 /// Where the claims of every agent on this host live: uids are a host-wide resource, and
 /// two agents (or a test's many) must never hand one uid to two runs. Root's, 0700, and
 /// cleared by a reboot, which also ends every run. `KILN_RUN_USER_CLAIMS` overrides it.
@@ -287,6 +311,20 @@ pub fn open_data_dir(data_dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_is_usable_only_where_the_user_namespace_maps_it() {
+        let range = DEFAULT_RANGE;
+        assert!(map_covers("         0          0 4294967295\n", &range));
+        // A typical rootless or userns-remap container: 65536 uids.
+        assert!(!map_covers("         0     100000      65536\n", &range));
+        assert!(map_covers(
+            "0 100000 65536\n65536 200000 65536\n",
+            &(60000..=60010)
+        ));
+        assert!(!map_covers("0 100000 65536\n", &(65530..=65540)));
+        assert!(!map_covers("", &range));
+    }
 
     #[test]
     fn ranges_parse_or_say_what_is_wrong() {
