@@ -149,10 +149,8 @@ impl Agent {
                 .with_context(|| format!("create {}", config.data_dir.join(dir).display()))?;
         }
         let mut config = config;
-        if config.run_users.is_some() && !sandbox::available() {
-            config.run_users = None;
-        }
         if let Some(range) = config.run_users.clone()
+            && sandbox::available()
             && !sandbox::range_mapped(&range)
         {
             warn!(
@@ -161,6 +159,8 @@ impl Agent {
                 "The run users' uids do not exist in this user namespace (/proc/self/uid_map): \
                  runs run as the agent's user. Set run_users to a range the namespace maps."
             );
+        }
+        if !sandbox::enabled(&config) {
             config.run_users = None;
         }
         if let Some(range) = &config.run_users {

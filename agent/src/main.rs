@@ -166,7 +166,14 @@ fn main() -> anyhow::Result<()> {
         }
     }
     kiln_common::logging::init_logging(&effective.log);
-    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir)
+    let config = effective.agent_config()?;
+    // Run users pass through the data directory to their own run directories (0711).
+    let others_keep = if kiln_agent::sandbox::enabled(&config) {
+        0o001
+    } else {
+        0
+    };
+    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir, others_keep)
         .with_context(|| format!("create {}", effective.data_dir.display()))?
     {
         warn!("{warning}");
@@ -177,10 +184,9 @@ fn main() -> anyhow::Result<()> {
         version = kiln_common::VERSION,
         "Configuration loaded."
     );
-    let config = effective.agent_config()?;
     // Held until the process exits: a second agent on this directory is refused.
     let _lock = kiln_common::dirlock::DirLock::acquire(&config.data_dir, "kiln-agent")?;
-    if config.run_users.is_none() || !kiln_agent::sandbox::available() {
+    if !kiln_agent::sandbox::enabled(&config) {
         tracing::warn!(
             uid = nix::unistd::getuid().as_raw(),
             "Process runs run as this agent's own user: a run can read the agent's identity \

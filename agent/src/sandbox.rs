@@ -74,6 +74,15 @@ pub fn available() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// Whether runs of an agent with `config` get users of their own: a range is set, the agent
+/// is root, and the user namespace maps the range (see [`range_mapped`]).
+pub fn enabled(config: &crate::Config) -> bool {
+    config
+        .run_users
+        .as_ref()
+        .is_some_and(|range| available() && range_mapped(range))
+}
+
 /// Whether every uid of `range` exists in this process's user namespace
 /// (`/proc/self/uid_map`): in a container with a short map (rootless, userns-remap, LXC) a
 /// chown to an unmapped uid fails, so runs could not start. Without the file (no user
@@ -127,7 +136,8 @@ fn claim_in(
     run_dir: &Path,
     program: &Path,
 ) -> anyhow::Result<RunUser> {
-    create_private_dir(dir)?;
+    kiln_common::private::private_dir(dir, 0)
+        .with_context(|| format!("create {}", dir.display()))?;
     let run_dir =
         std::fs::canonicalize(run_dir).with_context(|| format!("resolve {}", run_dir.display()))?;
     let lock_path = dir.join(".lock");
@@ -232,12 +242,6 @@ pub fn kill_own_user() -> ! {
         0
     };
     std::process::exit(code)
-}
-
-/// Creates `dir` (and parents) if missing and makes it 0700.
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    set_mode(dir, 0o700)
 }
 
 pub fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {

@@ -21,23 +21,26 @@ pub fn restrict_umask() {
 }
 
 /// Creates `dir` (and its missing parents) with mode 0700, or takes away the permissions an
-/// existing one gives to other users (not to its group, which an operator may have chosen).
-/// Returns a warning to log when it had to.
-pub fn private_dir(dir: &Path) -> io::Result<Option<String>> {
+/// existing one gives to other users (not to its group, which an operator may have chosen),
+/// except `others_keep` (0, or 0o001 where other users must pass through it: the run users
+/// of a root agent, see `kiln_agent::sandbox`). Returns a warning to log when it had to.
+pub fn private_dir(dir: &Path, others_keep: u32) -> io::Result<Option<String>> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
     let mode = std::fs::metadata(dir)?.permissions().mode();
-    if mode & 0o007 == 0 {
+    let taken = mode & 0o007 & !others_keep;
+    if taken == 0 {
         return Ok(None);
     }
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o7770))?;
+    let now = mode & 0o7777 & !taken;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(now))?;
     Ok(Some(format!(
         "`{}` was open to other users (mode {:o}); took their permissions away (now {:o})",
         dir.display(),
         mode & 0o7777,
-        mode & 0o7770
+        now
     )))
 }
 
@@ -49,7 +52,7 @@ mod tests {
     fn private_dir_creates_0700_and_closes_an_open_one() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let new = tmp.path().join("a/b");
-        assert_eq!(private_dir(&new).expect("create"), None);
+        assert_eq!(private_dir(&new, 0).expect("create"), None);
         let mode =
             |path: &Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o7777;
         assert_eq!(mode(&new), 0o700);
@@ -57,13 +60,24 @@ mod tests {
         let open = tmp.path().join("open");
         std::fs::create_dir(&open).expect("mkdir");
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        let warning = private_dir(&open).expect("tighten").expect("a warning");
+        let warning = private_dir(&open, 0).expect("tighten").expect("a warning");
         assert!(
             warning.contains("755") && warning.contains("750"),
             "{warning}"
         );
         assert_eq!(mode(&open), 0o750);
-        assert_eq!(private_dir(&open).expect("again"), None);
+        assert_eq!(private_dir(&open, 0).expect("again"), None);
+
+        // A directory others must pass through keeps only that: no warning at each start.
+        let passable = tmp.path().join("passable");
+        std::fs::create_dir(&passable).expect("mkdir");
+        std::fs::set_permissions(&passable, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let warning = private_dir(&passable, 0o001)
+            .expect("tighten")
+            .expect("a warning");
+        assert!(warning.contains("751"), "{warning}");
+        assert_eq!(mode(&passable), 0o751);
+        assert_eq!(private_dir(&passable, 0o001).expect("again"), None);
     }
 }
 

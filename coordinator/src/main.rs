@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
         None => {}
     }
     kiln_common::logging::init_logging(&effective.log);
-    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir)
+    if let Some(warning) = kiln_common::private::private_dir(&effective.data_dir, 0)
         .with_context(|| format!("create data directory {}", effective.data_dir.display()))?
     {
         warn!("{warning}");
