@@ -310,20 +310,35 @@ impl Agent {
             link.fence_after = Some(ttl * 2 / 3);
         }
         if let Some(after) = link.fence_after {
-            let now = spool::boottime_ms();
-            let until = now + after.as_millis() as u64;
-            if until >= link.lease_written + LEASE_WRITE_STEP_MS {
-                // after = 2/3 TTL: SIGTERM then, SIGKILL at 9/10 of the TTL.
-                let lease = spool::Lease {
-                    until_boottime_ms: until,
-                    kill_boottime_ms: now + after.as_millis() as u64 * 27 / 20,
-                };
-                match spool::write_json(&self.lease_file(), &lease) {
-                    Ok(()) => link.lease_written = until,
-                    Err(error) => warn!(error = %error, "Could not extend the lease."),
-                }
+            // after = 2/3 of the TTL, the window in which the coordinator keeps the runs.
+            if let Err(error) = self.extend_lease(&mut link, after * 3 / 2, LEASE_WRITE_STEP_MS) {
+                warn!(error = %error, "Could not extend the lease.");
             }
         }
+    }
+
+    /// Writes a lease for `window` from now (how long the coordinator keeps this agent's
+    /// runs): supervisors send SIGTERM at 2/3 of it and SIGKILL at 9/10. Only when it moves
+    /// the lease at least `min_step_ms` later (never earlier); says whether it wrote.
+    fn extend_lease(
+        &self,
+        link: &mut Link,
+        window: Duration,
+        min_step_ms: u64,
+    ) -> std::io::Result<bool> {
+        let now = spool::boottime_ms();
+        let window_ms = window.as_millis() as u64;
+        let until = now + window_ms * 2 / 3;
+        if until < link.lease_written + min_step_ms.max(1) {
+            return Ok(false);
+        }
+        let lease = spool::Lease {
+            until_boottime_ms: until,
+            kill_boottime_ms: now + window_ms * 9 / 10,
+        };
+        spool::write_json(&self.lease_file(), &lease)?;
+        link.lease_written = until;
+        Ok(true)
     }
 
     fn set_disconnect_grace(&self, grace: Duration) {
@@ -339,23 +354,12 @@ impl Agent {
     fn leaving(&self) {
         let mut link = self.link.lock().unwrap_or_else(|p| p.into_inner());
         let grace = link.disconnect_grace;
-        let now = spool::boottime_ms();
-        let until = now + grace.as_millis() as u64 * 2 / 3;
-        if until <= link.lease_written {
-            return;
-        }
-        let lease = spool::Lease {
-            until_boottime_ms: until,
-            kill_boottime_ms: now + grace.as_millis() as u64 * 9 / 10,
-        };
-        match spool::write_json(&self.lease_file(), &lease) {
-            Ok(()) => {
-                link.lease_written = until;
-                info!(
-                    grace_s = grace.as_secs(),
-                    "Runs go on; the coordinator keeps them while this agent is away."
-                );
-            }
+        match self.extend_lease(&mut link, grace, 1) {
+            Ok(true) => info!(
+                grace_s = grace.as_secs(),
+                "Runs go on; the coordinator keeps them while this agent is away."
+            ),
+            Ok(false) => {}
             Err(error) => warn!(error = %error, "Could not extend the lease for the stop."),
         }
     }
