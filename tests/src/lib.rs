@@ -518,6 +518,40 @@ impl Cluster {
         )
     }
 
+    /// Waits until the run has ended (any terminal status; `stopping` is not one) and
+    /// returns it; on timeout, panics with the run as last seen and the tail of every
+    /// agent's log.
+    pub fn wait_ended(&self, run_id: i64, timeout: Duration) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let output = self.kiln(&["show", &run_id.to_string(), "--json"]);
+            if output.status.success() {
+                let run: Value = serde_json::from_slice(&output.stdout).expect("kiln printed JSON");
+                if ENDED.iter().any(|s| run["status"] == *s) {
+                    return run;
+                }
+                if std::time::Instant::now() > deadline {
+                    let agents: Vec<String> = self
+                        .agents
+                        .iter()
+                        .map(|a| format!("{}:\n{}", a.name, tail(&a.log_text(), 20)))
+                        .collect();
+                    panic!(
+                        "run {run_id} did not end within {timeout:?}; last seen: {run}\n{}",
+                        agents.join("\n")
+                    );
+                }
+            } else {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "kiln show {run_id} kept failing: {}",
+                    text(&output.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The agent id of agent `index` as the coordinator lists it (by host name).
     pub fn agent_id(&self, index: usize) -> String {
         let agents = self.json(&["agents", "--json"]);
@@ -699,4 +733,13 @@ impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// The statuses a run ends in.
+pub const ENDED: [&str; 5] = ["succeeded", "failed", "cancelled", "lost", "env_failed"];
+
+/// The last `n` lines of `log`.
+pub fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }

@@ -16,8 +16,6 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-const ENDED: [&str; 5] = ["succeeded", "failed", "cancelled", "lost", "env_failed"];
-
 fn alpha(slots: u32) -> AgentSpec {
     AgentSpec {
         target: "alpha",
@@ -80,44 +78,6 @@ impl Drop for Leftovers {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-}
-
-/// Waits until the run has ended (any terminal status) and returns it; on timeout, panics
-/// with the run as last seen and the tail of every agent's log.
-fn wait_ended(cluster: &Cluster, run_id: i64, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let output = cluster.kiln(&["show", &run_id.to_string(), "--json"]);
-        if output.status.success() {
-            let run: Value = serde_json::from_slice(&output.stdout).expect("kiln printed JSON");
-            if ENDED.iter().any(|s| run["status"] == *s) {
-                return run;
-            }
-            if Instant::now() > deadline {
-                let agents: Vec<String> = cluster
-                    .agents
-                    .iter()
-                    .map(|a| format!("{}:\n{}", a.name, tail(&a.log_text(), 20)))
-                    .collect();
-                panic!(
-                    "run {run_id} did not end within {timeout:?}; last seen: {run}\n{}",
-                    agents.join("\n")
-                );
-            }
-        } else {
-            assert!(
-                Instant::now() < deadline,
-                "kiln show {run_id} kept failing: {}",
-                text(&output.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn tail(log: &str, n: usize) -> String {
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `kiln logs RUN`, which must succeed: its stdout.
@@ -260,7 +220,7 @@ fn a_burst_of_200k_lines_just_before_exit_is_stored_whole() {
         "--",
         "200000",
     ]);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(120));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(120));
     let stored = logs(&cluster, run_id);
     assert_same_lines("the burst", &stored, &burst_lines(200_000));
     assert_eq!(run["status"], "succeeded", "{run}");
@@ -281,7 +241,7 @@ fn a_burst_of_200k_metric_points_just_before_exit_is_stored_whole() {
         src.path().to_str().unwrap(),
         "points.py",
     ]);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(120));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(120));
     assert_eq!(metric_count(&cluster, run_id, "burst"), 200_000, "{run}");
     assert_eq!(logs(&cluster, run_id), "RESULT ok\n");
     assert_eq!(run["status"], "succeeded", "{run}");
@@ -335,7 +295,7 @@ fn lines_written_while_the_coordinator_is_down_are_all_stored() {
     );
     std::thread::sleep(Duration::from_secs(8).saturating_sub(down_at.elapsed()));
     cluster.start_coordinator();
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     let expected: Vec<String> = (0..60000)
         .map(|i| format!("tick {i:06}"))
         .chain(["RESULT ok".to_string()])
@@ -422,7 +382,7 @@ print("sha256 " + hashlib.sha256(data).hexdigest(), flush=True)
         std::thread::sleep(Duration::from_millis(2));
     }
     cluster.crash_coordinator();
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(120));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(120));
     assert_eq!(run["status"], "succeeded", "{run}");
     let printed = logs(&cluster, run_id)
         .lines()
@@ -450,7 +410,7 @@ fn outputs_over_the_blob_limit_are_reported_as_not_kept() {
     )]);
     let run_id =
         cluster.submit_detached(&["--target", "alpha", src.path().to_str().unwrap(), "big.py"]);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     // The script succeeded; its outputs could not be kept, and the run says so.
     assert_eq!(run["status"], "succeeded", "{run}");
     let message = run["message"].as_str().unwrap_or_default();
@@ -522,7 +482,7 @@ fn a_restarted_agent_stops_the_old_attempt_before_the_retry_runs() {
         "attempt 1's script {first} outlived its agent's lease"
     );
     cluster.restart_agent(0);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     let log = logs(&cluster, run_id);
     assert!(
         log.lines().any(|l| l == "attempt 2 sees alive: []"),
@@ -575,7 +535,7 @@ fn a_frozen_agents_attempt_is_stopped_when_its_retry_starts_elsewhere() {
         "attempt 2 ({second}) runs on the other agent while attempt 1's script ({pid}) on the \
          frozen agent is still alive (still alive now: {overlap_seen})"
     );
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["attempt"], 2, "{run}");
     // Thawed, the agent learns its attempt was given away: nothing of it is left.
@@ -633,7 +593,7 @@ fn lines_of_60_kib_are_stored_whole_across_a_coordinator_crash() {
         gate.path().join("done").exists().then_some(())
     });
     cluster.start_coordinator();
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(90));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     let expected: Vec<String> = (0..600)
         .map(|i| {
             format!(
@@ -699,7 +659,7 @@ fn a_time_limit_is_enforced_while_the_coordinator_is_down() {
         "the run outlived its 12 s time limit while the coordinator was down:\n{}",
         tail(&cluster.agents[0].log_text(), 20)
     );
-    let run = wait_ended(&cluster, timed, Duration::from_secs(90));
+    let run = cluster.wait_ended(timed, Duration::from_secs(90));
     assert_eq!(run["status"], "failed", "{run}");
     assert!(
         run["message"]
@@ -711,7 +671,7 @@ fn a_time_limit_is_enforced_while_the_coordinator_is_down() {
     for run_id in chatty {
         let cancel = cluster.kiln(&["cancel", &run_id.to_string()]);
         assert!(cancel.status.success(), "{}", text(&cancel.stderr));
-        wait_ended(&cluster, run_id, Duration::from_secs(60));
+        cluster.wait_ended(run_id, Duration::from_secs(60));
     }
     cluster.stop();
 }
@@ -749,7 +709,7 @@ fn reboot_during_attempt_1(retries: &str) -> (Cluster, Leftovers, i64, Value) {
     kill(Pid::from_raw(supervisor), Signal::SIGKILL).expect("kill the supervisor");
     killpg(Pid::from_raw(script), Signal::SIGKILL).expect("kill the script's group");
     cluster.restart_agent(0);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     (cluster, leftovers, run_id, run)
 }
 
@@ -809,7 +769,7 @@ time.sleep(1000)
         text(&output.stderr)
     );
     assert_eq!(output.status.code(), Some(130), "{}", text(&output.stderr));
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(30));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(30));
     assert_eq!(run["status"], "cancelled", "{run}");
     let log = logs(&cluster, run_id);
     assert!(log.contains("last words"), "{log}");
@@ -861,7 +821,7 @@ else:
         src.path().to_str().unwrap(),
         "gang.py",
     ]);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     assert_eq!(run["status"], "failed", "{run}");
     assert_eq!(run["exit_code"], 3, "{run}");
     let log = logs(&cluster, run_id);
@@ -899,7 +859,7 @@ print("rank %s done" % rank, flush=True)
         src.path().to_str().unwrap(),
         "out.py",
     ]);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     assert_eq!(run["status"], "succeeded", "{run}");
     let dest = cluster.dir.path().join("downloaded");
     let output = download(&cluster, run_id, &dest);
@@ -992,7 +952,7 @@ else:
     // A few checkpoint intervals, so that both nodes' checkpoints are uploaded.
     std::thread::sleep(Duration::from_secs(4));
     std::fs::write(gate.path().join("go"), "").unwrap();
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     let log = logs(&cluster, run_id);
     assert!(
         log.contains("rank 0 restored: checkpoint of rank 0"),
@@ -1105,7 +1065,7 @@ fn a_seeded_soak_with_coordinator_crashes_stores_every_stream_byte_for_byte() {
             expected.lines().last().unwrap_or_default()
         );
         let left = deadline.saturating_duration_since(Instant::now());
-        let run = wait_ended(&cluster, run_id, left.max(Duration::from_secs(1)));
+        let run = cluster.wait_ended(run_id, left.max(Duration::from_secs(1)));
         let stored = logs(&cluster, run_id);
         let expected_lines: Vec<String> = expected.lines().map(str::to_string).collect();
         assert_same_lines(

@@ -58,21 +58,6 @@ fn wait_for_line(cluster: &Cluster, run_id: i64, line: &str) {
     );
 }
 
-fn wait_end(cluster: &Cluster, run_id: i64, status: &str) -> serde_json::Value {
-    wait_for(
-        &format!("run {run_id} to be {status}"),
-        Duration::from_secs(90),
-        || {
-            let run = cluster.run(run_id);
-            let ended = !matches!(
-                run["status"].as_str(),
-                Some("queued" | "assigned" | "running" | "stopping")
-            );
-            ended.then_some(run)
-        },
-    )
-}
-
 #[test]
 #[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
 fn a_run_in_a_container_streams_logs_metrics_outputs_and_its_exit_code() {
@@ -97,7 +82,7 @@ sys.exit(3)
     let mut request = docker_run("box", "train.py", "auto");
     request.env.insert("LR".into(), "0.25".into());
     let run_id = submit(&cluster.address, src.path(), request);
-    let run = wait_end(&cluster, run_id, "failed");
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     assert_eq!(run["status"], "failed", "{run}");
     assert_eq!(run["exit_code"], 3, "{run} {:?}", logs(&cluster, run_id));
 
@@ -195,7 +180,7 @@ fn an_image_that_does_not_exist_ends_the_run_env_failed_naming_it() {
         src.path(),
         docker_run("box", "train.py", image),
     );
-    let run = wait_end(&cluster, run_id, "env_failed");
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     assert_eq!(run["status"], "env_failed", "{run}");
     let message = run["message"].as_str().unwrap();
     assert!(
@@ -226,7 +211,7 @@ fn a_gpu_run_names_the_missing_gpu_image_and_a_cpu_run_is_unaffected() {
         src.path(),
         docker_run("box", "train.py", "gpu"),
     );
-    let run = wait_end(&cluster, run_id, "env_failed");
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     assert_eq!(run["status"], "env_failed", "{run}");
     assert!(
         run["message"]
@@ -241,7 +226,7 @@ fn a_gpu_run_names_the_missing_gpu_image_and_a_cpu_run_is_unaffected() {
         docker_run("box", "train.py", "cpu"),
     );
     assert_eq!(
-        wait_end(&cluster, run_id, "succeeded")["status"],
+        cluster.wait_ended(run_id, Duration::from_secs(90))["status"],
         "succeeded"
     );
     cluster.stop();
@@ -278,7 +263,7 @@ fn a_container_left_by_an_earlier_try_is_adopted_not_duplicated() {
     );
     assert_eq!(run_id, 1);
     assert_eq!(
-        wait_end(&cluster, run_id, "succeeded")["status"],
+        cluster.wait_ended(run_id, Duration::from_secs(90))["status"],
         "succeeded"
     );
     let (stdout, stderr) = logs(&cluster, run_id);
@@ -306,7 +291,7 @@ fn a_container_of_someone_else_under_the_name_is_refused_and_left_alone() {
         docker_run("box", "train.py", "cpu"),
     );
     assert_eq!(run_id, 1);
-    let run = wait_end(&cluster, run_id, "env_failed");
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     assert_eq!(run["status"], "env_failed", "{run}");
     assert!(
         run["message"].as_str().unwrap().contains(&format!(
@@ -343,7 +328,7 @@ fn an_agent_restart_finds_the_container_run_again() {
         .join(format!("agent0/runs/{run_id}.1/work"));
     std::fs::write(work.join("go"), "").unwrap();
     assert_eq!(
-        wait_end(&cluster, run_id, "succeeded")["status"],
+        cluster.wait_ended(run_id, Duration::from_secs(90))["status"],
         "succeeded"
     );
     assert_eq!(logs(&cluster, run_id).0, "before\nafter\n");
@@ -381,7 +366,7 @@ fn a_dead_supervisor_does_not_leave_its_container_running() {
     )
     .unwrap();
     // A vanished supervisor leaves the script's end unknown: `lost`, not `failed`.
-    let run = wait_end(&cluster, run_id, "lost");
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     assert_eq!(run["status"], "lost", "{run}");
     assert!(
         run["message"]
@@ -423,7 +408,7 @@ fn a_conda_environment_is_baked_into_a_derived_image_once_and_reused() {
     let mut derived = Vec::new();
     for expected in ["Built image", "reused"] {
         let run_id = submit(&cluster.address, src.path(), request());
-        let run = wait_end(&cluster, run_id, "succeeded");
+        let run = cluster.wait_ended(run_id, Duration::from_secs(90));
         let (stdout, stderr) = logs(&cluster, run_id);
         assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{stderr}");
         // In the container, the environment is activated: its program runs from its prefix.
@@ -500,7 +485,7 @@ except OSError as error:
         src.path(),
         docker_run("box", "inside.py", "auto"),
     );
-    let run = wait_end(&cluster, run_id, "succeeded");
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     let (stdout, stderr) = logs(&cluster, run_id);
     assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{stderr}");
     assert!(stdout.contains("uid 65534"), "not root inside: {stdout}");
@@ -522,7 +507,7 @@ except OSError as error:
         src.path(),
         docker_run("box", "forkbomb.py", "auto"),
     );
-    let run = wait_end(&cluster, bomb, "failed");
+    let run = cluster.wait_ended(bomb, Duration::from_secs(90));
     assert_eq!(run["exit_code"], 7, "{run} {:?}", logs(&cluster, bomb));
     assert!(logs(&cluster, bomb).0.contains("fork refused after"));
 
@@ -533,7 +518,7 @@ except OSError as error:
         ..Default::default()
     });
     let hog = submit(&cluster.address, src.path(), request);
-    let run = wait_end(&cluster, hog, "failed");
+    let run = cluster.wait_ended(hog, Duration::from_secs(90));
     assert_eq!(run["exit_code"], 137, "{run} {:?}", logs(&cluster, hog));
 
     // The agent is fine and runs the next one.
@@ -542,7 +527,7 @@ except OSError as error:
         src.path(),
         docker_run("box", "inside.py", "auto"),
     );
-    wait_end(&cluster, again, "succeeded");
+    cluster.wait_ended(again, Duration::from_secs(90));
     cluster.stop();
 }
 
@@ -576,7 +561,7 @@ fn a_container_cannot_export_host_files_through_outputs_symlinks() {
             .env
             .insert("SECRET_DIR".into(), secret_dir.display().to_string());
         let run_id = submit(&cluster.address, src.path(), request);
-        let run = wait_end(&cluster, run_id, "succeeded");
+        let run = cluster.wait_ended(run_id, Duration::from_secs(90));
         assert_eq!(
             run["status"],
             "succeeded",

@@ -43,15 +43,6 @@ fn submit(cluster: &Cluster, dir: &Path, script: &str, environment: v1::Environm
     grpc::submit(&cluster.address, "envs", dir, script, environment)
 }
 
-/// Waits until the run has ended, however long its environment takes to build.
-fn wait_ended(cluster: &Cluster, run_id: i64) -> serde_json::Value {
-    wait_for(&format!("run {run_id} to end"), BUILD_TIMEOUT, || {
-        let run = cluster.run(run_id);
-        let status = run["status"].as_str().unwrap_or_default().to_string();
-        (!["queued", "assigned", "running"].contains(&status.as_str())).then_some(run)
-    })
-}
-
 /// The run's stored log: (the script's stdout, Kiln's own `[kiln]` lines).
 fn logs(cluster: &Cluster, run_id: i64) -> (String, String) {
     let output = cluster.kiln(&["logs", &run_id.to_string()]);
@@ -201,7 +192,7 @@ fn a_venv_is_built_once_for_concurrent_runs_and_reused_later() {
     let mut outcomes = Vec::new();
     let mut prefixes = Vec::new();
     for run_id in [first, second] {
-        let run = wait_ended(&cluster, run_id);
+        let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
         let (stdout, kiln_lines) = logs(&cluster, run_id);
         assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
         assert!(stdout.contains("value from the wheel"), "{stdout}");
@@ -221,7 +212,7 @@ fn a_venv_is_built_once_for_concurrent_runs_and_reused_later() {
 
     // A later run with the same requirements reuses the same directory.
     let third = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
-    let run = wait_ended(&cluster, third);
+    let run = cluster.wait_ended(third, BUILD_TIMEOUT);
     let (stdout, kiln_lines) = logs(&cluster, third);
     assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
     assert_eq!(env_outcome(&kiln_lines), "reused");
@@ -263,7 +254,7 @@ fn an_unsatisfiable_requirement_fails_the_run_with_pips_message_and_caches_nothi
     let cluster = one_agent(1);
     let src = venv_source("kilnwheel==9.9");
     let run_id = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
-    let run = wait_ended(&cluster, run_id);
+    let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
     assert_eq!(run["status"], "env_failed", "{run}");
     let message = run["message"].as_str().unwrap();
     assert!(
@@ -289,7 +280,7 @@ fn an_unsatisfiable_requirement_fails_the_run_with_pips_message_and_caches_nothi
 
     // A requirements file that is not in the snapshot is named.
     let run_id = submit(&cluster, src.path(), "check.py", venv("missing.txt"));
-    let run = wait_ended(&cluster, run_id);
+    let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
     assert_eq!(run["status"], "env_failed", "{run}");
     let message = run["message"].as_str().unwrap();
     assert!(
@@ -321,7 +312,7 @@ fn a_conda_environment_is_solved_installed_activated_and_reused() {
     let mut prefixes = Vec::new();
     for expected in ["built", "reused"] {
         let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
-        let run = wait_ended(&cluster, run_id);
+        let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
         let (stdout, kiln_lines) = logs(&cluster, run_id);
         assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
         assert_eq!(env_outcome(&kiln_lines), expected, "{kiln_lines}");
@@ -367,7 +358,7 @@ fn a_conda_dependency_that_does_not_exist_fails_with_the_solvers_message() {
         ],
     );
     let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
-    let run = wait_ended(&cluster, run_id);
+    let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
     assert_eq!(run["status"], "env_failed", "{run}");
     let message = run["message"].as_str().unwrap();
     assert!(message.contains("cannot be solved"), "{message}");
@@ -390,7 +381,7 @@ fn a_conda_dependency_that_does_not_exist_fails_with_the_solvers_message() {
         &[("environment.yml", "dependencies: [hello-kiln\n")],
     );
     let run_id = submit(&cluster, src.path(), "check.py", conda("environment.yml"));
-    let run = wait_ended(&cluster, run_id);
+    let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
     assert_eq!(run["status"], "env_failed", "{run}");
     let message = run["message"].as_str().unwrap();
     assert!(
@@ -443,7 +434,7 @@ fn killing_the_agent_during_an_environment_build_builds_it_once_and_runs_the_scr
     // SIGKILL mid-build: the build's processes die with the agent (nothing goes on writing
     // into the environment), the attempt never started, so it is placed again.
     cluster.crash_and_restart_agent(0);
-    let run = wait_ended(&cluster, run_id);
+    let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
     let (stdout, kiln_lines) = logs(&cluster, run_id);
     assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
     assert_eq!(run["attempt"], 2, "{run}");
@@ -487,7 +478,7 @@ fn cancelling_during_an_environment_build_stops_it_twice_harmlessly() {
     assert_eq!(cache_entries_if_any(&cluster), Vec::<String>::new());
     // The agent goes on: the same environment builds and runs afterwards.
     let again = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
-    let run = wait_ended(&cluster, again);
+    let run = cluster.wait_ended(again, BUILD_TIMEOUT);
     assert_eq!(run["status"], "succeeded", "{run}");
     cluster.stop();
 }

@@ -33,17 +33,6 @@ fn wait_for_log(cluster: &Cluster, run_id: i64, needle: &str) {
     );
 }
 
-fn wait_ended(cluster: &Cluster, run_id: i64, within: Duration) -> serde_json::Value {
-    wait_for(&format!("run {run_id} to end"), within, || {
-        let run = cluster.run(run_id);
-        let ended = !matches!(
-            run["status"].as_str(),
-            Some("queued" | "assigned" | "running" | "stopping")
-        );
-        ended.then_some(run)
-    })
-}
-
 /// Runs `command` and waits up to `within` for it to exit; kills it (and panics) if it
 /// does not, so that a refusal that never comes fails the test instead of hanging it.
 fn exits_within(mut command: Command, within: Duration) -> (i32, String) {
@@ -84,7 +73,7 @@ fn a_coordinator_stalled_longer_than_the_ttl_does_not_end_healthy_runs() {
     cluster.coordinator.pause(true);
     std::thread::sleep(Duration::from_secs(9));
     cluster.coordinator.pause(false);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["attempt"], 1, "{run}");
     assert!(logs(&cluster, run_id).contains("done"));
@@ -135,7 +124,7 @@ fn a_dead_agent_is_declared_lost_once_the_database_can_be_written_again() {
     std::thread::sleep(Duration::from_secs(8));
     // Space comes back: within a few liveness periods the agent is lost and so is its run.
     std::fs::remove_file(&filler).unwrap();
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(15));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(15));
     assert_eq!(run["status"], "lost", "{run}");
     let agents = cluster.json(&["agents", "--json"]);
     assert_eq!(agents[0]["state"], "lost", "{agents}");
@@ -191,7 +180,7 @@ fn a_second_agent_or_coordinator_on_one_data_dir_is_refused_naming_the_holder() 
     );
 
     // The one that holds it never noticed.
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(30));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(30));
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["attempt"], 1, "{run}");
     assert_eq!(
@@ -398,7 +387,7 @@ fn an_announced_agent_stop_keeps_its_runs_for_the_disconnect_grace() {
     // The agent comes back: the run finishes as the one attempt it always was.
     cluster.restart_agent(0);
     std::fs::write(gate.path().join("go"), "").unwrap();
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(30));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(30));
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["attempt"], 1, "{run}");
     assert!(logs(&cluster, run_id).contains("done"));
@@ -422,7 +411,7 @@ fn an_agent_that_stays_away_past_the_grace_is_lost_with_its_runs() {
     ]);
     wait_for_log(&cluster, run_id, "started");
     stop_agent(&mut cluster);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(20));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(20));
     assert_eq!(run["status"], "lost", "{run}");
     assert!(
         run["message"]
@@ -499,7 +488,7 @@ fn a_snapshot_download_cut_mid_transfer_is_tried_again_and_said_in_the_runs_log(
     incompressible_tree(src.path());
     let run_id =
         cluster.submit_detached(&["--target", "box", src.path().to_str().unwrap(), "train.py"]);
-    let run = wait_ended(&cluster, run_id, Duration::from_secs(60));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
     // Kiln's own lines (`[kiln] ...`) go to stderr.
     let output = cluster.kiln(&["logs", &run_id.to_string()]);
     let log = format!("{}{}", text(&output.stdout), text(&output.stderr));
