@@ -219,9 +219,28 @@ impl Settings {
         }
     }
 
+    /// `data_dir`, or the default (`$XDG_DATA_HOME/kiln/agent`, /var/lib/kiln/agent for the
+    /// packaged service, whose config file sets it).
+    pub fn data_dir_or_default(&self) -> anyhow::Result<PathBuf> {
+        match (&self.data_dir, dirs::data_dir()) {
+            (Some(dir), _) => Ok(dir.clone()),
+            (None, Some(dir)) => Ok(dir.join("kiln/agent")),
+            (None, None) => {
+                anyhow::bail!("no default data directory ($HOME is not set): set data_dir")
+            }
+        }
+    }
+
     /// Applies defaults and checks every value; the error lists every problem found.
     pub fn resolve(self) -> anyhow::Result<Effective> {
         let mut problems = Vec::new();
+        let data_dir = match self.data_dir_or_default() {
+            Ok(dir) => dir,
+            Err(error) => {
+                problems.push(error.to_string());
+                PathBuf::new()
+            }
+        };
         let coordinator = self
             .coordinator
             .unwrap_or_else(|| DEFAULT_COORDINATOR.to_string());
@@ -244,18 +263,6 @@ impl Settings {
                 );
                 String::new()
             }
-        };
-        let data_dir = match self.data_dir {
-            Some(dir) => dir,
-            None => match dirs::data_dir() {
-                Some(dir) => dir.join("kiln/agent"),
-                None => {
-                    problems.push(
-                        "no default data directory ($HOME is not set): set data_dir".to_string(),
-                    );
-                    PathBuf::new()
-                }
-            },
         };
         let slots = self.slots.unwrap_or(1);
         if slots == 0 {

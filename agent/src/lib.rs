@@ -131,6 +131,9 @@ pub struct Agent {
     session_generation: tokio::sync::watch::Sender<u64>,
     /// Cancelled when the agent process stops: run tasks end, runs go on.
     detach: CancellationToken,
+    /// Cancelled when the agent is drained (`kiln-agent drain`): every run is stopped and
+    /// reported `drained`, and the coordinator gives this agent no new runs.
+    drain: CancellationToken,
     /// The channel of the current session, for blob transfers.
     channel: tokio::sync::watch::Sender<Option<tonic::transport::Channel>>,
     python_dir: PathBuf,
@@ -143,6 +146,20 @@ impl Agent {
         config: Config,
         gpus: Arc<dyn gpu::GpuProbe>,
         shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        Agent::run_draining(config, gpus, shutdown, CancellationToken::new()).await
+    }
+
+    /// [`Agent::run`], and when `drain` is cancelled: tell the coordinator (no new runs),
+    /// stop every run and report it `drained` (the coordinator queues it again), then say
+    /// goodbye (no runs go on) and return. `shutdown` during a drain stops the agent as
+    /// usual: what is not reported yet is reported by the next agent process, or the
+    /// coordinator declares it lost after the TTL.
+    pub async fn run_draining(
+        config: Config,
+        gpus: Arc<dyn gpu::GpuProbe>,
+        shutdown: CancellationToken,
+        drain: CancellationToken,
     ) -> anyhow::Result<()> {
         for dir in ["snapshots/tmp", "runs", "sock", "python"] {
             std::fs::create_dir_all(config.data_dir.join(dir))
@@ -216,6 +233,7 @@ impl Agent {
             }),
             session_generation: tokio::sync::watch::channel(0).0,
             detach: CancellationToken::new(),
+            drain,
             channel,
             python_dir,
         });
@@ -229,11 +247,31 @@ impl Agent {
         let session_stop = CancellationToken::new();
         let session = tokio::spawn(session::run(agent.clone(), uplink_rx, session_stop.clone()));
 
-        shutdown.cancelled().await;
-        info!(
-            runs = agent.runs().len(),
-            "Agent stopping; its runs go on under their supervisors."
-        );
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = agent.drain.cancelled() => {
+                info!(runs = agent.runs().len(), "Draining: no new runs; stopping and reporting every run.");
+                let _ = agent
+                    .uplink
+                    .send(session::up(v1::agent_message::Kind::Drain(v1::Drain {})))
+                    .await;
+                agent.run_tasks.close();
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        warn!(runs = agent.runs().len(), "Stopped while draining: runs not yet reported are reported by the next agent process.");
+                    }
+                    _ = agent.run_tasks.wait() => {
+                        info!("Drained: every run stopped and reported.");
+                    }
+                }
+            }
+        }
+        if !agent.drain.is_cancelled() {
+            info!(
+                runs = agent.runs().len(),
+                "Agent stopping; its runs go on under their supervisors."
+            );
+        }
         agent.detach.cancel();
         agent.run_tasks.close();
         agent.run_tasks.wait().await;
@@ -296,6 +334,7 @@ impl Agent {
             cancel,
             fence,
             detach: self.detach.clone(),
+            drain: self.drain.clone(),
             acks: acks_rx,
             launch: launch_rx,
         })

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -93,6 +94,26 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Drain this host's running agent: it takes no new runs, stops the runs it holds
+    /// (SIGTERM to each script, SIGKILL after the grace; checkpoints and outputs are
+    /// uploaded), reports each to the coordinator, which queues it again whatever its retry
+    /// budget (on another agent, from its last checkpoint), and exits.
+    ///
+    /// `systemctl stop kiln-agent` (and restart, and upgrades) leave runs running for the next
+    /// agent process; drain is for taking the host out of service. Removing the package
+    /// drains the agent first. The running agent is found by its lock on the data
+    /// directory and is sent SIGUSR1 (the same as `systemctl kill -s USR1 kiln-agent`).
+    ///
+    /// Example:
+    ///   sudo kiln-agent drain --timeout 300
+    #[command(verbatim_doc_comment)]
+    Drain {
+        /// Seconds to wait for the agent to report its runs and exit; after that `drain`
+        /// stops it as SIGTERM does (unreported runs are reported by the next agent process,
+        /// or declared lost by the coordinator) and exits with status 1.
+        #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+        timeout: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -134,6 +155,12 @@ fn main() -> anyhow::Result<()> {
     let (file, file_settings) =
         config::load(args.config.as_deref()).unwrap_or_else(|error| exit_config_error(error));
     let settings = args.settings.or(file_settings);
+    if let Some(Command::Drain { timeout }) = args.command {
+        let data_dir = settings
+            .data_dir_or_default()
+            .unwrap_or_else(|error| exit_config_error(error));
+        return drain(&data_dir, Duration::from_secs(timeout));
+    }
     if args.print_host {
         let gpus = gpu::probe_from_env();
         let host = kiln_agent::telemetry::host_info(settings.hostname.as_deref(), gpus.as_ref());
@@ -201,8 +228,10 @@ fn main() -> anyhow::Result<()> {
         .block_on(async {
             let gpus: Arc<dyn gpu::GpuProbe> = Arc::from(gpu::probe_from_env());
             let shutdown = CancellationToken::new();
+            let drain = CancellationToken::new();
             tokio::spawn(stop_on_signal(shutdown.clone()));
-            Agent::run(config, gpus, shutdown).await
+            tokio::spawn(drain_on_signal(drain.clone()));
+            Agent::run_draining(config, gpus, shutdown, drain).await
         })
 }
 
@@ -410,6 +439,56 @@ const EXIT_CONFIG: i32 = 78;
 fn exit_config_error(error: anyhow::Error) -> ! {
     eprintln!("Error: {error:#}");
     std::process::exit(EXIT_CONFIG)
+}
+
+/// Cancels `drain` on SIGUSR1 (`kiln-agent drain`).
+async fn drain_on_signal(drain: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut usr1 = signal(SignalKind::user_defined1()).expect("install SIGUSR1 handler");
+    usr1.recv().await;
+    info!("SIGUSR1: draining.");
+    drain.cancel();
+}
+
+/// `kiln-agent drain`: signals the agent holding `data_dir` to drain and waits for it to
+/// exit, for at most `timeout`; then stops it (SIGTERM) and fails.
+fn drain(data_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let Some(pid) = kiln_common::dirlock::holder(data_dir)? else {
+        println!(
+            "No kiln-agent is running on {}: nothing to drain.",
+            data_dir.display()
+        );
+        return Ok(());
+    };
+    let pid = Pid::from_raw(pid as i32);
+    kill(pid, Signal::SIGUSR1).with_context(|| format!("signal kiln-agent (pid {pid})"))?;
+    println!(
+        "Draining kiln-agent (pid {pid}): its runs are stopped and given back to the \
+         coordinator; waiting up to {} s.",
+        timeout.as_secs()
+    );
+    let started = std::time::Instant::now();
+    let gone = || kiln_common::dirlock::holder(data_dir).is_ok_and(|holder| holder.is_none());
+    while started.elapsed() < timeout {
+        if gone() {
+            println!(
+                "Drained in {:.1} s: kiln-agent (pid {pid}) reported its runs and exited.",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = kill(pid, Signal::SIGTERM);
+    anyhow::bail!(
+        "kiln-agent (pid {pid}) did not finish draining within {} s (is the coordinator \
+         reachable?): stopped it; runs it had not reported are reported when an agent starts \
+         on {} again, or declared lost by the coordinator",
+        timeout.as_secs(),
+        data_dir.display()
+    )
 }
 
 /// Cancels `shutdown` on SIGTERM or SIGINT.

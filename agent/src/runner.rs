@@ -67,6 +67,9 @@ pub(crate) struct RunControl {
     pub fence: CancellationToken,
     /// Cancelled when the agent process stops: the task ends, the run goes on.
     pub detach: CancellationToken,
+    /// Cancelled when the agent is drained: the attempt is stopped (or not started) and
+    /// reported `drained`.
+    pub drain: CancellationToken,
     pub acks: watch::Receiver<AckState>,
     /// Gang runs: the coordinator's go, once every node is ready.
     pub launch: watch::Receiver<Option<v1::Launch>>,
@@ -110,6 +113,10 @@ pub(crate) async fn execute(agent: Arc<Agent>, assignment: v1::Assignment, contr
                     _ = control.detach.cancelled() => {
                         info!("Agent stopping: the run's preparation is abandoned; the coordinator gives the attempt out again.");
                         return;
+                    }
+                    // A drained agent starts nothing: the attempt is reported drained.
+                    _ = control.drain.cancelled() => {
+                        break Err(anyhow::anyhow!("the agent was drained before the run started"));
                     }
                     _ = tokio::time::sleep(PREPARE_POLL) => {
                         follower.read_spool();
@@ -741,6 +748,8 @@ pub(crate) async fn attach(
             Some(written + Duration::from_secs(u64::from(spec.timeout_s)))
         });
     let mut timed_out = false;
+    // The drain stopped the script (one that ended by itself first is reported as it ended).
+    let mut drain_stopped = false;
     // The control loop: it reads the spool within the attempt's byte budget, sends when the
     // uplink has room, and enforces cancel, fencing, the time limit and stop escalation
     // whether or not the uplink has room (it never waits on a full queue).
@@ -793,6 +802,12 @@ pub(crate) async fn attach(
                 follower.signal_group(Signal::SIGTERM);
                 stopping = Some(Instant::now());
             }
+            _ = control.drain.cancelled(), if stopping.is_none() && ended.is_none() => {
+                info!("Agent draining: stopping the run's processes; the run goes back to the queue.");
+                follower.signal_group(Signal::SIGTERM);
+                stopping = Some(Instant::now());
+                drain_stopped = true;
+            }
             changed = control.acks.changed() => {
                 if changed.is_ok() {
                     follower.acknowledged(*control.acks.borrow_and_update());
@@ -838,6 +853,10 @@ pub(crate) async fn attach(
     checkpoints.finish().await;
     let cancelled = control.cancel.is_cancelled();
     let fenced = (control.fence.is_cancelled() || exit.fenced) && !cancelled;
+    // Drained: stopped by the drain, or not started because of it.
+    let drained = (drain_stopped || (exit.start_error.is_some() && control.drain.is_cancelled()))
+        && !cancelled
+        && !fenced;
 
     // Every line and point must be stored before the run is reported as ended, so that a
     // follower that sees the end has seen everything: also for a cancelled or fenced
@@ -876,6 +895,7 @@ pub(crate) async fn attach(
                 let outcome = Outcome {
                     cancelled,
                     fenced,
+                    drained,
                     timed_out_after_s: timeout,
                 };
                 let Some(finished) = finish(&agent, &root, &exit, outcome, &control).await else {
@@ -890,7 +910,7 @@ pub(crate) async fn attach(
                 finished
             }
         };
-        info!(status = ?finished.status(), exit_code = ?finished.exit_code, lost = finished.lost, fenced = finished.fenced, "Run ended; reporting.");
+        info!(status = ?finished.status(), exit_code = ?finished.exit_code, lost = finished.lost, fenced = finished.fenced, drained = finished.drained, "Run ended; reporting.");
         let report = up(Up::RunEvent(v1::RunEvent {
             run_id,
             attempt,
@@ -954,6 +974,7 @@ fn remove_attempt(data_dir: &Path, root: &Path, run_id: i64, attempt: u32) {
 struct Outcome {
     cancelled: bool,
     fenced: bool,
+    drained: bool,
     timed_out_after_s: Option<u32>,
 }
 
@@ -990,6 +1011,13 @@ async fn finish(
             "fenced: the agent lost the coordinator for too long and stopped the attempt"
                 .to_string(),
         )
+    } else if outcome.drained {
+        (
+            v1::RunStatus::Failed,
+            "drained: the agent was taken out of service (kiln-agent drain) and stopped the \
+             attempt; the run is queued again"
+                .to_string(),
+        )
     } else if let Some(limit) = outcome.timed_out_after_s {
         (
             v1::RunStatus::Failed,
@@ -1008,6 +1036,7 @@ async fn finish(
         message,
         outputs_digest,
         fenced: outcome.fenced,
+        drained: outcome.drained,
         failed_rank: exit.failed_rank,
         env_failed: exit.env_failed,
         lost: exit.lost && !outcome.cancelled,
@@ -1130,6 +1159,8 @@ struct FinishedRecord {
     lost: bool,
     #[serde(default)]
     outputs_error: String,
+    #[serde(default)]
+    drained: bool,
 }
 
 impl FinishedRecord {
@@ -1144,6 +1175,7 @@ impl FinishedRecord {
             env_failed: f.env_failed,
             lost: f.lost,
             outputs_error: f.outputs_error.clone(),
+            drained: f.drained,
         }
     }
     fn into_wire(self) -> v1::Finished {
@@ -1157,6 +1189,7 @@ impl FinishedRecord {
             env_failed: self.env_failed,
             lost: self.lost,
             outputs_error: self.outputs_error,
+            drained: self.drained,
         }
     }
 }

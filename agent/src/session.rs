@@ -234,6 +234,11 @@ async fn connected(
         }
         _ => anyhow::bail!("the coordinator did not welcome this agent"),
     }
+    if agent.drain.is_cancelled() {
+        // A new coordinator (or a new session) must not give a draining agent runs.
+        out.try_send(up(Up::Drain(v1::Drain {})))
+            .expect("the channel holds only the hello");
+    }
     agent.channel.send_replace(Some(channel));
     // Every run resends what the coordinator has not acknowledged.
     agent
@@ -257,9 +262,13 @@ async fn connected(
                         break;
                     }
                 }
-                agent.leaving();
+                // A drained agent has stopped and reported its runs: none go on.
+                let runs_continue = !agent.drain.is_cancelled();
+                if runs_continue {
+                    agent.leaving();
+                }
                 let _ = out
-                    .send(up(Up::Goodbye(v1::Goodbye { runs_continue: true })))
+                    .send(up(Up::Goodbye(v1::Goodbye { runs_continue })))
                     .await;
                 drop(out);
                 let _ = tokio::time::timeout(Duration::from_secs(5), async {

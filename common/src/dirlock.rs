@@ -70,6 +70,34 @@ impl DirLock {
     }
 }
 
+/// The pid of the live process holding `dir`, or `None` when nobody holds it (no lock file,
+/// or a lock left by a process that has exited). For `kiln-agent drain`, which signals it.
+pub fn holder(dir: &Path) -> anyhow::Result<Option<u32>> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = match File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => anyhow::bail!("open the lock file {}: {e}", path.display()),
+    };
+    match file.try_lock_shared() {
+        // Nobody holds it exclusively: no daemon runs on this directory.
+        Ok(()) => Ok(None),
+        Err(TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            file.read_to_string(&mut pid)
+                .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+            let pid = pid.trim().parse::<u32>().map_err(|_| {
+                anyhow::anyhow!(
+                    "{} is held by a process that has not written its pid yet",
+                    path.display()
+                )
+            })?;
+            Ok(Some(pid))
+        }
+        Err(TryLockError::Error(e)) => anyhow::bail!("lock {}: {e}", path.display()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,5 +122,18 @@ mod tests {
         );
         drop(first);
         DirLock::acquire(&data, "kiln-agent").unwrap();
+    }
+
+    #[test]
+    fn holder_names_the_live_holder_and_nobody_once_it_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        assert_eq!(holder(&data).unwrap(), None);
+        let lock = DirLock::acquire(&data, "kiln-agent").unwrap();
+        assert_eq!(holder(&data).unwrap(), Some(std::process::id()));
+        drop(lock);
+        // The file stays, with the old pid in it; the lock does not.
+        assert!(data.join(LOCK_FILE).exists());
+        assert_eq!(holder(&data).unwrap(), None);
     }
 }

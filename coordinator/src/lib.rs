@@ -107,6 +107,8 @@ struct Session {
     closed: CancellationToken,
     /// The process that said hello (`sessions::judge` compares the next hello with it).
     speaker: sessions::Speaker,
+    /// The agent is draining (`v1::Drain`): it gets no new runs.
+    draining: bool,
 }
 
 /// Why a hello was not accepted.
@@ -240,6 +242,7 @@ impl Coordinator {
         let online: Vec<scheduler::AgentSlots> = self
             .sessions()
             .iter()
+            .filter(|(_, s)| !s.draining)
             .map(|(id, s)| scheduler::AgentSlots {
                 agent_id: id.clone(),
                 target: s.target.clone(),
@@ -716,6 +719,7 @@ impl Coordinator {
                 tx,
                 closed,
                 speaker,
+                draining: false,
             },
         );
         if let Some(previous) = &previous {
@@ -762,6 +766,19 @@ impl Coordinator {
         let agent_id = agent_id.to_string();
         self.db
             .call(move |s| s.set_agent_state(&agent_id, "away"))
+            .await
+    }
+
+    /// An agent is draining: no new runs for it; it stops and reports the ones it holds
+    /// (`Finished.drained`, queued again by `lifecycle::finish_event`).
+    async fn agent_draining(&self, agent_id: &str) -> anyhow::Result<()> {
+        if let Some(session) = self.sessions().get_mut(agent_id) {
+            session.draining = true;
+        }
+        info!(agent_id = %agent_id, "Agent draining: it gets no new runs and gives its runs back.");
+        let agent_id = agent_id.to_string();
+        self.db
+            .call(move |s| s.set_agent_state(&agent_id, "draining"))
             .await
     }
 
@@ -831,19 +848,18 @@ impl Coordinator {
         if removed {
             info!(agent_id = %agent_id, "Agent offline.");
             let agent_id = agent_id.to_string();
-            let _ = self
-                .db
-                .call(move |s| {
-                    // A lost agent stays lost until it says hello again.
-                    if s.list_agents()?
-                        .iter()
-                        .any(|a| a.id == agent_id && a.state == "online")
-                    {
-                        s.set_agent_state(&agent_id, "offline")?;
-                    }
-                    anyhow::Ok(())
-                })
-                .await;
+            let _ =
+                self.db
+                    .call(move |s| {
+                        // A lost agent stays lost until it says hello again.
+                        if s.list_agents()?.iter().any(|a| {
+                            a.id == agent_id && (a.state == "online" || a.state == "draining")
+                        }) {
+                            s.set_agent_state(&agent_id, "offline")?;
+                        }
+                        anyhow::Ok(())
+                    })
+                    .await;
         }
     }
 
@@ -902,6 +918,10 @@ impl Coordinator {
             Kind::RunEvent(event) => self.run_event(agent_id, event).await,
             Kind::Goodbye(goodbye) => {
                 self.agent_leaving(agent_id, goodbye).await?;
+                Ok(None)
+            }
+            Kind::Drain(v1::Drain {}) => {
+                self.agent_draining(agent_id).await?;
                 Ok(None)
             }
         }

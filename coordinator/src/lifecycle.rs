@@ -69,6 +69,14 @@ pub fn ownership(run: Option<v1::Run>, attempt: u32, node: Option<NodeRow>) -> O
 /// The event a single-node run takes when its agent reports `Finished`.
 pub fn finish_event(run: &v1::Run, finished: &v1::Finished) -> RunEvent {
     let stopping = run.status().domain() == RunStatus::Stopping;
+    if finished.drained {
+        // An operator took the agent out of service: queued again whatever the budget.
+        return if stopping {
+            RunEvent::Finish(Outcome::Cancelled)
+        } else {
+            RunEvent::Retry
+        };
+    }
     if finished.lost || finished.fenced {
         // Node loss (the supervisor vanished) or self-fencing: like a lost agent.
         return if stopping {
@@ -138,8 +146,10 @@ pub fn gang_step(run: &v1::Run, node: u32, finished: &v1::Finished, nodes: &[Nod
         };
     }
     // A node whose outputs were not kept still succeeded (the run's message says so).
-    let succeeded =
-        finished.status() == v1::RunStatus::Succeeded && !finished.fenced && !finished.lost;
+    let succeeded = finished.status() == v1::RunStatus::Succeeded
+        && !finished.fenced
+        && !finished.lost
+        && !finished.drained;
     if succeeded {
         let all_zero = nodes
             .iter()
@@ -163,7 +173,13 @@ pub fn gang_step(run: &v1::Run, node: u32, finished: &v1::Finished, nodes: &[Nod
         finished.message
     );
     let restart = retry_budget_left(run);
-    let (pending, message) = if restart {
+    let (pending, message) = if finished.drained {
+        // A drained node is not a failure: the gang starts again elsewhere, whatever the budget.
+        (
+            Pending::Retry,
+            format!("restarting the gang: node {node} (agent {agent_id}) was drained"),
+        )
+    } else if restart {
         (
             Pending::Retry,
             format!(
@@ -351,6 +367,36 @@ mod tests {
             finish_event(&run(v1::RunStatus::Running, 1, 0), &lost),
             RunEvent::Lose
         );
+    }
+
+    #[test]
+    fn a_drained_attempt_is_queued_again_whatever_its_budget() {
+        let drained = v1::Finished {
+            status: v1::RunStatus::Failed as i32,
+            drained: true,
+            ..Default::default()
+        };
+        // No retries left: a fault would end the run; a drain is not a fault.
+        assert_eq!(
+            finish_event(&run(v1::RunStatus::Running, 1, 0), &drained),
+            RunEvent::Retry
+        );
+        assert_eq!(
+            finish_event(&run(v1::RunStatus::Stopping, 1, 0), &drained),
+            RunEvent::Finish(Outcome::Cancelled)
+        );
+        let mut gang = run(v1::RunStatus::Running, 1, 0);
+        gang.nodes = 2;
+        let nodes = [node("running", None, 0), node("exited", Some(143), 1)];
+        match gang_step(&gang, 1, &drained, &nodes) {
+            GangStep::Stop {
+                pending, message, ..
+            } => {
+                assert_eq!(pending, Pending::Retry);
+                assert!(message.contains("drained"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

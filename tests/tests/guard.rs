@@ -502,3 +502,129 @@ fn a_snapshot_download_cut_mid_transfer_is_tried_again_and_said_in_the_runs_log(
     assert!(log.contains(&format!("weights {}", 4 << 20)), "{log}");
     cluster.stop();
 }
+
+/// Stops slowly on SIGTERM (a second run is submitted meanwhile), writing a checkpoint the
+/// next attempt resumes from.
+const DRAINABLE: &str = r#"import os, signal, sys, time
+ckpt = os.path.join(os.environ["KILN_CHECKPOINT_DIR"], "step")
+start = int(open(ckpt).read()) if os.path.exists(ckpt) else 0
+attempt = os.environ["KILN_ATTEMPT"]
+print(f"attempt {attempt} resumes at {start}", flush=True)
+if start:
+    print("done", flush=True)
+    sys.exit(0)
+def stop(signum, frame):
+    print(f"attempt {attempt} got SIGTERM", flush=True)
+    time.sleep(2)
+    with open(ckpt, "w") as f:
+        f.write("7")
+    print("checkpoint written", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(sys.argv[1], "script.pid"), "w").write(str(os.getpid()))
+print("started", flush=True)
+while True:
+    time.sleep(0.1)
+"#;
+
+fn drain_command(cluster: &Cluster, index: usize) -> Command {
+    let mut command = Command::new(bin("kiln-agent"));
+    command
+        .arg("--data-dir")
+        .arg(cluster.agent_data(index))
+        .args(["drain", "--timeout", "60"]);
+    command
+}
+
+#[test]
+fn a_drained_agent_stops_and_gives_back_its_runs_and_takes_no_new_ones() {
+    let mut cluster = Cluster::start(ONE);
+    let gate = shared_dir();
+    let src = source_dir(&[("train.py", DRAINABLE), ("second.py", "print('second')\n")]);
+    // No retry budget: a fault would end it; a drain gives it back all the same.
+    let run_id = cluster.submit_detached(&[
+        "--target",
+        "box",
+        "--checkpoint-interval",
+        "60",
+        src.path().to_str().unwrap(),
+        "train.py",
+        "--",
+        gate.path().to_str().unwrap(),
+    ]);
+    wait_for_log(&cluster, run_id, "started");
+    let script: i32 = std::fs::read_to_string(gate.path().join("script.pid"))
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // What the package's prerm does on removal.
+    let drain = drain_command(&cluster, 0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_log(&cluster, run_id, "got SIGTERM");
+    let agents = cluster.json(&["agents", "--json"]);
+    assert_eq!(agents[0]["state"], "draining", "{agents}");
+    // While the script takes its time to stop, a new run must not go to the draining agent.
+    let second =
+        cluster.submit_detached(&["--target", "box", src.path().to_str().unwrap(), "second.py"]);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(cluster.run(second)["status"], "queued");
+
+    let drained = drain.wait_with_output().unwrap();
+    assert!(
+        drained.status.success(),
+        "{}{}",
+        text(&drained.stdout),
+        text(&drained.stderr)
+    );
+    assert!(
+        text(&drained.stdout).contains("Drained in"),
+        "{}",
+        text(&drained.stdout)
+    );
+    let code = wait_for("the drained agent to exit", Duration::from_secs(10), || {
+        cluster.agents[0].try_exit()
+    });
+    assert_eq!(code, Some(0), "{}", cluster.agents[0].log_text());
+    assert!(
+        !process_alive(script),
+        "the drained run's script still runs"
+    );
+    // Given back with every line of its first attempt, and nothing else.
+    let run = cluster.run(run_id);
+    assert_eq!(run["status"], "queued", "{run}");
+    assert!(
+        run["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("drained"),
+        "{run}"
+    );
+    let first = logs(&cluster, run_id);
+    assert!(first.contains("checkpoint written"), "{first}");
+    let agents = cluster.json(&["agents", "--json"]);
+    assert_eq!(agents[0]["state"], "offline", "{agents}");
+    // Nothing left to drain.
+    let again = drain_command(&cluster, 0).output().unwrap();
+    assert!(again.status.success());
+    assert!(
+        text(&again.stdout).contains("nothing to drain"),
+        "{}",
+        text(&again.stdout)
+    );
+
+    // Another agent takes both: the drained run resumes from the checkpoint its SIGTERM
+    // handler wrote.
+    cluster.add_agent(ONE[0].clone());
+    let run = cluster.wait_ended(run_id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["attempt"], 2, "{run}");
+    let all = logs(&cluster, run_id);
+    assert!(all.contains("attempt 2 resumes at 7"), "{all}");
+    let second = cluster.wait_ended(second, Duration::from_secs(30));
+    assert_eq!(second["status"], "succeeded", "{second}");
+    cluster.stop();
+}
