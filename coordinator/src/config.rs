@@ -51,6 +51,13 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_blob_bytes: Option<u64>,
 
+    /// Most runs one user may have waiting in queues (all targets together); a submission
+    /// over it is refused, saying so. Between users, queues are served by fair share.
+    /// [default: 1000]
+    #[arg(long, env = "KILN_MAX_QUEUED_PER_USER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_per_user: Option<u32>,
+
     /// Log filter, RUST_LOG syntax: a level (error, warn, info, debug, trace) or
     /// directives such as "info,kiln_coordinator=debug". [default: info]
     #[arg(long, env = "RUST_LOG")]
@@ -116,6 +123,7 @@ pub struct Effective {
     pub heartbeat_ttl: u64,
     pub disconnect_grace: u64,
     pub max_blob_bytes: u64,
+    pub max_queued_per_user: u32,
     pub log: String,
     pub advertise_url: String,
     pub insecure: bool,
@@ -139,6 +147,7 @@ impl Settings {
             data_dir: self.data_dir.or(lower.data_dir),
             heartbeat_ttl: self.heartbeat_ttl.or(lower.heartbeat_ttl),
             disconnect_grace: self.disconnect_grace.or(lower.disconnect_grace),
+            max_queued_per_user: self.max_queued_per_user.or(lower.max_queued_per_user),
             max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
             log: self.log.or(lower.log),
             advertise_url: self.advertise_url.or(lower.advertise_url),
@@ -183,6 +192,12 @@ impl Settings {
             .disconnect_grace
             .unwrap_or(crate::DEFAULT_DISCONNECT_GRACE.as_secs());
         let max_blob_bytes = self.max_blob_bytes.unwrap_or(crate::DEFAULT_MAX_BLOB_BYTES);
+        let max_queued_per_user = self
+            .max_queued_per_user
+            .unwrap_or(crate::DEFAULT_MAX_QUEUED_PER_USER);
+        if max_queued_per_user == 0 {
+            problems.push("max_queued_per_user is 0: use at least 1".to_string());
+        }
         let log = self.log.unwrap_or_else(|| DEFAULT_LOG.to_string());
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log) {
             problems.push(format!("log filter `{log}` is invalid: {error}"));
@@ -244,6 +259,7 @@ impl Settings {
             heartbeat_ttl,
             disconnect_grace,
             max_blob_bytes,
+            max_queued_per_user,
             log,
             advertise_url,
             insecure,
@@ -264,6 +280,7 @@ impl Effective {
         config.heartbeat_ttl = std::time::Duration::from_secs(self.heartbeat_ttl.max(1));
         config.disconnect_grace = std::time::Duration::from_secs(self.disconnect_grace);
         config.max_blob_bytes = self.max_blob_bytes;
+        config.max_queued_per_user = self.max_queued_per_user;
         config
     }
 

@@ -41,6 +41,8 @@ pub const DEFAULT_HEARTBEAT_TTL: Duration = Duration::from_secs(30);
 pub const DEFAULT_DISCONNECT_GRACE: Duration = Duration::from_secs(600);
 /// Default largest blob (snapshot or outputs) the coordinator stores.
 pub const DEFAULT_MAX_BLOB_BYTES: u64 = 8 << 30;
+/// Default most runs one user may have queued.
+pub const DEFAULT_MAX_QUEUED_PER_USER: u32 = 1000;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -50,6 +52,8 @@ pub struct Config {
     /// How long an agent that said goodbye (runs continue) is `away` before it is lost.
     pub disconnect_grace: Duration,
     pub max_blob_bytes: u64,
+    /// Most runs one user may have queued (`submit_run` refuses more).
+    pub max_queued_per_user: u32,
     /// TLS and authentication: with a PKI every call is authenticated (see `auth.rs`);
     /// without (`--insecure`, the local target's Unix socket) nobody is.
     pub pki: Option<Arc<pki::Pki>>,
@@ -62,6 +66,7 @@ impl Config {
             heartbeat_ttl: DEFAULT_HEARTBEAT_TTL,
             disconnect_grace: DEFAULT_DISCONNECT_GRACE,
             max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
+            max_queued_per_user: DEFAULT_MAX_QUEUED_PER_USER,
             pki: None,
         }
     }
@@ -133,6 +138,9 @@ pub struct Coordinator {
     last_heard: Mutex<HashMap<String, std::time::Instant>>,
     /// Agents that said goodbye with their runs going on, until they are heard again.
     away: Mutex<std::collections::HashSet<String>>,
+    /// Fair share: when each (target, owner) last had a run placed, as a growing counter
+    /// (`scheduler::Usage::last_placed`). In memory: after a restart every user is equal.
+    last_placed: Mutex<HashMap<(String, String), u64>>,
     next_session_id: std::sync::atomic::AtomicU64,
     /// One hello at a time per agent id, from judging it to registering its session, so
     /// that two processes with one identity cannot both be let in. An async mutex held
@@ -180,6 +188,7 @@ impl Coordinator {
             sessions: Mutex::new(HashMap::new()),
             last_heard: Mutex::new(last_heard),
             away: Mutex::new(std::collections::HashSet::new()),
+            last_placed: Mutex::new(HashMap::new()),
             next_session_id: 1.into(),
             hello_turns: Mutex::new(HashMap::new()),
             stale_told: Mutex::new(std::collections::HashSet::new()),
@@ -282,8 +291,44 @@ impl Coordinator {
                 agent.free_gpus.retain(|gpu| !held.gpus.contains(gpu));
             }
         }
-        let queue: Vec<_> = queue
+        // Fair share between users: what each holds on each target now, and when each was
+        // last served.
+        let mut usage: HashMap<(String, String), scheduler::Usage> = self
+            .last_placed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(key, &last_placed)| {
+                (
+                    key.clone(),
+                    scheduler::Usage {
+                        nodes: 0,
+                        last_placed,
+                    },
+                )
+            })
+            .collect();
+        for held in &active {
+            usage
+                .entry((held.target.clone(), held.owner.clone()))
+                .or_default()
+                .nodes += 1;
+        }
+        let order = scheduler::fair_order(
+            &queue
+                .iter()
+                .map(|run| scheduler::Queued {
+                    target: &run.target,
+                    owner: &run.owner,
+                    nodes: run.nodes,
+                })
+                .collect::<Vec<_>>(),
+            &usage,
+        );
+        let mut queue: Vec<Option<v1::Run>> = queue.into_iter().map(Some).collect();
+        let queue: Vec<_> = order
             .into_iter()
+            .filter_map(|index| queue[index].take())
             .map(|run| scheduler::QueuedRun {
                 run_id: run.id,
                 need: need_of(&run),
@@ -318,6 +363,13 @@ impl Coordinator {
                     .collect::<Vec<_>>()
             })
             .await;
+        {
+            let mut last_placed = self.last_placed.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, run, _) in &placed {
+                let tick = last_placed.values().max().copied().unwrap_or(0) + 1;
+                last_placed.insert((run.target.clone(), run.owner.clone()), tick);
+            }
+        }
         for (agent_ids, run, checkpoints) in placed {
             let mut all_sent = true;
             for (node_rank, agent_id) in agent_ids.iter().enumerate() {

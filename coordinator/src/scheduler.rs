@@ -2,7 +2,8 @@
 //! agents' free slots and the queue, so the policy is tested without a database or network;
 //! [`crate::Coordinator::schedule`] runs it whenever something changed.
 //!
-//! Policy: each target's queue is served first-in first-out; a run goes to a regular agent of
+//! Policy: each target's queue is served in [`fair_order`] (first-in first-out for one user;
+//! between users, whoever holds the fewest nodes of the target goes next); a run goes to a regular agent of
 //! its target with the most free slots, and to a low-priority (preemptible) agent only when
 //! every regular agent is full (ties: the agent id, for determinism). A run never goes to an
 //! agent of another target.
@@ -60,6 +61,79 @@ pub struct QueuedRun {
     pub nodes: u32,
     /// Per node.
     pub need: Need,
+}
+
+/// What one user holds on one target, for [`fair_order`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Nodes of the user's runs placed on the target now (a gang counts each node).
+    pub nodes: u32,
+    /// When the user last had a run placed there, as a counter that only grows (0: not
+    /// since the coordinator started).
+    pub last_placed: u64,
+}
+
+/// A queued run as fair share sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Queued<'a> {
+    pub target: &'a str,
+    pub owner: &'a str,
+    pub nodes: u32,
+}
+
+/// Fair share between the users of a target: the order in which to offer `queue` (given in
+/// submission order) to [`assign`], as indices into it. Each user's own runs keep their
+/// order; between users, the next run comes from the user who would then hold the fewest
+/// nodes of that target (counting what they hold now and what this order has already
+/// offered them), ties going to the user served least recently, then to the earliest
+/// submission. So a user who queued a hundred runs does not make another user's one run
+/// wait behind them all: with one slot, the two alternate. Targets are independent.
+pub fn fair_order(queue: &[Queued], usage: &HashMap<(String, String), Usage>) -> Vec<usize> {
+    use std::collections::VecDeque;
+    // Per target (in order of first appearance), per owner: their runs, in order.
+    type Owners<'a> = Vec<(&'a str, VecDeque<usize>)>;
+    let mut targets: Vec<(&str, Owners)> = Vec::new();
+    for (index, run) in queue.iter().enumerate() {
+        let position = match targets.iter().position(|(t, _)| *t == run.target) {
+            Some(position) => position,
+            None => {
+                targets.push((run.target, Vec::new()));
+                targets.len() - 1
+            }
+        };
+        let owners = &mut targets[position].1;
+        match owners.iter_mut().find(|(o, _)| *o == run.owner) {
+            Some((_, runs)) => runs.push_back(index),
+            None => owners.push((run.owner, VecDeque::from([index]))),
+        }
+    }
+    let mut order = Vec::with_capacity(queue.len());
+    for (target, mut owners) in targets {
+        let mut held: Vec<Usage> = owners
+            .iter()
+            .map(|(owner, _)| {
+                usage
+                    .get(&(target.to_string(), owner.to_string()))
+                    .copied()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let mut tick = held.iter().map(|u| u.last_placed).max().unwrap_or(0);
+        loop {
+            let next = owners
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, runs))| runs.front().map(|&first| (i, first)))
+                .min_by_key(|&(i, first)| (held[i].nodes, held[i].last_placed, first));
+            let Some((i, _)) = next else { break };
+            let index = owners[i].1.pop_front().expect("a front was seen");
+            order.push(index);
+            tick += 1;
+            held[i].nodes += queue[index].nodes.max(1);
+            held[i].last_placed = tick;
+        }
+    }
+    order
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +196,71 @@ pub fn assign(agents: &[AgentSlots], queue: &[QueuedRun]) -> Vec<Assignment> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn queued<'a>(target: &'a str, owner: &'a str) -> Queued<'a> {
+        Queued {
+            target,
+            owner,
+            nodes: 1,
+        }
+    }
+
+    #[test]
+    fn fair_order_alternates_users_and_keeps_each_users_order() {
+        // alice queued three before bob's one; with nothing running, they alternate.
+        let queue = [
+            queued("gpu", "alice"),
+            queued("gpu", "alice"),
+            queued("gpu", "alice"),
+            queued("gpu", "bob"),
+        ];
+        assert_eq!(fair_order(&queue, &HashMap::new()), vec![0, 3, 1, 2]);
+        // alice holds two nodes: bob's run goes first.
+        let usage = HashMap::from([(
+            ("gpu".to_string(), "alice".to_string()),
+            Usage {
+                nodes: 2,
+                last_placed: 5,
+            },
+        )]);
+        assert_eq!(fair_order(&queue, &usage), vec![3, 0, 1, 2]);
+        // Equal holdings: the user served least recently goes first.
+        let usage = HashMap::from([
+            (
+                ("gpu".to_string(), "alice".to_string()),
+                Usage {
+                    nodes: 0,
+                    last_placed: 7,
+                },
+            ),
+            (
+                ("gpu".to_string(), "bob".to_string()),
+                Usage {
+                    nodes: 0,
+                    last_placed: 3,
+                },
+            ),
+        ]);
+        assert_eq!(fair_order(&queue, &usage), vec![3, 0, 1, 2]);
+    }
+
+    #[test]
+    fn fair_order_counts_a_gangs_nodes_and_keeps_targets_apart() {
+        let queue = [
+            Queued {
+                target: "gpu",
+                owner: "alice",
+                nodes: 4,
+            },
+            queued("gpu", "alice"),
+            queued("cpu", "bob"),
+            queued("gpu", "bob"),
+            queued("gpu", "bob"),
+        ];
+        // alice's 4-node gang counts as four: bob's two runs come before her next one.
+        // The cpu target's run is ordered on its own (after gpu's, which came first).
+        assert_eq!(fair_order(&queue, &HashMap::new()), vec![0, 3, 4, 1, 2]);
+    }
 
     fn agent(id: &str, target: &str, free: u32) -> AgentSlots {
         AgentSlots {

@@ -505,10 +505,17 @@ impl Kiln for Api {
         } else {
             request.name
         };
+        let cap = self.0.config.max_queued_per_user;
         let run = self
             .0
             .db
             .call(move |s| {
+                // Counted and inserted in one call: concurrent submissions cannot both slip
+                // under the cap.
+                let queued = s.queued_runs_of(&user.name)?;
+                if queued >= u64::from(cap) {
+                    return Ok(Err(queued));
+                }
                 s.insert_run(&NewRun {
                     name: &name,
                     target: target.as_str(),
@@ -525,9 +532,17 @@ impl Kiln for Api {
                     owner: &user.name,
                     now_ms: now_ms(),
                 })
+                .map(Ok)
             })
             .await
-            .map_err(internal)?;
+            .map_err(internal)?
+            .map_err(|queued| {
+                Status::resource_exhausted(format!(
+                    "you have {queued} runs queued, the most one user may have \
+                     (max_queued_per_user = {cap}): wait for some to start, or cancel some \
+                     (`kiln runs`, `kiln cancel RUN`)"
+                ))
+            })?;
         info!(run_id = run.id, target = %run.target, snapshot = %run.snapshot_digest, owner = %run.owner, "Run submitted.");
         self.0.run_changed(run.id);
         self.0.kick_scheduler();

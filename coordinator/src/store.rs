@@ -322,6 +322,9 @@ pub enum TransitionError {
 #[derive(Debug, Clone)]
 pub struct Allocation {
     pub agent_id: String,
+    /// The run's target and owner (fair share counts what each user holds).
+    pub target: String,
+    pub owner: String,
     pub need: crate::scheduler::Need,
     pub gpus: Vec<u32>,
 }
@@ -598,7 +601,7 @@ impl Store {
     /// node, and the GPU indices it was given.
     pub fn active_allocations(&self) -> anyhow::Result<Vec<Allocation>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT n.agent_id, n.gpus, r.resources, r.gpus_per_node FROM runs r
+            "SELECT n.agent_id, n.gpus, r.resources, r.gpus_per_node, r.target, r.owner FROM runs r
              JOIN run_nodes n ON n.run_id = r.id AND n.attempt = r.attempt
              WHERE r.status IN ('assigned', 'running', 'stopping')",
         )?;
@@ -612,6 +615,8 @@ impl Store {
                 let gpus_per_node: u32 = row.get(3)?;
                 Ok(Allocation {
                     agent_id: row.get(0)?,
+                    target: row.get(4)?,
+                    owner: row.get(5)?,
                     gpus: serde_json::from_str(&gpus).unwrap_or_default(),
                     need: crate::scheduler::Need {
                         cpus: resources.cpus,
@@ -765,6 +770,14 @@ impl Store {
         let id = self.conn.last_insert_rowid();
         self.get_run(id)?
             .context("a run that was just inserted is missing")
+    }
+
+    /// How many runs `owner` has waiting in queues, on every target.
+    pub fn queued_runs_of(&self, owner: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT count(*) FROM runs WHERE owner = ?1 AND status = 'queued'")?
+            .query_row(params![owner], |row| row.get(0))?)
     }
 
     pub fn get_run(&self, id: i64) -> anyhow::Result<Option<v1::Run>> {

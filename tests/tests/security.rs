@@ -896,3 +896,69 @@ fn tokens_are_read_from_standard_input_or_a_file_as_printed() {
         text(&output.stderr)
     );
 }
+
+/// Appends its name to `order` in the shared directory; `a1` then waits for `go`.
+const IN_TURN: &str = r#"import os, sys, time
+shared, name = sys.argv[1], sys.argv[2]
+with open(os.path.join(shared, "order"), "a") as f:
+    f.write(name + "\n")
+while name == "a1" and not os.path.exists(os.path.join(shared, "go")):
+    time.sleep(0.1)
+"#;
+
+#[test]
+fn one_member_cannot_crowd_out_another() {
+    let mut cluster = SecureCluster::start(&["--max-queued-per-user", "3"]);
+    let agent = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    let ana = cluster.login("ana", "member");
+    let bo = cluster.login("bo", "member");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(agent), "online");
+    let shared = kiln_tests::shared_dir();
+    let src = kiln_tests::shared_dir();
+    write_tree(src.path(), &[("turn.py", IN_TURN)]);
+    let (shared_path, src_path) = (
+        shared.path().to_str().unwrap(),
+        src.path().to_str().unwrap(),
+    );
+    let submit = |user: &secure::User, name: &str| {
+        user.kiln(&[
+            "submit",
+            "--detach",
+            "--target",
+            "cpu",
+            src_path,
+            "turn.py",
+            "--",
+            shared_path,
+            name,
+        ])
+    };
+    let order = || std::fs::read_to_string(shared.path().join("order")).unwrap_or_default();
+    // ana's first run holds the agent's one slot; three more of hers wait.
+    assert!(submit(&ana, "a1").status.success());
+    wait_for("a1 to start", Duration::from_secs(30), || {
+        (order() == "a1\n").then_some(())
+    });
+    for name in ["a2", "a3", "a4"] {
+        let output = submit(&ana, name);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    // A fourth queued run is over her cap, said in words; nothing is queued for it.
+    let refused = submit(&ana, "a5");
+    assert!(!refused.status.success());
+    let message = text(&refused.stderr);
+    assert!(
+        message.contains("you have 3 runs queued") && message.contains("max_queued_per_user = 3"),
+        "{message}"
+    );
+    assert_eq!(ana.json(&["runs", "--json"]).as_array().unwrap().len(), 4);
+    // bo has a cap of his own, and his one run does not wait behind all of ana's.
+    let output = submit(&bo, "b1");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    std::fs::write(shared.path().join("go"), "").unwrap();
+    wait_for("every run to start", Duration::from_secs(60), || {
+        (order().lines().count() == 5).then_some(())
+    });
+    assert_eq!(order(), "a1\nb1\na2\na3\na4\n");
+}
