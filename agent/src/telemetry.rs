@@ -47,6 +47,9 @@ pub struct TreeSampler {
 pub struct TreeSample {
     /// Sum over the tree; 100 means one core fully busy.
     pub cpu_percent: f64,
+    /// Sum over the tree's processes (each counted once, not once per thread) of their
+    /// proportional set size (PSS: pages shared by several processes, e.g. forked data
+    /// loader workers, split between them), or of their RSS where PSS cannot be read.
     pub memory_rss_bytes: u64,
     pub n_processes: usize,
 }
@@ -90,14 +93,31 @@ impl TreeSampler {
             n_processes: 0,
         };
         for pid in &in_tree {
-            if let Some(process) = processes.get(pid) {
+            // sysinfo lists every thread as well, with its process's memory and its own
+            // share of the CPU (already in the process's): count processes only.
+            if let Some(process) = processes.get(pid)
+                && process.thread_kind().is_none()
+            {
                 sample.cpu_percent += process.cpu_usage() as f64;
-                sample.memory_rss_bytes += process.memory();
+                sample.memory_rss_bytes += pss_bytes(pid.as_u32()).unwrap_or(process.memory());
                 sample.n_processes += 1;
             }
         }
         sample
     }
+}
+
+/// A process's proportional set size from `/proc/PID/smaps_rollup` (Linux 4.14+), if it
+/// can be read (it needs the right to ptrace-read the process).
+fn pss_bytes(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    parse_pss(&rollup)
+}
+
+fn parse_pss(rollup: &str) -> Option<u64> {
+    let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]
@@ -113,6 +133,47 @@ mod tests {
         assert!(host.memory_bytes > 0);
         assert_eq!(host.gpus.len(), 1);
         assert_eq!(host.gpus[0].name, "NVIDIA H100 80GB HBM3");
+    }
+
+    #[test]
+    fn pss_is_read_from_smaps_rollup() {
+        let rollup = "55d0c0000000-7ffd5a1f2000 ---p 00000000 00:00 0    [rollup]\n\
+                      Rss:              123456 kB\n\
+                      Pss:               61234 kB\n\
+                      Pss_Anon:          50000 kB\n";
+        assert_eq!(parse_pss(rollup), Some(61234 * 1024));
+        assert_eq!(parse_pss("Rss: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn a_threaded_process_is_counted_once() {
+        // 16 threads and ~64 MiB touched: sysinfo lists 17 tasks, each with the whole
+        // process's memory. Counted per task that was over 1 GiB.
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import threading, time\n\
+                 b = bytearray(64 << 20)\n\
+                 for _ in range(16): threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n\
+                 print('ready', flush=True)\n\
+                 time.sleep(30)\n",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut ready,
+        )
+        .unwrap();
+        let sample = TreeSampler::new(child.id()).sample();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(ready.trim(), "ready");
+        assert_eq!(sample.n_processes, 1, "{sample:?}");
+        assert!(sample.memory_rss_bytes >= 64 << 20, "{sample:?}");
+        assert!(sample.memory_rss_bytes < 256 << 20, "{sample:?}");
     }
 
     #[test]

@@ -101,7 +101,9 @@ enum Command {
     Logout,
     /// Who the coordinator takes you for.
     Whoami,
-    /// Print a run's log; with --follow keep printing until the run ends.
+    /// Print a run's log; with --follow keep printing until the run ends, then exit as
+    /// `kiln submit` does: the script's exit code (0 when it succeeded, 125 when it could not
+    /// start, 130 when it was cancelled or Ctrl-C stopped following, 137 when it was lost).
     ///
     /// Example:
     ///   kiln logs 42 --follow
@@ -158,6 +160,16 @@ enum Command {
     ///   kiln cancel 42
     #[command(verbatim_doc_comment)]
     Cancel {
+        run: i64,
+    },
+    /// Wait until a run ends, printing nothing but its end, and exit as `kiln submit` does
+    /// (the script's exit code; 125 could not start, 130 cancelled, 137 lost): for scripts
+    /// that submit with --detach and need the outcome.
+    ///
+    /// Example:
+    ///   id=$(kiln submit --detach . train.py) && kiln wait "$id" && kiln download "$id" out/
+    #[command(verbatim_doc_comment)]
+    Wait {
         run: i64,
     },
     /// List compute targets with their agents and runs.
@@ -448,7 +460,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Logs { run, follow, rank } => {
             let mut client = connection.kiln().await?;
             if follow {
-                submit::follow(&connection, run, 0, rank).await.map(|_| 0)
+                submit::follow(&connection, run, 0, rank)
+                    .await
+                    .map(submit::Followed::exit_code)
             } else {
                 submit::print_logs(&mut client, run, rank).await.map(|_| 0)
             }
@@ -479,6 +493,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             output::metrics(&metrics, json);
             Ok(0)
         }
+        Command::Wait { run } => submit::wait(&connection, run).await,
         Command::Cancel { run } => {
             let mut client = connection.kiln().await?;
             let run = client

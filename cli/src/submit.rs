@@ -220,6 +220,10 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
 
     if args.dry_run {
         let biggest = plan.biggest_items(5);
+        let packs_outputs = plan
+            .entries
+            .iter()
+            .any(|e| e.rel_path == "outputs" || e.rel_path.starts_with("outputs/"));
         let (_archive, packed) = pack_snapshot(plan, options, interactive).await?;
         let source = match &file {
             Some(path) => format!("{} and flags", path.display()),
@@ -237,6 +241,12 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         );
         for (item, bytes) in biggest {
             outln!("  {item:<30} {:>10}", HumanBytes(bytes).to_string());
+        }
+        if !packs_outputs && dir.join("outputs").is_dir() {
+            outln!(
+                "left out       outputs/ (a run makes its own outputs/; a local one is not sent \
+                 unless the top-level .kilnignore says !/outputs/)"
+            );
         }
         return Ok(0);
     }
@@ -335,12 +345,37 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         outln!("{}", run.id);
         return Ok(0);
     }
-    match follow(connection, run.id, 0, None).await? {
-        Followed::Ended(code) => {
-            print_metrics_summary(&mut client, run.id).await;
-            Ok(code)
+    let followed = follow(connection, run.id, 0, None).await?;
+    if let Followed::Ended(_) = followed {
+        print_metrics_summary(&mut client, run.id).await;
+    }
+    Ok(followed.exit_code())
+}
+
+/// `kiln wait RUN`: polls the run until it ends (riding out coordinator outages for as
+/// long as a follower does) and returns the exit code `kiln submit` would.
+pub async fn wait(connection: &Connection, run_id: i64) -> anyhow::Result<i32> {
+    let mut broken_since: Option<Instant> = None;
+    loop {
+        let reply = match connection.kiln().await {
+            Ok(mut client) => client
+                .get_run(v1::GetRunRequest { run_id })
+                .await
+                .map(|reply| reply.into_inner()),
+            Err(error) => Err(tonic::Status::unavailable(format!("{error:#}"))),
+        };
+        match reply {
+            Ok(run) if run.status().domain().is_terminal() => return Ok(report_end(&run)),
+            Ok(_) => broken_since = None,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                let since = *broken_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > give_up_after() {
+                    return Err(status_error(status));
+                }
+            }
+            Err(status) => return Err(status_error(status)),
         }
-        Followed::Detached => Ok(exit_codes::CANCELLED),
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -473,6 +508,16 @@ pub enum Followed {
     Ended(i32),
     /// The user pressed Ctrl-C; the run goes on.
     Detached,
+}
+
+impl Followed {
+    /// What a follower exits with: the run's code, or 130 for Ctrl-C.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Followed::Ended(code) => code,
+            Followed::Detached => exit_codes::CANCELLED,
+        }
+    }
 }
 
 /// How long a follower keeps trying to reach the coordinator before it gives up: 10 minutes,

@@ -57,6 +57,9 @@ pub const DEFAULT_IGNORES: &[&str] = &[
     ".pytest_cache/",
     ".tox/",
     ".DS_Store",
+    // The top-level `outputs/` is where a run's outputs are made: a stale local copy must
+    // never come back as a run's outputs.
+    "/outputs/",
 ];
 
 /// The per-directory ignore file that only Kiln reads (gitignore syntax).

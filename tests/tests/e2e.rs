@@ -54,6 +54,30 @@ fn logs_stream_in_order_and_the_exit_code_comes_back() {
     // The stored log replays the same lines.
     let logs = cluster.kiln(&["logs", &run_id.to_string()]);
     assert_eq!(text(&logs.stdout).lines().collect::<Vec<_>>(), expected);
+    // Followers and waiters exit with the run's code, as `submit` did.
+    let followed = cluster.kiln(&["logs", "--follow", &run_id.to_string()]);
+    assert_eq!(
+        followed.status.code(),
+        Some(3),
+        "{}",
+        text(&followed.stderr)
+    );
+    assert_eq!(text(&followed.stdout).lines().count(), 300);
+    let waited = cluster.kiln(&["wait", &run_id.to_string()]);
+    assert_eq!(waited.status.code(), Some(3), "{}", text(&waited.stderr));
+    assert!(text(&waited.stdout).is_empty());
+    assert!(
+        text(&waited.stderr).contains(&format!("run {run_id} failed")),
+        "{}",
+        text(&waited.stderr)
+    );
+    // `kiln wait` on a run still going waits for its end.
+    let slow = source_dir(&[("ok.py", "import time\ntime.sleep(2)\n")]);
+    let id =
+        cluster.submit_detached(&["--target", "alpha", slow.path().to_str().unwrap(), "ok.py"]);
+    let waited = cluster.kiln(&["wait", &id.to_string()]);
+    assert_eq!(waited.status.code(), Some(0), "{}", text(&waited.stderr));
+    assert_eq!(cluster.run(id)["status"], "succeeded");
     cluster.stop();
 }
 
@@ -171,7 +195,7 @@ fn ignore_files_and_default_ignores_shape_the_snapshot() {
     let src = source_dir(&[
         (
             "list.py",
-            "import os\nfor root, dirs, files in sorted(os.walk('.')):\n    for f in sorted(files):\n        p = os.path.relpath(os.path.join(root, f))\n        if not p.startswith('outputs'):\n            print(p)\n",
+            "import os\nfor root, dirs, files in sorted(os.walk('.')):\n    for f in sorted(files):\n        print(os.path.relpath(os.path.join(root, f)))\n",
         ),
         (".gitignore", "data/\n*.log\n"),
         (".kilnignore", "secret.txt\n"),
@@ -183,7 +207,24 @@ fn ignore_files_and_default_ignores_shape_the_snapshot() {
         ("myenv/pyvenv.cfg", "home = /usr\n"),
         ("myenv/lib/site.py", "x"),
         ("src/model.py", "W = 1\n"),
+        // A stale local outputs/ (say, from a local run) stays home; a nested one is data.
+        ("outputs/model.pt", "stale weights"),
+        ("src/outputs/table.csv", "kept"),
     ]);
+    let dry = cluster.kiln(&[
+        "submit",
+        "--dry-run",
+        "--target",
+        "alpha",
+        src.path().to_str().unwrap(),
+        "list.py",
+    ]);
+    assert!(dry.status.success(), "{}", text(&dry.stderr));
+    assert!(
+        text(&dry.stdout).contains("left out       outputs/"),
+        "{}",
+        text(&dry.stdout)
+    );
     let output = cluster.kiln(&[
         "submit",
         "--target",
@@ -196,7 +237,13 @@ fn ignore_files_and_default_ignores_shape_the_snapshot() {
     files.sort();
     assert_eq!(
         files,
-        [".gitignore", ".kilnignore", "list.py", "src/model.py"]
+        [
+            ".gitignore",
+            ".kilnignore",
+            "list.py",
+            "src/model.py",
+            "src/outputs/table.csv"
+        ]
     );
     cluster.stop();
 }
