@@ -126,6 +126,14 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_pids_limit: Option<u32>,
 
+    /// Docker runs: the network each container joins. `run`: a bridge network of its own,
+    /// made for the attempt and removed after it, so runs (of different users) cannot reach
+    /// each other; `none`: no network at all; any other value: that existing network (e.g.
+    /// `bridge`, Docker's default, shared by every container). [default: run]
+    #[arg(long, env = "KILN_DOCKER_NETWORK")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub docker_network: Option<String>,
+
     /// Docker runs: the registry whose login is used for pulls from it, e.g.
     /// registry.example.org:5000 or docker.io. Set with docker_registry_username and
     /// docker_registry_password_file.
@@ -178,6 +186,7 @@ pub struct Effective {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_host: Option<String>,
     pub docker_pids_limit: u32,
+    pub docker_network: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_registry: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -208,6 +217,7 @@ impl Settings {
             docker_gpu_image: self.docker_gpu_image.or(lower.docker_gpu_image),
             docker_host: self.docker_host.or(lower.docker_host),
             docker_pids_limit: self.docker_pids_limit.or(lower.docker_pids_limit),
+            docker_network: self.docker_network.or(lower.docker_network),
             docker_registry: self.docker_registry.or(lower.docker_registry),
             docker_registry_username: self
                 .docker_registry_username
@@ -394,6 +404,10 @@ impl Settings {
                 .docker_pids_limit
                 .filter(|limit| *limit > 0)
                 .unwrap_or(crate::docker::CONTAINER_PIDS_LIMIT),
+            docker_network: self
+                .docker_network
+                .filter(|network| !network.is_empty())
+                .unwrap_or_else(|| crate::docker::RUN_NETWORK.to_string()),
             docker_registry: self.docker_registry,
             docker_registry_username: self.docker_registry_username,
             docker_registry_password_file: self.docker_registry_password_file,
@@ -434,6 +448,7 @@ impl Effective {
             gpu_image: self.docker_gpu_image.clone(),
             host: self.docker_host.clone(),
             pids_limit: self.docker_pids_limit,
+            network: self.docker_network.clone(),
             registry_auth: match (
                 &self.docker_registry,
                 &self.docker_registry_username,

@@ -69,6 +69,9 @@ pub struct Settings {
     pub registry_auth: Option<RegistryAuth>,
     /// Most processes one container may have.
     pub pids_limit: u32,
+    /// The network containers join: [`RUN_NETWORK`] (one of the attempt's own), `none`, or
+    /// an existing network's name.
+    pub network: String,
 }
 
 impl Default for Settings {
@@ -79,6 +82,7 @@ impl Default for Settings {
             host: None,
             registry_auth: None,
             pids_limit: CONTAINER_PIDS_LIMIT,
+            network: RUN_NETWORK.to_string(),
         }
     }
 }
@@ -118,6 +122,29 @@ pub struct DockerSpec {
     pub pids_limit: u32,
     /// The host directory holding the `kiln` Python module.
     pub python_dir: PathBuf,
+    /// The network setting ([`Settings::network`]); empty (a spec written by an older
+    /// agent): [`RUN_NETWORK`].
+    #[serde(default)]
+    pub network: String,
+}
+
+/// `docker_network = "run"`: every attempt gets a bridge network of its own.
+pub const RUN_NETWORK: &str = "run";
+
+impl DockerSpec {
+    /// The network the container joins (its `network_mode`), and whether it is the
+    /// attempt's own (made before the container, removed after it).
+    pub fn network(&self, run_id: i64, attempt: u32) -> (String, bool) {
+        match self.network.as_str() {
+            "" | RUN_NETWORK => (run_network_name(&self.agent_id, run_id, attempt), true),
+            other => (other.to_string(), false),
+        }
+    }
+}
+
+/// The network of one attempt's own: named like its container.
+pub fn run_network_name(agent_id: &str, run_id: i64, attempt: u32) -> String {
+    format!("{}-net", container_name(agent_id, run_id, attempt))
 }
 
 /// How the engine gives a container GPUs.
@@ -352,7 +379,7 @@ pub fn container_config(spec: &Spec, docker: &DockerSpec) -> (String, ContainerC
         init: Some(true),
         // Other people's code on a shared machine: no capabilities, no privilege gain
         // through setuid binaries, the engine's default seccomp profile, never privileged,
-        // the default bridge network (not the host's), a bounded number of processes (a
+        // a network of its own (not the host's, nor one shared with other runs), a bounded number of processes (a
         // fork bomb stops at it), and never the Docker socket.
         privileged: Some(false),
         cap_drop: Some(vec!["ALL".to_string()]),
@@ -368,6 +395,9 @@ pub fn container_config(spec: &Spec, docker: &DockerSpec) -> (String, ContainerC
         nano_cpus: positive(u64::from(docker.cpus) * 1_000_000_000),
         shm_size: positive(docker.shm_size_bytes),
         device_requests,
+        // The attempt's own bridge network unless configured otherwise (`docker_network`):
+        // on Docker's default bridge every container could reach every other one.
+        network_mode: Some(docker.network(spec.run_id, spec.attempt).0),
         // The supervisor reads the output back through the logs API: a driver that keeps it.
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".to_string()),
@@ -782,7 +812,9 @@ pub async fn remove_run_containers(
             format!("{LABEL_ATTEMPT}={attempt}"),
         ],
     )]);
-    remove_matching(&docker, filters, |_| true).await
+    let removed = remove_matching(&docker, filters.clone(), |_| true).await?;
+    remove_matching_networks(&docker, filters, |_| true).await?;
+    Ok(removed)
 }
 
 /// Stops and removes every container of a previous identity of this host (the agent joined
@@ -794,7 +826,9 @@ pub async fn remove_agent_containers(host: Option<&str>, agent_id: &str) -> anyh
         "label".to_string(),
         vec![format!("{LABEL_AGENT_ID}={agent_id}")],
     )]);
-    remove_matching(&docker, filters, |_| true).await
+    let removed = remove_matching(&docker, filters.clone(), |_| true).await?;
+    remove_matching_networks(&docker, filters, |_| true).await?;
+    Ok(removed)
 }
 
 /// At agent start-up: removes this agent's containers whose attempt has no run directory
@@ -810,12 +844,45 @@ pub async fn reap_orphans(
         "label".to_string(),
         vec![format!("{LABEL_AGENT_ID}={agent_id}")],
     )]);
-    remove_matching(&docker, filters, |labels| {
+    let gone = |labels: &HashMap<String, String>| {
         let run = labels.get(LABEL_RUN_ID).map(String::as_str).unwrap_or("");
         let attempt = labels.get(LABEL_ATTEMPT).map(String::as_str).unwrap_or("");
         !runs_dir.join(format!("{run}.{attempt}")).exists()
-    })
-    .await
+    };
+    let removed = remove_matching(&docker, filters.clone(), gone).await?;
+    // Networks after containers: a network is removed only once nothing is attached.
+    remove_matching_networks(&docker, filters, gone).await?;
+    Ok(removed)
+}
+
+/// Removes the attempts' own networks that `filters` selects and `wanted` accepts (by
+/// their labels); one still in use (a container attached) is left for a later pass.
+async fn remove_matching_networks(
+    docker: &Docker,
+    filters: HashMap<String, Vec<String>>,
+    wanted: impl Fn(&HashMap<String, String>) -> bool,
+) -> anyhow::Result<usize> {
+    let networks = docker
+        .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+            filters: Some(filters),
+        }))
+        .await?;
+    let mut removed = 0;
+    for network in networks {
+        let labels = network.labels.unwrap_or_default();
+        let Some(name) = network.name.filter(|_| wanted(&labels)) else {
+            continue;
+        };
+        match docker.remove_network(&name).await {
+            Ok(()) => removed += 1,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 403 | 409,
+                ..
+            }) => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(removed)
 }
 
 async fn remove_matching(
@@ -892,7 +959,72 @@ pub fn run_container(
         let mut stop = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let docker = connect(docker_spec.host.as_deref()).await?;
         let (name, body) = container_config(spec, docker_spec);
+        let (network, own_network) = docker_spec.network(spec.run_id, spec.attempt);
+        if own_network
+            && let Err(error) =
+                create_run_network(&docker, &network, &docker_spec.agent_id, spec).await
+        {
+            let message = format!(
+                "could not create the run's network {network}: {} (is Docker's pool of \
+                 network addresses used up? `docker network ls`)",
+                engine_message(&error)
+            );
+            return Ok(ContainerExit {
+                exit_code: None,
+                description: message.clone(),
+                start_error: Some(message),
+            });
+        }
         let result = drive(&docker, &name, body, spec, docker_spec, events, &mut stop).await;
+        let result = remove_after(&docker, &name, result).await;
+        if own_network {
+            remove_network(&docker, &network).await;
+        }
+        result
+    })
+}
+
+/// The attempt's own bridge network, labelled like its container; one left by an earlier
+/// try of this attempt is used again.
+async fn create_run_network(
+    docker: &Docker,
+    name: &str,
+    agent_id: &str,
+    spec: &Spec,
+) -> Result<(), bollard::errors::Error> {
+    let request = bollard::models::NetworkCreateRequest {
+        name: name.to_string(),
+        driver: Some("bridge".to_string()),
+        labels: Some(labels(agent_id, spec.run_id, spec.attempt)),
+        ..Default::default()
+    };
+    match docker.create_network(request).await {
+        Ok(_) => Ok(()),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 409, ..
+        }) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+/// Removes a network, saying (on the supervisor's stderr) why when it cannot.
+async fn remove_network(docker: &Docker, name: &str) {
+    match docker.remove_network(name).await {
+        Ok(())
+        | Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(error) => eprintln!("kiln supervisor: could not remove network {name}: {error}"),
+    }
+}
+
+/// Removes the attempt's container whatever `drive` ended with, except one of another owner.
+async fn remove_after(
+    docker: &Docker,
+    name: &str,
+    result: anyhow::Result<(ContainerExit, Ownership)>,
+) -> anyhow::Result<ContainerExit> {
+    {
         // A container of another owner that holds the name is left alone.
         if let Ok((_, Ownership::Foreign)) = &result {
             return result.map(|(exit, _)| exit);
@@ -900,7 +1032,7 @@ pub fn run_container(
         // Whatever happened, nothing of ours is left behind.
         let removed = docker
             .remove_container(
-                &name,
+                name,
                 Some(RemoveContainerOptions {
                     force: true,
                     ..Default::default()
@@ -919,7 +1051,7 @@ pub fn run_container(
             eprintln!("kiln supervisor: could not remove container {name}: {error}");
         }
         result.map(|(exit, _)| exit)
-    })
+    }
 }
 
 /// Whether the container under the attempt's name is this attempt's.
@@ -1258,7 +1390,24 @@ mod tests {
             user: "998:997".into(),
             pids_limit: 0,
             python_dir: PathBuf::from("/var/lib/kiln/agent/python"),
+            // As written by an older agent: the default, a network of the attempt's own.
+            network: String::new(),
         }
+    }
+
+    #[test]
+    fn the_network_setting_picks_the_containers_network() {
+        let mut docker = docker_spec(Vec::new());
+        assert_eq!(
+            docker.network(7, 2),
+            ("kiln-1a2b3c4d-7-2-net".to_string(), true)
+        );
+        docker.network = RUN_NETWORK.into();
+        assert!(docker.network(7, 2).1);
+        docker.network = "none".into();
+        assert_eq!(docker.network(7, 2), ("none".to_string(), false));
+        docker.network = "bridge".into();
+        assert_eq!(docker.network(7, 2), ("bridge".to_string(), false));
     }
 
     #[test]
@@ -1312,7 +1461,7 @@ mod tests {
         );
         let host = body.host_config.unwrap();
         // Hardening: no capabilities, no privilege gain, never privileged, bounded
-        // processes, the default network, no Docker socket among the mounts.
+        // processes, a network of the attempt's own, no Docker socket among the mounts.
         assert_eq!(host.privileged, Some(false));
         assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
         assert_eq!(
@@ -1320,7 +1469,7 @@ mod tests {
             Some(vec!["no-new-privileges".to_string()])
         );
         assert_eq!(host.pids_limit, Some(i64::from(CONTAINER_PIDS_LIMIT)));
-        assert_eq!(host.network_mode, None);
+        assert_eq!(host.network_mode.as_deref(), Some("kiln-1a2b3c4d-42-2-net"));
         assert!(host.mounts.iter().flatten().all(|m| {
             !m.source
                 .as_deref()

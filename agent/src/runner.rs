@@ -413,6 +413,7 @@ async fn prepare(
             user: crate::docker::container_user(),
             pids_limit: agent.config.docker.pids_limit,
             python_dir: agent.python_dir.clone(),
+            network: agent.config.docker.network.clone(),
         }),
     };
     if let Some(docker) = &spec.docker {

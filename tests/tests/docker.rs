@@ -592,3 +592,88 @@ fn a_container_cannot_export_host_files_through_outputs_symlinks() {
     }
     cluster.stop();
 }
+
+/// Listens on port 8000 for up to 8 s and says whether anyone connected.
+const LISTENER: &str = r#"import socket
+s = socket.socket()
+s.bind(("0.0.0.0", 8000))
+s.listen()
+print("ip", socket.gethostbyname(socket.gethostname()), flush=True)
+s.settimeout(8)
+try:
+    s.accept()
+    print("a peer reached this run", flush=True)
+except socket.timeout:
+    print("nobody reached this run", flush=True)
+"#;
+
+/// Tries to connect to the address given as its argument.
+const CALLER: &str = r#"import socket, sys
+try:
+    socket.create_connection((sys.argv[1], 8000), timeout=3)
+    print("reached", flush=True)
+except OSError as error:
+    print("unreachable:", error, flush=True)
+"#;
+
+/// Runs LISTENER, then CALLER against it, side by side on one agent; returns what the
+/// caller printed.
+fn call_between_runs(cluster: &Cluster) -> String {
+    let src = source_dir(&[("listen.py", LISTENER), ("call.py", CALLER)]);
+    let listener = submit(
+        &cluster.address,
+        src.path(),
+        docker_run("box", "listen.py", "cpu"),
+    );
+    let ip = wait_for("the listener's address", Duration::from_secs(60), || {
+        logs(cluster, listener)
+            .0
+            .lines()
+            .find_map(|l| l.strip_prefix("ip ").map(str::to_string))
+    });
+    let caller = submit(
+        &cluster.address,
+        src.path(),
+        v1::SubmitRunRequest {
+            args: vec![ip],
+            ..docker_run("box", "call.py", "cpu")
+        },
+    );
+    let run = cluster.wait_ended(caller, Duration::from_secs(60));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    cluster.wait_ended(listener, Duration::from_secs(60));
+    logs(cluster, caller).0
+}
+
+#[test]
+#[ignore = "needs a Docker engine and the test image: tests/run runs it with KILN_DOCKER_TESTS=1"]
+fn runs_cannot_reach_each_others_containers() {
+    ensure_test_image();
+    let two_slots = &[AgentSpec {
+        target: "box",
+        slots: 2,
+        advertise: None,
+    }];
+    let docker_args = ["--docker-cpu-image", TEST_IMAGE];
+    // By default each attempt has a network of its own, removed with it.
+    let cluster = Cluster::start_with_agent_args(two_slots, &docker_args);
+    let called = call_between_runs(&cluster);
+    assert!(called.starts_with("unreachable"), "{called}");
+    let agent_id = cluster.agent_id(0);
+    let networks = docker(&[
+        "network",
+        "ls",
+        "--quiet",
+        "--filter",
+        &format!("label=kiln.agent_id={agent_id}"),
+    ]);
+    assert!(networks.trim().is_empty(), "networks left: {networks}");
+    cluster.stop();
+    // Control: on a network shared by every container (Docker's default bridge, what runs
+    // joined before), the same call gets through.
+    let shared = [&docker_args[..], &["--docker-network", "bridge"]].concat();
+    let cluster = Cluster::start_with_agent_args(two_slots, &shared);
+    let called = call_between_runs(&cluster);
+    assert_eq!(called.trim(), "reached", "{called}");
+    cluster.stop();
+}
