@@ -244,6 +244,7 @@ impl Agent {
             tokio::spawn(session::renewal(agent.clone()));
         }
         tokio::spawn(agent.clone().fence_watchdog());
+        tokio::spawn(agent.clone().sweep_stale_attempts());
         let session_stop = CancellationToken::new();
         let session = tokio::spawn(session::run(agent.clone(), uplink_rx, session_stop.clone()));
 
@@ -441,6 +442,33 @@ impl Agent {
         }
     }
 
+    /// Every [`sweep_interval`]: removes attempt directories under `runs/` that no run task
+    /// holds (what a task that ended abnormally left behind; they used to linger until the
+    /// next agent restart). A run is registered before its directory is made and
+    /// unregistered after it is removed, so a directory nobody holds is stale; one younger
+    /// than the interval, or whose supervisor still lives, is left alone.
+    async fn sweep_stale_attempts(self: Arc<Self>) {
+        let interval = sweep_interval();
+        loop {
+            tokio::select! {
+                _ = self.detach.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            let held: std::collections::HashSet<(i64, u32)> = self.runs().keys().copied().collect();
+            let data_dir = self.config.data_dir.clone();
+            let swept =
+                tokio::task::spawn_blocking(move || sweep_runs_dir(&data_dir, &held, interval))
+                    .await
+                    .unwrap_or_default();
+            for (run_id, attempt) in swept {
+                warn!(
+                    run_id,
+                    attempt, "Removed a stale attempt directory no run held."
+                );
+            }
+        }
+    }
+
     fn run_ended(&self, key: (i64, u32)) {
         self.runs().remove(&key);
         release_free_memory();
@@ -610,6 +638,63 @@ impl Agent {
 }
 
 /// `runs/<run>.<attempt>` → (run, attempt).
+/// How often stale attempt directories are swept: a minute, or `KILN_AGENT_SWEEP_SECS`
+/// seconds (not a documented setting: tests shorten it).
+fn sweep_interval() -> Duration {
+    std::env::var("KILN_AGENT_SWEEP_SECS")
+        .ok()
+        .and_then(|secs| secs.parse::<f64>().ok())
+        .filter(|secs| *secs > 0.0)
+        .map(Duration::from_secs_f64)
+        .unwrap_or(Duration::from_secs(60))
+}
+
+/// Removes the attempt directories of `data_dir/runs` not in `held`, older than `min_age`
+/// and without a live supervisor; returns which.
+fn sweep_runs_dir(
+    data_dir: &std::path::Path,
+    held: &std::collections::HashSet<(i64, u32)>,
+    min_age: Duration,
+) -> Vec<(i64, u32)> {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("runs")) else {
+        return Vec::new();
+    };
+    let mut swept = Vec::new();
+    for entry in entries.flatten() {
+        let root = entry.path();
+        let Some(key) = parse_run_dir(&root) else {
+            continue;
+        };
+        let old_enough = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age >= min_age);
+        if held.contains(&key) || !old_enough {
+            continue;
+        }
+        let state = spool::StateDir(root.join("state"));
+        let supervised = spool::read_json::<spool::ProcessRecord>(&state.supervisor())
+            .ok()
+            .flatten()
+            .is_some_and(|record| {
+                record.boot_id == spool::boot_id() && runner::process_alive(record.pid)
+            });
+        if supervised {
+            warn!(
+                run_id = key.0,
+                attempt = key.1,
+                "An attempt directory no run holds still has a live supervisor: left alone."
+            );
+            continue;
+        }
+        runner::remove_attempt(data_dir, &root, key.0, key.1);
+        swept.push(key);
+    }
+    swept
+}
+
 fn parse_run_dir(root: &std::path::Path) -> Option<(i64, u32)> {
     let name = root.file_name()?.to_str()?;
     let (run, attempt) = name.split_once('.')?;

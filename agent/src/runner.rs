@@ -950,7 +950,7 @@ pub(crate) async fn attach(
 
 /// Removes what an attempt left on disk once it is over: its metrics socket, its claim on
 /// a run user, and its directory (keeping the supervisor's log if it says anything).
-fn remove_attempt(data_dir: &Path, root: &Path, run_id: i64, attempt: u32) {
+pub(crate) fn remove_attempt(data_dir: &Path, root: &Path, run_id: i64, attempt: u32) {
     let _ = std::fs::remove_file(
         data_dir
             .join("sock")
@@ -1599,7 +1599,7 @@ impl Follower {
     }
 }
 
-fn process_alive(pid: i32) -> bool {
+pub(crate) fn process_alive(pid: i32) -> bool {
     // A zombie counts as gone: it has exited and only waits to be reaped.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat

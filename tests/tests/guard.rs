@@ -628,3 +628,50 @@ fn a_drained_agent_stops_and_gives_back_its_runs_and_takes_no_new_ones() {
     assert_eq!(second["status"], "succeeded", "{second}");
     cluster.stop();
 }
+
+#[test]
+fn an_attempt_directory_no_run_holds_is_swept_while_the_agent_runs() {
+    let mut cluster = Cluster::start(&[]);
+    cluster.add_agent_with_env(ONE[0].clone(), &[("KILN_AGENT_SWEEP_SECS", "0.5")]);
+    cluster.wait_agents_online(1);
+    let gate = shared_dir();
+    let src = source_dir(&[("train.py", GATED)]);
+    let run_id = cluster.submit_detached(&[
+        "--target",
+        "box",
+        src.path().to_str().unwrap(),
+        "train.py",
+        "--",
+        gate.path().to_str().unwrap(),
+    ]);
+    wait_for_log(&cluster, run_id, "started");
+    // What an attempt that ended abnormally leaves: a directory no run task holds, its
+    // supervisor long gone.
+    let runs = cluster.agent_data(0).join("runs");
+    let stale = runs.join("999.1");
+    std::fs::create_dir_all(stale.join("state")).unwrap();
+    std::fs::create_dir_all(stale.join("work/outputs")).unwrap();
+    std::fs::write(stale.join("work/outputs/model.bin"), vec![0u8; 1 << 20]).unwrap();
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    std::fs::write(
+        stale.join("state/supervisor.json"),
+        format!(r#"{{"pid": 2147483000, "boot_id": "{}"}}"#, boot_id.trim()),
+    )
+    .unwrap();
+    wait_for(
+        "the stale directory to be swept",
+        Duration::from_secs(20),
+        || (!stale.exists()).then_some(()),
+    );
+    // The running run's directory is its task's: untouched, and the run finishes.
+    assert!(runs.join(format!("{run_id}.1/work/train.py")).exists());
+    std::fs::write(gate.path().join("go"), "").unwrap();
+    let run = cluster.wait_ended(run_id, Duration::from_secs(30));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(
+        cluster.agents[0]
+            .log_text()
+            .contains("Removed a stale attempt directory")
+    );
+    cluster.stop();
+}
