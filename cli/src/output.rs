@@ -130,6 +130,7 @@ pub fn run_json(run: &v1::Run) -> Value {
         "agent": if run.agent_id.is_empty() { Value::Null } else { Value::String(run.agent_id.clone()) },
         "exit_code": run.exit_code,
         "message": run.message,
+        "waiting": if run.waiting.is_empty() { Value::Null } else { Value::String(run.waiting.clone()) },
         "script": run.script,
         "args": run.args,
         "attempt": run.attempt,
@@ -320,12 +321,13 @@ pub fn runs(runs: &[v1::Run], as_json: bool) {
                 duration_s(run)
                     .map(|s| format!("{s:.1}s"))
                     .unwrap_or_else(|| "-".into()),
+                run.waiting.clone(),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "NAME", "TARGET", "STATUS", "AGENT", "EXIT", "CREATED", "DURATION",
+            "ID", "NAME", "TARGET", "STATUS", "AGENT", "EXIT", "CREATED", "DURATION", "WAITING",
         ],
         rows,
     );
@@ -342,6 +344,9 @@ pub fn show(run: &v1::Run, as_json: bool) {
     field("status", run.status().domain().to_string());
     if !run.message.is_empty() {
         field("message", run.message.clone());
+    }
+    if !run.waiting.is_empty() {
+        field("waiting", run.waiting.clone());
     }
     field("target", run.target.clone());
     if !run.owner.is_empty() {

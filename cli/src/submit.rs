@@ -261,6 +261,16 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         .map_err(status_error)?
         .into_inner()
         .targets;
+    let offline_note = targets
+        .iter()
+        .find(|t| t.name == target && t.agents_online == 0)
+        .map(|t| {
+            format!(
+                "note: 0 of {} agents of target {target} are online: the run waits in the queue \
+                 until one is (`kiln agents`)",
+                t.agents_total
+            )
+        });
     if !targets.iter().any(|t| t.name == target) {
         let known: Vec<_> = targets.iter().map(|t| t.name.as_str()).collect();
         anyhow::bail!(
@@ -341,6 +351,9 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         .map_err(status_error)?
         .into_inner();
     errln!("run {} submitted to target {}", run.id, run.target);
+    if let Some(note) = &offline_note {
+        errln!("{note}");
+    }
     if args.detach {
         outln!("{}", run.id);
         return Ok(0);

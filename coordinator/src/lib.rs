@@ -834,6 +834,40 @@ impl Coordinator {
             .await
     }
 
+    /// Fills `waiting` for the queued runs among `runs` ([`waiting_reason`]).
+    pub(crate) async fn explain_waiting(&self, runs: &mut [v1::Run]) -> anyhow::Result<()> {
+        let queued: Vec<(i64, String)> = runs
+            .iter()
+            .filter(|run| run.status() == v1::RunStatus::Queued)
+            .map(|run| (run.id, run.target.clone()))
+            .collect();
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let ahead = self
+            .db
+            .call(move |s| {
+                queued
+                    .iter()
+                    .map(|(id, target)| Ok((*id, s.queued_before(target, *id)?)))
+                    .collect::<anyhow::Result<HashMap<i64, u64>>>()
+            })
+            .await?;
+        let sessions = self.sessions();
+        for run in runs.iter_mut() {
+            let Some(&ahead) = ahead.get(&run.id) else {
+                continue;
+            };
+            let online: Vec<v1::HostInfo> = sessions
+                .values()
+                .filter(|s| s.target == run.target && !s.draining)
+                .map(|s| s.host.clone())
+                .collect();
+            run.waiting = waiting_reason(run, &online, ahead);
+        }
+        Ok(())
+    }
+
     /// Judges a hello against the agent id's live session, if any (`sessions::judge`). A
     /// refusal from another boot or address is logged as a possible cloned key and recorded
     /// on the agent (`kiln agents show`), for an admin to revoke it.
@@ -1407,6 +1441,50 @@ enum Loss {
 
 /// What one node of a run asks for: its resources, GPUs being the larger of
 /// `resources.gpus` and `gpus_per_node`.
+/// Why a queued run waits, as far as the coordinator can tell now: no agent of its target
+/// online, none big enough for one node, fewer online agents than its nodes, runs queued
+/// before it, or no free slot. `online` are the target's online (not draining) agents'
+/// hosts; `ahead` counts the runs queued on the target before it.
+pub fn waiting_reason(run: &v1::Run, online: &[v1::HostInfo], ahead: u64) -> String {
+    let target = &run.target;
+    if online.is_empty() {
+        return format!("no agent of target `{target}` is online");
+    }
+    let need = need_of(run);
+    let fits = |host: &&v1::HostInfo| {
+        need.cpus <= host.cpus
+            && need.memory_bytes <= host.memory_bytes
+            && need.gpus as usize <= host.gpus.len()
+    };
+    let big_enough = online.iter().filter(fits).count();
+    if big_enough == 0 {
+        let most_gpus = online.iter().map(|h| h.gpus.len()).max().unwrap_or(0);
+        let most_cpus = online.iter().map(|h| h.cpus).max().unwrap_or(0);
+        let most_memory = online.iter().map(|h| h.memory_bytes).max().unwrap_or(0);
+        return format!(
+            "no online agent of `{target}` is big enough for one node ({} GPUs, {} CPUs, \
+             {} MiB; the largest have {most_gpus} GPUs, {most_cpus} CPUs, {} MiB)",
+            need.gpus,
+            need.cpus,
+            need.memory_bytes >> 20,
+            most_memory >> 20
+        );
+    }
+    let nodes = run.nodes.max(1) as usize;
+    if big_enough < nodes {
+        return format!(
+            "needs {nodes} agents at once; {big_enough} online agents of `{target}` are big \
+             enough"
+        );
+    }
+    match ahead {
+        0 => {}
+        1 => return format!("1 run was queued on `{target}` before it"),
+        n => return format!("{n} runs were queued on `{target}` before it"),
+    }
+    format!("waiting for free capacity on `{target}` (its online agents are busy)")
+}
+
 pub fn need_of(run: &v1::Run) -> scheduler::Need {
     let resources = run.resources.unwrap_or_default();
     scheduler::Need {
@@ -1480,6 +1558,50 @@ pub(crate) fn at_once<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_queued_run_says_why_it_waits() {
+        let host = |gpus: usize| v1::HostInfo {
+            cpus: 16,
+            memory_bytes: 64 << 30,
+            gpus: vec![v1::GpuInfo::default(); gpus],
+            ..Default::default()
+        };
+        let run = |gpus: u32, nodes: u32| v1::Run {
+            target: "gpu".into(),
+            nodes,
+            resources: Some(v1::Resources {
+                gpus,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            waiting_reason(&run(1, 1), &[], 0),
+            "no agent of target `gpu` is online"
+        );
+        let why = waiting_reason(&run(4, 1), &[host(2), host(1)], 0);
+        assert!(
+            why.starts_with("no online agent of `gpu` is big enough"),
+            "{why}"
+        );
+        assert!(
+            why.contains("4 GPUs") && why.contains("the largest have 2 GPUs"),
+            "{why}"
+        );
+        assert_eq!(
+            waiting_reason(&run(2, 3), &[host(2), host(2), host(1)], 0),
+            "needs 3 agents at once; 2 online agents of `gpu` are big enough"
+        );
+        assert_eq!(
+            waiting_reason(&run(1, 1), &[host(2)], 3),
+            "3 runs were queued on `gpu` before it"
+        );
+        assert_eq!(
+            waiting_reason(&run(1, 1), &[host(2)], 0),
+            "waiting for free capacity on `gpu` (its online agents are busy)"
+        );
+    }
 
     #[test]
     fn whatever_an_agent_sends_is_made_storable_without_dropping_an_item() {

@@ -554,9 +554,13 @@ impl Kiln for Api {
         request: Request<v1::GetRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
         let user = self.0.authenticate(&request).await?.user()?;
-        let run = self
+        let mut run = self
             .accessible_run(&user, request.into_inner().run_id)
             .await?;
+        self.0
+            .explain_waiting(std::slice::from_mut(&mut run))
+            .await
+            .map_err(internal)?;
         Ok(Response::new(run))
     }
 
@@ -599,8 +603,11 @@ impl Kiln for Api {
             Some(last) if page.more => PageToken::Runs.encode(&last.id.to_string()),
             _ => String::new(),
         };
+        // A short sentence per queued run, on top of the page's byte budget.
+        let mut runs = page.items;
+        self.0.explain_waiting(&mut runs).await.map_err(internal)?;
         Ok(Response::new(v1::ListRunsReply {
-            runs: page.items,
+            runs,
             next_page_token,
         }))
     }

@@ -772,6 +772,16 @@ impl Store {
             .context("a run that was just inserted is missing")
     }
 
+    /// How many runs were queued on `target` before run `id` and still wait.
+    pub fn queued_before(&self, target: &str, id: i64) -> anyhow::Result<u64> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT count(*) FROM runs WHERE target = ?1 AND status = 'queued' AND id < ?2",
+            )?
+            .query_row(params![target, id], |row| row.get(0))?)
+    }
+
     /// How many runs `owner` has waiting in queues, on every target.
     pub fn queued_runs_of(&self, owner: &str) -> anyhow::Result<u64> {
         Ok(self
@@ -881,6 +891,7 @@ impl Store {
                     timeout_s: row.get(28)?,
                     owner: row.get(29)?,
                     outputs_error: row.get(30)?,
+                    waiting: String::new(),
                     node_outputs_digests: Vec::new(),
                 })
             })?

@@ -1208,3 +1208,78 @@ fn a_reader_that_goes_away_ends_the_cli_quietly() {
     assert!(matches!(status.code(), Some(0 | 141)), "{status:?}");
     cluster.stop();
 }
+
+#[test]
+fn a_queued_run_says_why_it_waits() {
+    let mut cluster = Cluster::start(TWO_TARGETS);
+    let gate = shared_dir();
+    let src = source_dir(&[(
+        "gated.py",
+        "import os, sys, time\nwhile not os.path.exists(os.path.join(sys.argv[1], 'go')):\n    time.sleep(0.1)\n",
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let gate_path = gate.path().to_str().unwrap();
+    // beta's only agent stops: a run for beta says so when it is submitted, and waits.
+    cluster.agents[1].terminate();
+    wait_for(
+        "beta's agent to be offline",
+        Duration::from_secs(20),
+        || {
+            let agents = cluster.json(&["agents", "--json"]);
+            agents
+                .as_array()?
+                .iter()
+                .any(|a| a["target"] == "beta" && a["state"] != "online")
+                .then_some(())
+        },
+    );
+    let output = cluster.kiln(&[
+        "submit", "--detach", "--target", "beta", dir, "gated.py", "--", gate_path,
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(
+        text(&output.stderr).contains("note: 0 of 1 agents of target beta are online"),
+        "{}",
+        text(&output.stderr)
+    );
+    let stranded: i64 = text(&output.stdout).trim().parse().unwrap();
+    assert_eq!(
+        cluster.run(stranded)["waiting"],
+        "no agent of target `beta` is online"
+    );
+    // On alpha (one slot): one runs, the next waits for capacity, the third behind it.
+    let ids: Vec<i64> = (0..3)
+        .map(|_| cluster.submit_detached(&["--target", "alpha", dir, "gated.py", "--", gate_path]))
+        .collect();
+    cluster.wait_status(ids[0], "running");
+    assert!(cluster.run(ids[0])["waiting"].is_null());
+    assert_eq!(
+        cluster.run(ids[1])["waiting"],
+        "waiting for free capacity on `alpha` (its online agents are busy)"
+    );
+    assert_eq!(
+        cluster.run(ids[2])["waiting"],
+        "1 run was queued on `alpha` before it"
+    );
+    let table = text(&cluster.kiln(&["runs"]).stdout);
+    assert!(
+        table.lines().next().unwrap().ends_with("WAITING"),
+        "{table}"
+    );
+    assert!(
+        table.contains("1 run was queued on `alpha` before it"),
+        "{table}"
+    );
+    let shown = text(&cluster.kiln(&["show", &ids[2].to_string()]).stdout);
+    assert!(
+        shown.contains("waiting         1 run was queued"),
+        "{shown}"
+    );
+    std::fs::write(gate.path().join("go"), "").unwrap();
+    for id in ids {
+        cluster.wait_ended(id, Duration::from_secs(30));
+    }
+    cluster.kiln(&["cancel", &stranded.to_string()]);
+    cluster.agents[0].stop_cleanly();
+    cluster.coordinator.stop_cleanly();
+}
