@@ -812,9 +812,7 @@ pub async fn remove_run_containers(
             format!("{LABEL_ATTEMPT}={attempt}"),
         ],
     )]);
-    let removed = remove_matching(&docker, filters.clone(), |_| true).await?;
-    remove_matching_networks(&docker, filters, |_| true).await?;
-    Ok(removed)
+    remove_labelled(&docker, filters, |_| true).await
 }
 
 /// Stops and removes every container of a previous identity of this host (the agent joined
@@ -826,9 +824,7 @@ pub async fn remove_agent_containers(host: Option<&str>, agent_id: &str) -> anyh
         "label".to_string(),
         vec![format!("{LABEL_AGENT_ID}={agent_id}")],
     )]);
-    let removed = remove_matching(&docker, filters.clone(), |_| true).await?;
-    remove_matching_networks(&docker, filters, |_| true).await?;
-    Ok(removed)
+    remove_labelled(&docker, filters, |_| true).await
 }
 
 /// At agent start-up: removes this agent's containers whose attempt has no run directory
@@ -849,9 +845,19 @@ pub async fn reap_orphans(
         let attempt = labels.get(LABEL_ATTEMPT).map(String::as_str).unwrap_or("");
         !runs_dir.join(format!("{run}.{attempt}")).exists()
     };
-    let removed = remove_matching(&docker, filters.clone(), gone).await?;
-    // Networks after containers: a network is removed only once nothing is attached.
-    remove_matching_networks(&docker, filters, gone).await?;
+    remove_labelled(&docker, filters, gone).await
+}
+
+/// Removes the containers, then the attempts' own networks (a network goes only once
+/// nothing is attached), that `filters` selects and `wanted` accepts by their labels;
+/// returns how many containers.
+async fn remove_labelled(
+    docker: &Docker,
+    filters: HashMap<String, Vec<String>>,
+    wanted: impl Fn(&HashMap<String, String>) -> bool,
+) -> anyhow::Result<usize> {
+    let removed = remove_matching(docker, filters.clone(), &wanted).await?;
+    remove_matching_networks(docker, filters, &wanted).await?;
     Ok(removed)
 }
 

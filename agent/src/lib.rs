@@ -454,12 +454,15 @@ impl Agent {
                 _ = self.detach.cancelled() => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            let held: std::collections::HashSet<(i64, u32)> = self.runs().keys().copied().collect();
-            let data_dir = self.config.data_dir.clone();
-            let swept =
-                tokio::task::spawn_blocking(move || sweep_runs_dir(&data_dir, &held, interval))
-                    .await
-                    .unwrap_or_default();
+            let agent = self.clone();
+            let swept = tokio::task::spawn_blocking(move || {
+                // The table is read after the directory is listed: a run's directory exists
+                // only once the run is registered, so a listed directory not held is stale.
+                let held = |key: &(i64, u32)| agent.runs().contains_key(key);
+                sweep_runs_dir(&agent.config.data_dir, held, interval)
+            })
+            .await
+            .unwrap_or_default();
             for (run_id, attempt) in swept {
                 warn!(
                     run_id,
@@ -649,11 +652,11 @@ fn sweep_interval() -> Duration {
         .unwrap_or(Duration::from_secs(60))
 }
 
-/// Removes the attempt directories of `data_dir/runs` not in `held`, older than `min_age`
+/// Removes the attempt directories of `data_dir/runs` not `held`, older than `min_age`
 /// and without a live supervisor; returns which.
 fn sweep_runs_dir(
     data_dir: &std::path::Path,
-    held: &std::collections::HashSet<(i64, u32)>,
+    held: impl Fn(&(i64, u32)) -> bool,
     min_age: Duration,
 ) -> Vec<(i64, u32)> {
     let Ok(entries) = std::fs::read_dir(data_dir.join("runs")) else {
@@ -671,7 +674,7 @@ fn sweep_runs_dir(
             .ok()
             .and_then(|modified| modified.elapsed().ok())
             .is_some_and(|age| age >= min_age);
-        if held.contains(&key) || !old_enough {
+        if !old_enough || held(&key) {
             continue;
         }
         let state = spool::StateDir(root.join("state"));

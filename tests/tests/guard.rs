@@ -339,6 +339,31 @@ while not os.path.exists(os.path.join(gate, "go")):
 print("done", flush=True)
 "#;
 
+/// Submits `train.py` of `src` on `box` with `flags`, `gate` as its argument; waits until
+/// it printed `started` and returns the run id and the script's pid (from `script.pid`).
+fn submit_gated(
+    cluster: &Cluster,
+    flags: &[&str],
+    src: &tempfile::TempDir,
+    gate: &tempfile::TempDir,
+) -> (i64, i32) {
+    let mut args = vec!["--target", "box"];
+    args.extend_from_slice(flags);
+    args.extend([
+        src.path().to_str().unwrap(),
+        "train.py",
+        "--",
+        gate.path().to_str().unwrap(),
+    ]);
+    let run_id = cluster.submit_detached(&args);
+    wait_for_log(cluster, run_id, "started");
+    let pid = std::fs::read_to_string(gate.path().join("script.pid"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    (run_id, pid)
+}
+
 fn stop_agent(cluster: &mut Cluster) {
     let pid = nix::unistd::Pid::from_raw(cluster.agents[0].pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
@@ -355,21 +380,7 @@ fn an_announced_agent_stop_keeps_its_runs_for_the_disconnect_grace() {
     let src = source_dir(&[("train.py", GATED)]);
     // Within its retry budget: without the grace, the TTL would give it to another attempt
     // and its own supervisor would fence it off.
-    let run_id = cluster.submit_detached(&[
-        "--target",
-        "box",
-        "--max-retries",
-        "1",
-        src.path().to_str().unwrap(),
-        "train.py",
-        "--",
-        gate.path().to_str().unwrap(),
-    ]);
-    wait_for_log(&cluster, run_id, "started");
-    let script: i32 = std::fs::read_to_string(gate.path().join("script.pid"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (run_id, script) = submit_gated(&cluster, &["--max-retries", "1"], &src, &gate);
 
     // `systemctl stop kiln-agent` (or the first half of a restart, or an upgrade).
     stop_agent(&mut cluster);
@@ -401,15 +412,7 @@ fn an_agent_that_stays_away_past_the_grace_is_lost_with_its_runs() {
     let mut cluster = Cluster::start_with_coordinator_args(ONE, 2, &["--disconnect-grace", "4"]);
     let gate = shared_dir();
     let src = source_dir(&[("train.py", GATED)]);
-    let run_id = cluster.submit_detached(&[
-        "--target",
-        "box",
-        src.path().to_str().unwrap(),
-        "train.py",
-        "--",
-        gate.path().to_str().unwrap(),
-    ]);
-    wait_for_log(&cluster, run_id, "started");
+    let (run_id, _) = submit_gated(&cluster, &[], &src, &gate);
     stop_agent(&mut cluster);
     let run = cluster.wait_ended(run_id, Duration::from_secs(20));
     assert_eq!(run["status"], "lost", "{run}");
@@ -542,21 +545,7 @@ fn a_drained_agent_stops_and_gives_back_its_runs_and_takes_no_new_ones() {
     let gate = shared_dir();
     let src = source_dir(&[("train.py", DRAINABLE), ("second.py", "print('second')\n")]);
     // No retry budget: a fault would end it; a drain gives it back all the same.
-    let run_id = cluster.submit_detached(&[
-        "--target",
-        "box",
-        "--checkpoint-interval",
-        "60",
-        src.path().to_str().unwrap(),
-        "train.py",
-        "--",
-        gate.path().to_str().unwrap(),
-    ]);
-    wait_for_log(&cluster, run_id, "started");
-    let script: i32 = std::fs::read_to_string(gate.path().join("script.pid"))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (run_id, script) = submit_gated(&cluster, &["--checkpoint-interval", "60"], &src, &gate);
 
     // What the package's prerm does on removal.
     let drain = drain_command(&cluster, 0)
@@ -636,15 +625,7 @@ fn an_attempt_directory_no_run_holds_is_swept_while_the_agent_runs() {
     cluster.wait_agents_online(1);
     let gate = shared_dir();
     let src = source_dir(&[("train.py", GATED)]);
-    let run_id = cluster.submit_detached(&[
-        "--target",
-        "box",
-        src.path().to_str().unwrap(),
-        "train.py",
-        "--",
-        gate.path().to_str().unwrap(),
-    ]);
-    wait_for_log(&cluster, run_id, "started");
+    let (run_id, _) = submit_gated(&cluster, &[], &src, &gate);
     // What an attempt that ended abnormally leaves: a directory no run task holds, its
     // supervisor long gone.
     let runs = cluster.agent_data(0).join("runs");
