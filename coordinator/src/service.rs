@@ -557,6 +557,19 @@ impl Kiln for Api {
         let mut run = self
             .accessible_run(&user, request.into_inner().run_id)
             .await?;
+        // Where the run ran stays visible after it ended (lists carry it only while active).
+        if run.placement.is_empty() && run.attempt > 0 && run.status().domain().is_terminal() {
+            let (id, attempt) = (run.id, run.attempt);
+            run.placement = self
+                .0
+                .db
+                .call(move |s| s.run_nodes(id, attempt))
+                .await
+                .map_err(internal)?
+                .into_iter()
+                .map(crate::store::NodeRow::into_wire)
+                .collect();
+        }
         self.0
             .explain_waiting(std::slice::from_mut(&mut run))
             .await

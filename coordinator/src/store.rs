@@ -1004,9 +1004,11 @@ impl Store {
             )?,
             RunEvent::Finish(_) | RunEvent::Cancel | RunEvent::Lose | RunEvent::Settle(_) => {
                 update(
+                    // A success says only what its own attempt said: an earlier attempt's
+                    // failure message (the reason for the retry) does not outlive it.
                     "UPDATE runs SET status = ?2, finished_ms = ?3, pending = '',
                         exit_code = coalesce(?4, exit_code),
-                        message = coalesce(?5, message),
+                        message = CASE WHEN ?9 THEN coalesce(?5, '') ELSE coalesce(?5, message) END,
                         outputs_digest = coalesce(?6, outputs_digest),
                         failed_rank = coalesce(?7, failed_rank),
                         outputs_error = coalesce(?8, outputs_error)
@@ -1020,6 +1022,7 @@ impl Store {
                         &fields.outputs_digest,
                         &fields.failed_rank,
                         &fields.outputs_error,
+                        &(to == RunStatus::Succeeded),
                     ],
                 )?
             }

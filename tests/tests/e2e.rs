@@ -949,6 +949,15 @@ print("done", flush=True)
         "attempt 2 should resume from a checkpoint, resumed at {resumed}:\n{logs}"
     );
     assert!(logs.ends_with("done\n"), "{logs}");
+    // The run says what its successful attempt said (not why attempt 1 was retried), and
+    // where it ran stays shown after it ended.
+    assert_eq!(run["message"], "", "{run}");
+    let placed = &run["placement"][0]["agent"];
+    assert_eq!(
+        placed,
+        &serde_json::json!(cluster.agent_id(1 - first)),
+        "{run}"
+    );
     // The first agent comes back and stops what is left of attempt 1.
     cluster.restart_agent(first);
     cluster.stop();
