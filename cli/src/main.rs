@@ -490,6 +490,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Metrics { run, rank, json } => {
             let mut client = connection.kiln().await?;
             let metrics = listing::metrics(&mut client, run, rank).await?;
+            if let (Some(rank), true) = (rank, metrics.is_empty()) {
+                // Say why nothing is listed: no such rank, or a rank that logged nothing.
+                let info = client
+                    .get_run(v1::GetRunRequest { run_id: run })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let world = info.nodes.max(1) * info.procs_per_node.max(1);
+                anyhow::ensure!(
+                    rank < world,
+                    "run {run} has {world} rank{} (0–{}): there is no rank {rank}",
+                    if world == 1 { "" } else { "s" },
+                    world - 1
+                );
+                if !json {
+                    errln!("run {run}: rank {rank} has logged no metrics");
+                }
+            }
             output::metrics(&metrics, json);
             Ok(0)
         }

@@ -288,9 +288,13 @@ impl Layer {
             }
             (upper, lower) => upper.or(lower),
         };
+        // The lower layer's args belong to its script: naming another script on top (e.g.
+        // `kiln submit . eval.py` next to `script: train.py` in kiln.yaml) drops them.
+        let other_script = self.script.is_some() && self.script != lower.script;
+        let lower_args = if other_script { None } else { lower.args };
         Layer {
             script: self.script.or(lower.script),
-            args: self.args.or(lower.args),
+            args: self.args.or(lower_args),
             target: self.target.or(lower.target),
             name: self.name.or(lower.name),
             environment: self.environment.or(lower.environment),
@@ -973,6 +977,26 @@ checkpoint_interval: 5m
             "script: a.py\nnodes: 1\nscript: b.py\n",
             "dir/kiln.yaml: duplicate key `script`",
         );
+    }
+
+    #[test]
+    fn another_script_on_the_command_line_does_not_take_the_files_args() {
+        let from_file = || layer("script: train.py\nargs: [--epochs, 5]\ntarget: gpu\n");
+        let flags = |script: &str| Layer {
+            script: Some(script.into()),
+            ..Layer::default()
+        };
+        let config = flags("eval.py")
+            .or(from_file())
+            .resolve(None, file())
+            .unwrap();
+        assert_eq!((config.script.as_str(), config.args.len()), ("eval.py", 0));
+        // Naming the file's own script keeps its args.
+        let config = flags("train.py")
+            .or(from_file())
+            .resolve(None, file())
+            .unwrap();
+        assert_eq!(config.args, ["--epochs", "5"]);
     }
 
     #[test]

@@ -146,6 +146,14 @@ fn a_three_node_gang_rendezvouses_and_all_reduces_across_every_rank() {
     assert_eq!(metric(&cluster, run_id, None, "rank"), Some(0.0));
     assert_eq!(metric(&cluster, run_id, Some(5), "rank"), Some(5.0));
     assert_eq!(metric(&cluster, run_id, Some(5), "allreduce"), Some(21.0));
+    // A rank the run does not have is named as such, not shown as an empty table.
+    let missing = cluster.kiln(&["metrics", &run_id.to_string(), "--rank", "6"]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing.stderr).contains("has 6 ranks (0–5): there is no rank 6"),
+        "{}",
+        text(&missing.stderr)
+    );
     cluster.stop();
 }
 
