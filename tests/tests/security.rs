@@ -934,7 +934,15 @@ fn one_member_cannot_crowd_out_another() {
             name,
         ])
     };
-    let order = || std::fs::read_to_string(shared.path().join("order")).unwrap_or_default();
+    // Every run has a user of its own: the file they all append to is writable by all.
+    let order_file = shared.path().join("order");
+    std::fs::write(&order_file, "").unwrap();
+    std::fs::set_permissions(
+        &order_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o666),
+    )
+    .unwrap();
+    let order = || std::fs::read_to_string(&order_file).unwrap_or_default();
     // ana's first run holds the agent's one slot; three more of hers wait.
     assert!(submit(&ana, "a1").status.success());
     wait_for("a1 to start", Duration::from_secs(30), || {
