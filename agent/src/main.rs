@@ -211,6 +211,14 @@ fn main() -> anyhow::Result<()> {
         version = kiln_common::VERSION,
         "Configuration loaded."
     );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    // The signal handlers exist before the lock is taken: `kiln-agent drain` (which finds
+    // this process by the lock) or a SIGTERM right after start must never meet a process
+    // whose SIGUSR1/SIGTERM still has the default action (death, runs unreported).
+    let signals = runtime.block_on(async { Signals::install() })?;
     // Held until the process exits: a second agent on this directory is refused.
     let _lock = kiln_common::dirlock::DirLock::acquire(&config.data_dir, "kiln-agent")?;
     if !kiln_agent::sandbox::enabled(&config) {
@@ -221,18 +229,13 @@ fn main() -> anyhow::Result<()> {
              environments to contain them (SECURITY.md)."
         );
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("start the tokio runtime")?
-        .block_on(async {
-            let gpus: Arc<dyn gpu::GpuProbe> = Arc::from(gpu::probe_from_env());
-            let shutdown = CancellationToken::new();
-            let drain = CancellationToken::new();
-            tokio::spawn(stop_on_signal(shutdown.clone()));
-            tokio::spawn(drain_on_signal(drain.clone()));
-            Agent::run_draining(config, gpus, shutdown, drain).await
-        })
+    runtime.block_on(async {
+        let gpus: Arc<dyn gpu::GpuProbe> = Arc::from(gpu::probe_from_env());
+        let shutdown = CancellationToken::new();
+        let drain = CancellationToken::new();
+        tokio::spawn(signals.watch(shutdown.clone(), drain.clone()));
+        Agent::run_draining(config, gpus, shutdown, drain).await
+    })
 }
 
 /// `kiln-agent join`: checks what it can before spending a use of the token, asks the
@@ -441,13 +444,45 @@ fn exit_config_error(error: anyhow::Error) -> ! {
     std::process::exit(EXIT_CONFIG)
 }
 
-/// Cancels `drain` on SIGUSR1 (`kiln-agent drain`).
-async fn drain_on_signal(drain: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut usr1 = signal(SignalKind::user_defined1()).expect("install SIGUSR1 handler");
-    usr1.recv().await;
-    info!("SIGUSR1: draining.");
-    drain.cancel();
+/// The agent's signal handlers, installed (in a runtime) before the data directory is
+/// locked.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+            usr1: signal(SignalKind::user_defined1()).context("install the SIGUSR1 handler")?,
+        })
+    }
+
+    /// Cancels `shutdown` on SIGTERM or SIGINT, and `drain` on SIGUSR1 (`kiln-agent drain`).
+    async fn watch(mut self, shutdown: CancellationToken, drain: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {
+                    info!("SIGTERM: stopping.");
+                    shutdown.cancel();
+                    return;
+                }
+                _ = self.int.recv() => {
+                    info!("SIGINT: stopping.");
+                    shutdown.cancel();
+                    return;
+                }
+                _ = self.usr1.recv(), if !drain.is_cancelled() => {
+                    info!("SIGUSR1: draining.");
+                    drain.cancel();
+                }
+            }
+        }
+    }
 }
 
 /// `kiln-agent drain`: signals the agent holding `data_dir` to drain and waits for it to
@@ -489,16 +524,4 @@ fn drain(data_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
         timeout.as_secs(),
         data_dir.display()
     )
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping."),
-        _ = int.recv() => info!("SIGINT: stopping."),
-    }
-    shutdown.cancel();
 }

@@ -1229,7 +1229,7 @@ fn a_queued_run_says_why_it_waits() {
     let dir = src.path().to_str().unwrap();
     let gate_path = gate.path().to_str().unwrap();
     // beta's only agent stops: a run for beta says so when it is submitted, and waits.
-    cluster.agents[1].terminate();
+    cluster.agents[1].stop_cleanly();
     wait_for(
         "beta's agent to be offline",
         Duration::from_secs(20),
