@@ -379,8 +379,8 @@ pub fn container_config(spec: &Spec, docker: &DockerSpec) -> (String, ContainerC
         init: Some(true),
         // Other people's code on a shared machine: no capabilities, no privilege gain
         // through setuid binaries, the engine's default seccomp profile, never privileged,
-        // a network of its own (not the host's, nor one shared with other runs), a bounded number of processes (a
-        // fork bomb stops at it), and never the Docker socket.
+        // a network of its own (not the host's, nor one shared with other runs), a bounded
+        // number of processes (a fork bomb stops at it), and never the Docker socket.
         privileged: Some(false),
         cap_drop: Some(vec!["ALL".to_string()]),
         security_opt: Some(vec!["no-new-privileges".to_string()]),
@@ -879,10 +879,12 @@ async fn remove_matching_networks(
         let Some(name) = network.name.filter(|_| wanted(&labels)) else {
             continue;
         };
-        match docker.remove_network(&name).await {
-            Ok(()) => removed += 1,
+        match remove_network(docker, &name).await {
+            Ok(true) => removed += 1,
+            Ok(false) => {}
+            // Still in use (a container attached): left for a later pass.
             Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404 | 403 | 409,
+                status_code: 403 | 409,
                 ..
             }) => {}
             Err(error) => return Err(error.into()),
@@ -909,21 +911,8 @@ async fn remove_matching(
         let Some(id) = container.id.filter(|_| wanted(&labels)) else {
             continue;
         };
-        match docker
-            .remove_container(
-                &id,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await
-        {
-            Ok(()) => removed += 1,
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 404, ..
-            }) => {}
-            Err(error) => return Err(error.into()),
+        if remove_container(docker, &id).await? {
+            removed += 1;
         }
     }
     Ok(removed)
@@ -983,8 +972,8 @@ pub fn run_container(
         }
         let result = drive(&docker, &name, body, spec, docker_spec, events, &mut stop).await;
         let result = remove_after(&docker, &name, result).await;
-        if own_network {
-            remove_network(&docker, &network).await;
+        if own_network && let Err(error) = remove_network(&docker, &network).await {
+            eprintln!("kiln supervisor: could not remove network {network}: {error}");
         }
         result
     })
@@ -1013,51 +1002,58 @@ async fn create_run_network(
     }
 }
 
-/// Removes a network, saying (on the supervisor's stderr) why when it cannot.
-async fn remove_network(docker: &Docker, name: &str) {
-    match docker.remove_network(name).await {
-        Ok(())
-        | Err(bollard::errors::Error::DockerResponseServerError {
-            status_code: 404, ..
-        }) => {}
-        Err(error) => eprintln!("kiln supervisor: could not remove network {name}: {error}"),
-    }
-}
-
 /// Removes the attempt's container whatever `drive` ended with, except one of another owner.
 async fn remove_after(
     docker: &Docker,
     name: &str,
     result: anyhow::Result<(ContainerExit, Ownership)>,
 ) -> anyhow::Result<ContainerExit> {
-    {
-        // A container of another owner that holds the name is left alone.
-        if let Ok((_, Ownership::Foreign)) = &result {
-            return result.map(|(exit, _)| exit);
-        }
-        // Whatever happened, nothing of ours is left behind.
-        let removed = docker
-            .remove_container(
-                name,
-                Some(RemoveContainerOptions {
-                    force: true,
-                    ..Default::default()
-                }),
-            )
-            .await;
-        if let Err(error) = removed
-            && !matches!(
-                error,
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404,
-                    ..
-                }
-            )
-        {
-            eprintln!("kiln supervisor: could not remove container {name}: {error}");
-        }
-        result.map(|(exit, _)| exit)
+    // A container of another owner that holds the name is left alone.
+    if let Ok((_, Ownership::Foreign)) = &result {
+        return result.map(|(exit, _)| exit);
     }
+    // Whatever happened, nothing of ours is left behind.
+    if let Err(error) = remove_container(docker, name).await {
+        eprintln!("kiln supervisor: could not remove container {name}: {error}");
+    }
+    result.map(|(exit, _)| exit)
+}
+
+/// Force-removes a container (stopping it): whether it was there; one that is already
+/// gone is not an error.
+async fn remove_container(docker: &Docker, name: &str) -> Result<bool, bollard::errors::Error> {
+    let options = RemoveContainerOptions {
+        force: true,
+        ..Default::default()
+    };
+    gone_is_fine(docker.remove_container(name, Some(options)).await)
+}
+
+/// Removes a network: whether it was there; one that is already gone is not an error.
+async fn remove_network(docker: &Docker, name: &str) -> Result<bool, bollard::errors::Error> {
+    gone_is_fine(docker.remove_network(name).await)
+}
+
+/// A removal's result: `Ok(true)` removed, `Ok(false)` already gone (the engine's 404).
+fn gone_is_fine(
+    result: Result<(), bollard::errors::Error>,
+) -> Result<bool, bollard::errors::Error> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(error) if is_not_found(&error) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// The engine's 404: the object does not exist.
+fn is_not_found(error: &bollard::errors::Error) -> bool {
+    matches!(
+        error,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
 }
 
 /// Whether the container under the attempt's name is this attempt's.

@@ -640,7 +640,6 @@ impl Agent {
     }
 }
 
-/// `runs/<run>.<attempt>` → (run, attempt).
 /// How often stale attempt directories are swept: a minute, or `KILN_AGENT_SWEEP_SECS`
 /// seconds (not a documented setting: tests shorten it).
 fn sweep_interval() -> Duration {
@@ -681,9 +680,7 @@ fn sweep_runs_dir(
         let supervised = spool::read_json::<spool::ProcessRecord>(&state.supervisor())
             .ok()
             .flatten()
-            .is_some_and(|record| {
-                record.boot_id == spool::boot_id() && runner::process_alive(record.pid)
-            });
+            .is_some_and(|record| record.alive());
         if supervised {
             warn!(
                 run_id = key.0,
@@ -698,6 +695,7 @@ fn sweep_runs_dir(
     swept
 }
 
+/// `runs/<run>.<attempt>` → (run, attempt).
 fn parse_run_dir(root: &std::path::Path) -> Option<(i64, u32)> {
     let name = root.file_name()?.to_str()?;
     let (run, attempt) = name.split_once('.')?;

@@ -1547,7 +1547,7 @@ impl Follower {
             // Not written yet: the supervisor is starting.
             _ => return None,
         };
-        let alive = record.boot_id == spool::boot_id() && process_alive(record.pid);
+        let alive = record.alive();
         if alive {
             return None;
         }
@@ -1596,19 +1596,6 @@ impl Follower {
         if let Some(child) = &self.child {
             let _ = killpg(Pid::from_raw(child.pid), signal);
         }
-    }
-}
-
-pub(crate) fn process_alive(pid: i32) -> bool {
-    // A zombie counts as gone: it has exited and only waits to be reaped.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        // Only a missing entry means the process is gone; any other failure to read it
-        // (a transient error) is no evidence of that.
-        Err(error) => error.kind() != std::io::ErrorKind::NotFound,
     }
 }
 

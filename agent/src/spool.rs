@@ -197,6 +197,25 @@ pub struct ProcessRecord {
     pub boot_id: String,
 }
 
+impl ProcessRecord {
+    /// Whether the recorded process still runs: same boot, and its `/proc` entry is there
+    /// and not a zombie (one that has exited and only waits to be reaped counts as gone).
+    /// Only a missing entry means gone; any other failure to read it (a transient error)
+    /// is no evidence of that.
+    pub fn alive(&self) -> bool {
+        if self.boot_id != boot_id() {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X"),
+            Err(error) => error.kind() != std::io::ErrorKind::NotFound,
+        }
+    }
+}
+
 /// Paths of one attempt's state directory.
 #[derive(Debug, Clone)]
 pub struct StateDir(pub PathBuf);
