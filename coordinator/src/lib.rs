@@ -365,8 +365,9 @@ impl Coordinator {
             .await;
         {
             let mut last_placed = self.last_placed.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tick = last_placed.values().max().copied().unwrap_or(0);
             for (_, run, _) in &placed {
-                let tick = last_placed.values().max().copied().unwrap_or(0) + 1;
+                tick += 1;
                 last_placed.insert((run.target.clone(), run.owner.clone()), tick);
             }
         }
@@ -1439,8 +1440,6 @@ enum Loss {
     Revoked,
 }
 
-/// What one node of a run asks for: its resources, GPUs being the larger of
-/// `resources.gpus` and `gpus_per_node`.
 /// Why a queued run waits, as far as the coordinator can tell now: no agent of its target
 /// online, none big enough for one node, fewer online agents than its nodes, runs queued
 /// before it, or no free slot. `online` are the target's online (not draining) agents'
@@ -1451,12 +1450,7 @@ pub fn waiting_reason(run: &v1::Run, online: &[v1::HostInfo], ahead: u64) -> Str
         return format!("no agent of target `{target}` is online");
     }
     let need = need_of(run);
-    let fits = |host: &&v1::HostInfo| {
-        need.cpus <= host.cpus
-            && need.memory_bytes <= host.memory_bytes
-            && need.gpus as usize <= host.gpus.len()
-    };
-    let big_enough = online.iter().filter(fits).count();
+    let big_enough = online.iter().filter(|host| need.fits_host(host)).count();
     if big_enough == 0 {
         let most_gpus = online.iter().map(|h| h.gpus.len()).max().unwrap_or(0);
         let most_cpus = online.iter().map(|h| h.cpus).max().unwrap_or(0);
@@ -1485,6 +1479,8 @@ pub fn waiting_reason(run: &v1::Run, online: &[v1::HostInfo], ahead: u64) -> Str
     format!("waiting for free capacity on `{target}` (its online agents are busy)")
 }
 
+/// What one node of a run asks for: its resources, GPUs being the larger of
+/// `resources.gpus` and `gpus_per_node`.
 pub fn need_of(run: &v1::Run) -> scheduler::Need {
     let resources = run.resources.unwrap_or_default();
     scheduler::Need {

@@ -3,9 +3,9 @@
 //! [`crate::Coordinator::schedule`] runs it whenever something changed.
 //!
 //! Policy: each target's queue is served in [`fair_order`] (first-in first-out for one user;
-//! between users, whoever holds the fewest nodes of the target goes next); a run goes to a regular agent of
-//! its target with the most free slots, and to a low-priority (preemptible) agent only when
-//! every regular agent is full (ties: the agent id, for determinism). A run never goes to an
+//! between users, whoever holds the fewest nodes of the target goes next); a run goes to a
+//! regular agent of its target with the most free slots, and to a low-priority (preemptible)
+//! agent only when every regular agent is full (ties: the agent id, for determinism). A run never goes to an
 //! agent of another target.
 //!
 //! A run goes only where its request (CPUs, memory, GPUs per node) fits in what the agent
@@ -44,11 +44,23 @@ pub struct Need {
 }
 
 impl Need {
+    /// Whether one node fits in what `agent` has left now (a slot, CPUs, memory, GPUs).
     pub fn fits(&self, agent: &AgentSlots) -> bool {
         agent.free > 0
-            && self.cpus <= agent.free_cpus
-            && self.memory_bytes <= agent.free_memory_bytes
-            && self.gpus as usize <= agent.free_gpus.len()
+            && self.fits_within(
+                agent.free_cpus,
+                agent.free_memory_bytes,
+                agent.free_gpus.len(),
+            )
+    }
+
+    /// Whether one node fits on an agent of this size at all (when it holds nothing).
+    pub fn fits_host(&self, host: &kiln_proto::v1::HostInfo) -> bool {
+        self.fits_within(host.cpus, host.memory_bytes, host.gpus.len())
+    }
+
+    fn fits_within(&self, cpus: u32, memory_bytes: u64, gpus: usize) -> bool {
+        self.cpus <= cpus && self.memory_bytes <= memory_bytes && self.gpus as usize <= gpus
     }
 }
 

@@ -297,12 +297,7 @@ async fn refuse_if_never_placeable(
         .filter(|agent| agent.target == name)
         .map(|agent| agent.host)
         .collect();
-    let fits = |host: &v1::HostInfo| {
-        need.cpus <= host.cpus
-            && need.memory_bytes <= host.memory_bytes
-            && need.gpus as usize <= host.gpus.len()
-    };
-    let fitting = hosts.iter().filter(|host| fits(host)).count();
+    let fitting = hosts.iter().filter(|host| need.fits_host(host)).count();
     if fitting >= nodes as usize {
         return Ok(());
     }
@@ -557,19 +552,6 @@ impl Kiln for Api {
         let mut run = self
             .accessible_run(&user, request.into_inner().run_id)
             .await?;
-        // Where the run ran stays visible after it ended (lists carry it only while active).
-        if run.placement.is_empty() && run.attempt > 0 && run.status().domain().is_terminal() {
-            let (id, attempt) = (run.id, run.attempt);
-            run.placement = self
-                .0
-                .db
-                .call(move |s| s.run_nodes(id, attempt))
-                .await
-                .map_err(internal)?
-                .into_iter()
-                .map(crate::store::NodeRow::into_wire)
-                .collect();
-        }
         self.0
             .explain_waiting(std::slice::from_mut(&mut run))
             .await

@@ -790,8 +790,20 @@ impl Store {
             .query_row(params![owner], |row| row.get(0))?)
     }
 
+    /// One run. An ended run also carries where its last attempt ran (`kiln show`): lists
+    /// carry the placement only while a run is active.
     pub fn get_run(&self, id: i64) -> anyhow::Result<Option<v1::Run>> {
-        Ok(self.query_runs("WHERE id = ?1", params![id])?.pop())
+        let Some(mut run) = self.query_runs("WHERE id = ?1", params![id])?.pop() else {
+            return Ok(None);
+        };
+        if run.attempt > 0 && run.status().domain().is_terminal() {
+            run.placement = self
+                .run_nodes(run.id, run.attempt)?
+                .into_iter()
+                .map(NodeRow::into_wire)
+                .collect();
+        }
+        Ok(Some(run))
     }
 
     /// The newest runs first, older than `before_id` when given; with `owner`, only that
