@@ -368,7 +368,8 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
 /// `kiln wait RUN`: polls the run until it ends (riding out coordinator outages for as
 /// long as a follower does) and returns the exit code `kiln submit` would.
 pub async fn wait(connection: &Connection, run_id: i64) -> anyhow::Result<i32> {
-    let mut broken_since: Option<Instant> = None;
+    let give_up = give_up_after();
+    let mut outage = Outage::default();
     loop {
         let reply = match connection.kiln().await {
             Ok(mut client) => client
@@ -379,10 +380,9 @@ pub async fn wait(connection: &Connection, run_id: i64) -> anyhow::Result<i32> {
         };
         match reply {
             Ok(run) if run.status().domain().is_terminal() => return Ok(report_end(&run)),
-            Ok(_) => broken_since = None,
+            Ok(_) => outage.ended(),
             Err(status) if status.code() == tonic::Code::Unavailable => {
-                let since = *broken_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > give_up_after() {
+                if outage.outlasts(give_up) {
                     return Err(status_error(status));
                 }
             }
@@ -533,6 +533,25 @@ impl Followed {
     }
 }
 
+/// One outage of the coordinator as a follower sees it: from its first failure until the
+/// coordinator answers again.
+#[derive(Default)]
+struct Outage {
+    since: Option<Instant>,
+}
+
+impl Outage {
+    /// Records a failure; whether the outage it belongs to has lasted longer than `window`.
+    fn outlasts(&mut self, window: Duration) -> bool {
+        self.since.get_or_insert_with(Instant::now).elapsed() > window
+    }
+
+    /// The coordinator answered: the next failure starts a new outage.
+    fn ended(&mut self) {
+        self.since = None;
+    }
+}
+
 /// How long a follower keeps trying to reach the coordinator before it gives up: 10 minutes,
 /// or `KILN_FOLLOW_GIVE_UP_SECS` seconds (not a documented setting: tests shorten it).
 fn give_up_after() -> Duration {
@@ -554,7 +573,7 @@ pub async fn follow(
 ) -> anyhow::Result<Followed> {
     let give_up = give_up_after();
     let mut backoff = Duration::from_millis(200);
-    let mut broken_since: Option<Instant> = None;
+    let mut outage = Outage::default();
     let mut announced = false;
     loop {
         // Set once the stream is open: whatever breaks after that is a new outage.
@@ -596,7 +615,7 @@ pub async fn follow(
             }
         };
         if connected {
-            broken_since = None;
+            outage.ended();
             backoff = Duration::from_millis(200);
             announced = false;
         }
@@ -604,8 +623,7 @@ pub async fn follow(
             Ok(Some(run)) => return Ok(Followed::Ended(report_end(&run))),
             Ok(None) | Err(_) => {
                 if let Err(error) = &result {
-                    let since = *broken_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > give_up {
+                    if outage.outlasts(give_up) {
                         return Err(
                             anyhow::anyhow!("{error:#}").context("gave up following the run")
                         );

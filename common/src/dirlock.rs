@@ -41,11 +41,9 @@ impl DirLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = match holder.trim().parse::<u32>() {
-                    Ok(pid) => format!("pid {pid}"),
-                    Err(_) => "a process that has not written its pid yet".to_string(),
+                let holder = match written_pid(&mut file) {
+                    Some(pid) => format!("pid {pid}"),
+                    None => NO_PID_YET.to_string(),
                 };
                 anyhow::bail!(
                     "data directory {} is in use by another {daemon} ({holder}); stop it \
@@ -82,20 +80,22 @@ pub fn holder(dir: &Path) -> anyhow::Result<Option<u32>> {
     match file.try_lock_shared() {
         // Nobody holds it exclusively: no daemon runs on this directory.
         Ok(()) => Ok(None),
-        Err(TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            file.read_to_string(&mut pid)
-                .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
-            let pid = pid.trim().parse::<u32>().map_err(|_| {
-                anyhow::anyhow!(
-                    "{} is held by a process that has not written its pid yet",
-                    path.display()
-                )
-            })?;
-            Ok(Some(pid))
-        }
+        Err(TryLockError::WouldBlock) => match written_pid(&mut file) {
+            Some(pid) => Ok(Some(pid)),
+            None => anyhow::bail!("{} is held by {NO_PID_YET}", path.display()),
+        },
         Err(TryLockError::Error(e)) => anyhow::bail!("lock {}: {e}", path.display()),
     }
+}
+
+/// How a holder that has locked the file but not written its pid yet is named.
+const NO_PID_YET: &str = "a process that has not written its pid yet";
+
+/// The pid a holder wrote into the lock file, if it has.
+fn written_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
 }
 
 #[cfg(test)]
