@@ -922,7 +922,8 @@ async fn remove_matching(
 
 /// What the supervisor hears from a running container.
 pub trait ContainerEvents {
-    /// A line of output: stream 1 stdout, 2 stderr, 3 Kiln's own.
+    /// Output: stream 1 stdout, 2 stderr, 3 Kiln's own; whole lines joined by `\n` (one
+    /// record of [`crate::lines::LineChunker`]).
     fn line(&mut self, stream: i32, text: String);
     /// The container started; `pid` is its init process on the host.
     fn started(&mut self, pid: i32);
@@ -936,9 +937,6 @@ pub struct ContainerExit {
     /// The container could not be created or started (the message says why).
     pub start_error: Option<String>,
 }
-
-/// Longest line passed on as one; longer output is split.
-const MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// Runs the attempt's container to its end and removes it; `stop` resolving (SIGTERM to the
 /// supervisor) stops it first. Blocking: builds its own single-threaded runtime.
@@ -1156,8 +1154,8 @@ async fn drive(
             ..Default::default()
         }),
     );
-    let mut stdout = LineSplitter::default();
-    let mut stderr = LineSplitter::default();
+    let mut stdout = crate::lines::LineChunker::default();
+    let mut stderr = crate::lines::LineChunker::default();
     let mut stopping: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
@@ -1228,44 +1226,6 @@ async fn drive(
         start_error: None,
     };
     Ok((exit, Ownership::Ours))
-}
-
-/// Splits a stream of chunks into lines (without `\n` or `\r\n`); lines longer than
-/// [`MAX_LINE_BYTES`] are cut.
-#[derive(Default)]
-pub struct LineSplitter {
-    partial: Vec<u8>,
-}
-
-impl LineSplitter {
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
-        let mut lines = Vec::new();
-        for &byte in bytes {
-            if byte == b'\n' {
-                lines.push(self.take());
-            } else {
-                self.partial.push(byte);
-                if self.partial.len() >= MAX_LINE_BYTES {
-                    lines.push(self.take());
-                }
-            }
-        }
-        lines
-    }
-
-    /// The last line, if it had no newline.
-    pub fn finish(&mut self) -> Option<String> {
-        (!self.partial.is_empty()).then(|| self.take())
-    }
-
-    fn take(&mut self) -> String {
-        if self.partial.last() == Some(&b'\r') {
-            self.partial.pop();
-        }
-        let line = String::from_utf8_lossy(&self.partial).into_owned();
-        self.partial.clear();
-        line
-    }
 }
 
 #[cfg(test)]
@@ -1602,19 +1562,6 @@ mod tests {
         assert_eq!(container_name("ag-0badf00d", 7, 1), "kiln-0badf00d-7-1");
         assert_eq!(container_name("ag-0badf00d", 7, 2), "kiln-0badf00d-7-2");
         assert_eq!(container_name("weird id/!", 1, 1), "kiln-weirdid-1-1");
-    }
-
-    #[test]
-    fn output_chunks_become_lines() {
-        let mut splitter = LineSplitter::default();
-        assert_eq!(splitter.push(b"one\r\ntw"), vec!["one"]);
-        assert_eq!(splitter.push(b"o\n\nthree"), vec!["two", ""]);
-        assert_eq!(splitter.finish().as_deref(), Some("three"));
-        assert_eq!(splitter.finish(), None);
-        let long = vec![b'x'; MAX_LINE_BYTES + 10];
-        let lines = splitter.push(&long);
-        assert_eq!(lines.len(), 1);
-        assert_eq!(splitter.finish().map(|l| l.len()), Some(10));
     }
 
     #[tokio::test]

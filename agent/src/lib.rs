@@ -11,6 +11,7 @@ pub mod docker;
 pub mod env;
 pub mod gpu;
 pub mod identity;
+pub mod lines;
 pub mod runner;
 pub mod sandbox;
 mod session;

@@ -20,13 +20,11 @@ use anyhow::Context as _;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
+use crate::lines::LineChunker;
 use crate::spool::{self, Exit, LogRecord, MetricRecord, ProcessRecord, Spec, StateDir};
 
 /// The hidden subcommand that runs a supervisor.
 pub const SUBCOMMAND: &str = "__supervise";
-
-/// Longest log line spooled as one line; longer output is split.
-const MAX_LINE_BYTES: u64 = 64 * 1024;
 
 /// If this process was started as a supervisor (`EXE __supervise STATE_DIR`), runs it and
 /// exits; otherwise returns. Call first thing in `main` of every binary that embeds an agent.
@@ -196,6 +194,8 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     for (rank, child) in &mut children {
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
+        widen_pipe(&stdout);
+        widen_pipe(&stderr);
         readers.push(spawn_reader(stdout, 1, *rank, records.clone()));
         readers.push(spawn_reader(stderr, 2, *rank, records.clone()));
     }
@@ -603,34 +603,57 @@ fn write_records(
     Ok(())
 }
 
+/// The script's output pipes hold this much (Linux's default is 64 KiB), so that the
+/// reader can leave them alone for a moment: see [`spawn_reader`].
+const PIPE_BYTES: i32 = 1 << 20;
+
+/// A read that returned less than this is a trickle: the reader pauses [`TRICKLE_PAUSE`]
+/// before the next one.
+const TRICKLE_BYTES: usize = 16 * 1024;
+const TRICKLE_PAUSE: Duration = Duration::from_millis(1);
+
+/// Raises an output pipe's capacity to [`PIPE_BYTES`] (best effort: above the system's
+/// `fs.pipe-max-size` it stays as it is).
+fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
+    let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
+}
+
+/// Reads one output pipe of the script and hands on, as one record, every whole line each
+/// read returned (see [`crate::lines`]): no per-line work between the script and the spool.
+///
+/// A reader that always waits in `read` is woken by every `write` of the script, and a
+/// script printing short lines as fast as it can (`python -u`) then pays a wake-up per
+/// line and gets one line per read. After a read that returned little, the reader pauses
+/// 1 ms instead: the script's writes meanwhile go into the (widened) pipe without waking
+/// anyone, and the next read takes them all. A line is handed on as soon as it was read, so
+/// this delays nothing already read; a quiet script's next line waits at most the pause.
 fn spawn_reader(
-    pipe: impl Read + Send + 'static,
+    mut pipe: impl Read + Send + 'static,
     stream: i32,
     rank: Option<u32>,
     records: mpsc::SyncSender<Record>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut reader = BufReader::with_capacity(64 * 1024, pipe);
-        let mut buffer = Vec::new();
+        let mut chunker = LineChunker::default();
+        let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            buffer.clear();
-            match (&mut reader)
-                .take(MAX_LINE_BYTES)
-                .read_until(b'\n', &mut buffer)
-            {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            if buffer.last() == Some(&b'\n') {
-                buffer.pop();
-                if buffer.last() == Some(&b'\r') {
-                    buffer.pop();
+            let n = match pipe.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            for text in chunker.push(&buffer[..n]) {
+                if records.send(Record::Log(stream, rank, text)).is_err() {
+                    return;
                 }
             }
-            let text = String::from_utf8_lossy(&buffer).into_owned();
-            if records.send(Record::Log(stream, rank, text)).is_err() {
-                return;
+            if n < TRICKLE_BYTES {
+                std::thread::sleep(TRICKLE_PAUSE);
             }
+        }
+        if let Some(text) = chunker.finish() {
+            let _ = records.send(Record::Log(stream, rank, text));
         }
     })
 }

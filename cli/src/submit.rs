@@ -498,21 +498,24 @@ pub async fn print_logs(
     Ok(())
 }
 
-/// Prints a line to stdout or stderr as the script wrote it (control characters escaped:
-/// [`crate::output::sanitize`]); a distributed run's lines start
-/// with their rank (`[rank 3] `), Kiln's own lines with `[kiln]` (and the node, past node 0).
+/// Prints a log record's lines to stdout or stderr as the script wrote them (control
+/// characters escaped: [`crate::output::sanitize`]), in one write; a distributed run's lines
+/// start with their rank (`[rank 3] `), Kiln's own lines with `[kiln]` (and the node, past
+/// node 0). A record holds one or more lines joined by `\n` (the agent spools whole reads).
 fn print_line(line: &v1::LogLine) {
-    let rank = line
-        .rank
-        .map(|r| format!("[rank {r}] "))
-        .unwrap_or_default();
-    let text = crate::output::sanitize(&line.text);
-    match line.stream() {
-        v1::LogStream::Stdout => outln!("{rank}{text}"),
-        v1::LogStream::Stderr => errln!("{rank}{text}"),
-        _ if line.node > 0 => errln!("[kiln node {}] {text}", line.node),
-        _ => errln!("[kiln] {text}"),
+    let prefix = match (line.stream(), line.rank) {
+        (v1::LogStream::Stdout | v1::LogStream::Stderr, Some(rank)) => format!("[rank {rank}] "),
+        (v1::LogStream::Stdout | v1::LogStream::Stderr, None) => String::new(),
+        _ if line.node > 0 => format!("[kiln node {}] ", line.node),
+        _ => "[kiln] ".to_owned(),
+    };
+    let mut out = String::with_capacity(line.text.len() + 64);
+    for text in line.text.split('\n') {
+        out.push_str(&prefix);
+        out.push_str(&crate::output::sanitize(text));
+        out.push('\n');
     }
+    crate::output::write_or_exit(line.stream() != v1::LogStream::Stdout, out);
 }
 
 /// How following a run stopped.

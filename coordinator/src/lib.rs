@@ -1384,8 +1384,9 @@ impl Coordinator {
     }
 }
 
-/// Longest log line stored; the agent splits longer output (its limit is 64 KiB), so only a
-/// misbehaving agent sends more, and the excess is cut rather than refused.
+/// Longest log record stored (one or more lines, see `LogLine`); the agent splits longer
+/// output (its limit is 64 KiB), so only a misbehaving agent sends more, and the excess is
+/// cut rather than refused.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 /// Longest metric name stored.
 pub const MAX_METRIC_NAME_BYTES: usize = 256;
