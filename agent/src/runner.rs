@@ -377,7 +377,15 @@ async fn prepare(
             .map(|address| format!("{address} slots={}\n", gang.procs_per_node.max(1)))
             .collect();
         std::fs::write(&hostfile, lines).context("write the hostfile")?;
-        let (common, per_proc) = gang_env(gang, &launch, &hostfile, &assignment.gpus);
+        let (mut common, per_proc) = gang_env(gang, &launch, &hostfile, &assignment.gpus);
+        let (defaults, note) =
+            torchrun_defaults(gang, assignment.run_id, assignment.max_retries, |name| {
+                env.iter().any(|(k, _)| k == name) || std::env::var_os(name).is_some()
+            });
+        common.extend(defaults);
+        if let Some(note) = note {
+            system.line(&note);
+        }
         env.extend(common);
         procs = per_proc;
         metrics_rank = Some(gang.node_rank * gang.procs_per_node.max(1));
@@ -633,6 +641,45 @@ fn gang_env(
         })
         .collect();
     (common, procs)
+}
+
+/// What `torchrun` sets besides ranks and addresses, for Kiln's launcher (with `--launcher
+/// none` the user's own torchrun does it): `OMP_NUM_THREADS=1` when a node runs several
+/// processes and the run or the agent did not set it (torchrun's rule: N processes each
+/// spawning a thread per core oversubscribe the CPUs; CPU DDP ran 1.9× slower without it),
+/// said in the run's log; and the `TORCHELASTIC_*` variables scripts read to know they
+/// run under an elastic launcher. Returns the variables and the line for the run's log.
+fn torchrun_defaults(
+    gang: &v1::Gang,
+    run_id: i64,
+    max_retries: u32,
+    is_set: impl Fn(&str) -> bool,
+) -> (Vec<(String, String)>, Option<String>) {
+    if gang.launcher == "none" {
+        return (Vec::new(), None);
+    }
+    let mut env = vec![
+        ("TORCHELASTIC_RUN_ID".to_string(), run_id.to_string()),
+        (
+            "TORCHELASTIC_MAX_RESTARTS".to_string(),
+            max_retries.to_string(),
+        ),
+        // No launcher-hosted store: rank 0 hosts it at MASTER_ADDR:MASTER_PORT.
+        (
+            "TORCHELASTIC_USE_AGENT_STORE".to_string(),
+            "False".to_string(),
+        ),
+    ];
+    let mut note = None;
+    if gang.procs_per_node > 1 && !is_set("OMP_NUM_THREADS") {
+        env.push(("OMP_NUM_THREADS".to_string(), "1".to_string()));
+        note = Some(format!(
+            "OMP_NUM_THREADS=1 for each of this node's {} processes (torchrun's default; \
+             set it with --env OMP_NUM_THREADS=N to tune).",
+            gang.procs_per_node
+        ));
+    }
+    (env, note)
 }
 
 /// The GPUs local rank `local` of `per_node` gets: an equal share when they divide evenly,
@@ -1990,6 +2037,42 @@ mod tests {
         // torchrun computes the per-worker ranks itself.
         assert_eq!(env_of(&common, "RANK"), None);
         assert_eq!(env_of(&common, "WORLD_SIZE"), None);
+    }
+
+    #[test]
+    fn several_processes_per_node_get_one_omp_thread_unless_it_was_set() {
+        let mut gang = v1::Gang {
+            nodes: 2,
+            node_rank: 0,
+            procs_per_node: 4,
+            launcher: "kiln".into(),
+            ..Default::default()
+        };
+        let (env, note) = torchrun_defaults(&gang, 42, 2, |_| false);
+        assert_eq!(env_of(&env, "OMP_NUM_THREADS").as_deref(), Some("1"));
+        assert!(note.is_some_and(|n| n.contains("OMP_NUM_THREADS=1")));
+        assert_eq!(env_of(&env, "TORCHELASTIC_RUN_ID").as_deref(), Some("42"));
+        assert_eq!(
+            env_of(&env, "TORCHELASTIC_MAX_RESTARTS").as_deref(),
+            Some("2")
+        );
+        // Set by the run (or the agent's environment): left alone, nothing said.
+        let (env, note) = torchrun_defaults(&gang, 42, 2, |name| name == "OMP_NUM_THREADS");
+        assert_eq!(env_of(&env, "OMP_NUM_THREADS"), None);
+        assert_eq!(note, None);
+        // One process per node: torchrun leaves the default thread count.
+        gang.procs_per_node = 1;
+        assert_eq!(
+            env_of(
+                &torchrun_defaults(&gang, 42, 2, |_| false).0,
+                "OMP_NUM_THREADS"
+            ),
+            None
+        );
+        // The user's own torchrun applies its rules itself.
+        gang.procs_per_node = 4;
+        gang.launcher = "none".into();
+        assert!(torchrun_defaults(&gang, 42, 2, |_| false).0.is_empty());
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub fn write_or_exit(to_stderr: bool, text: String) {
     }
 }
 
+/// Set by `kiln submit --json`: the followed log's stdout lines go to stderr, so stdout
+/// holds only the run's JSON.
+pub static LOG_TO_STDERR: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// `text` with every character a terminal would act on escaped: C0 controls but the tab (so
 /// ESC, BEL, CR and LF too), DEL and C1 controls as `\x1b`, `\u{9b}`; and the Unicode
 /// controls that reorder or break lines (bidi overrides, embeddings and isolates, the line
@@ -110,7 +114,17 @@ fn opt_time(ms: Option<i64>) -> Value {
 }
 
 pub fn duration_s(run: &v1::Run) -> Option<f64> {
-    let start = run.started_unix_ms?;
+    seconds_since(run.started_unix_ms?, run)
+}
+
+/// From the first attempt's start to the end (or now): what a retried run took in all,
+/// waits between attempts included. `None` before it started, or for runs stored before
+/// coordinators kept the first start.
+pub fn total_duration_s(run: &v1::Run) -> Option<f64> {
+    seconds_since(run.first_started_unix_ms?, run)
+}
+
+fn seconds_since(start: i64, run: &v1::Run) -> Option<f64> {
     let end = run.finished_unix_ms.unwrap_or_else(|| {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -164,6 +178,8 @@ pub fn run_json(run: &v1::Run) -> Value {
         "started_at": opt_time(run.started_unix_ms),
         "finished_at": opt_time(run.finished_unix_ms),
         "duration_seconds": duration_s(run),
+        "first_started_at": opt_time(run.first_started_unix_ms),
+        "total_duration_seconds": total_duration_s(run),
     })
 }
 
@@ -254,7 +270,7 @@ fn resources_text(resources: Option<&v1::Resources>) -> String {
     }
 }
 
-fn print_json(value: &Value) {
+pub fn print_json(value: &Value) {
     outln!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values serialise")
@@ -423,6 +439,15 @@ pub fn show(run: &v1::Run, as_json: bool) {
             .map(|s| format!("{s:.2}s"))
             .unwrap_or_else(|| "-".into()),
     );
+    // A retried run: the current attempt's duration above, the whole run's here.
+    if run.attempt > 1
+        && let Some(total) = total_duration_s(run)
+    {
+        field(
+            "total duration",
+            format!("{total:.2}s over {} attempts", run.attempt),
+        );
+    }
     field("snapshot", run.snapshot_digest.clone());
     field("outputs", dash(&run.outputs_digest));
     if run.checkpoint_interval_s > 0 {

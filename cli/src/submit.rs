@@ -41,6 +41,7 @@ const LARGE_SNAPSHOT_BYTES: u64 = 100 << 20;
 ///   kiln submit --target gpu --name lr-sweep . train.py -- --lr 0.01
 ///   kiln submit --env SEED=7 --timeout 2h --gpus 1 . train.py
 ///   kiln submit --detach . train.py
+///   kiln submit --json . train.py > run.json   # the ended run as JSON; the log on stderr
 ///   kiln submit --dry-run .                  # the effective configuration and snapshot, nothing sent
 #[derive(clap::Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -58,6 +59,10 @@ pub struct SubmitArgs {
     /// Return once submitted; print the run id on stdout.
     #[arg(long)]
     detach: bool,
+    /// Print the run as JSON on stdout (the fields of `kiln show --json`): once submitted
+    /// with --detach, else once it ended; the followed log then goes to stderr.
+    #[arg(long)]
+    json: bool,
     /// An environment variable for the script (repeatable; adds to and overrides `env:`).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = runconfig::parse_env_flag)]
     env: Vec<(String, String)>,
@@ -355,12 +360,27 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         errln!("{note}");
     }
     if args.detach {
-        outln!("{}", run.id);
+        if args.json {
+            crate::output::print_json(&crate::output::run_json(&run));
+        } else {
+            outln!("{}", run.id);
+        }
         return Ok(0);
+    }
+    if args.json {
+        crate::output::LOG_TO_STDERR.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     let followed = follow(connection, run.id, 0, None).await?;
     if let Followed::Ended(_) = followed {
         print_metrics_summary(&mut client, run.id).await;
+        if args.json {
+            let run = client
+                .get_run(v1::GetRunRequest { run_id: run.id })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            crate::output::print_json(&crate::output::run_json(&run));
+        }
     }
     Ok(followed.exit_code())
 }
@@ -515,7 +535,9 @@ fn print_line(line: &v1::LogLine) {
         out.push_str(&crate::output::sanitize(text));
         out.push('\n');
     }
-    crate::output::write_or_exit(line.stream() != v1::LogStream::Stdout, out);
+    let to_stderr = line.stream() != v1::LogStream::Stdout
+        || crate::output::LOG_TO_STDERR.load(std::sync::atomic::Ordering::Relaxed);
+    crate::output::write_or_exit(to_stderr, out);
 }
 
 /// How following a run stopped.
@@ -648,9 +670,14 @@ pub async fn follow(
 
 /// Prints how the run ended and returns the exit code for it.
 fn report_end(run: &v1::Run) -> i32 {
-    let took = crate::output::duration_s(run)
-        .map(|s| format!(" in {s:.1}s"))
-        .unwrap_or_default();
+    let total = crate::output::total_duration_s(run).filter(|_| run.attempt > 1);
+    let took = match (crate::output::duration_s(run), total) {
+        (Some(s), Some(total)) => {
+            format!(" in {s:.1}s (attempt {}; {total:.1}s in all)", run.attempt)
+        }
+        (Some(s), None) => format!(" in {s:.1}s"),
+        (None, _) => String::new(),
+    };
     let status = run.status().domain();
     let detail = if run.message.is_empty() {
         String::new()

@@ -215,6 +215,11 @@ CREATE INDEX runs_by_owner ON runs(owner);
 ALTER TABLE agents ADD COLUMN conflict TEXT NOT NULL DEFAULT '';
 ALTER TABLE agents ADD COLUMN conflict_ms INTEGER NOT NULL DEFAULT 0;
 "#,
+    // 11: when the run's first attempt started (`started_ms` is the current attempt's), so
+    // that a retried run reports its whole duration. Runs from before: unknown.
+    r#"
+ALTER TABLE runs ADD COLUMN first_started_ms INTEGER;
+"#,
 ];
 
 pub struct Store {
@@ -858,7 +863,7 @@ impl Store {
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
                 checkpoint_interval_s, checkpoint_digest, nodes, procs_per_node, gpus_per_node,
                 launcher, max_restarts, restarts, failed_rank, environment, resources, env,
-                timeout_s, owner, outputs_error
+                timeout_s, owner, outputs_error, first_started_ms
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -903,6 +908,7 @@ impl Store {
                     timeout_s: row.get(28)?,
                     owner: row.get(29)?,
                     outputs_error: row.get(30)?,
+                    first_started_unix_ms: row.get(31)?,
                     waiting: String::new(),
                     node_outputs_digests: Vec::new(),
                 })
@@ -991,7 +997,8 @@ impl Store {
                 &[&run_id, &to.as_str(), &fields.message],
             )?,
             RunEvent::Start => update(
-                "UPDATE runs SET status = ?2, started_ms = ?3 WHERE id = ?1",
+                "UPDATE runs SET status = ?2, started_ms = ?3,
+                    first_started_ms = coalesce(first_started_ms, ?3) WHERE id = ?1",
                 &[&run_id, &to.as_str(), &now],
             )?,
             RunEvent::Cancel if to == RunStatus::Stopping => update(

@@ -78,6 +78,28 @@ fn logs_stream_in_order_and_the_exit_code_comes_back() {
     let waited = cluster.kiln(&["wait", &id.to_string()]);
     assert_eq!(waited.status.code(), Some(0), "{}", text(&waited.stderr));
     assert_eq!(cluster.run(id)["status"], "succeeded");
+
+    // `submit --json`: stdout is the ended run as JSON, the log goes to stderr; with
+    // --detach, the submitted run.
+    let output = cluster.kiln(&["submit", "--json", "--target", "alpha", dir, "train.py"]);
+    assert_eq!(output.status.code(), Some(3), "{}", text(&output.stderr));
+    let ended: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&output.stdout)));
+    assert_eq!(ended["status"], "failed", "{ended}");
+    assert_eq!(ended["exit_code"], 3, "{ended}");
+    assert!(text(&output.stderr).contains("line 299\n"));
+    let output = cluster.kiln(&[
+        "submit", "--json", "--detach", "--target", "alpha", dir, "train.py",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let submitted: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", text(&output.stdout)));
+    assert!(
+        submitted["id"]
+            .as_i64()
+            .is_some_and(|id| id > ended["id"].as_i64().unwrap())
+    );
+    assert_eq!(submitted["target"], "alpha");
     cluster.stop();
 }
 
@@ -939,6 +961,20 @@ print("done", flush=True)
         (run["status"] == "succeeded").then_some(run)
     });
     assert_eq!(run["attempt"], 2);
+    // The run's whole duration counts from attempt 1's start (it ran for seconds before
+    // its node was lost), not only attempt 2's.
+    let (total, this) = (
+        run["total_duration_seconds"]
+            .as_f64()
+            .expect("a total duration"),
+        run["duration_seconds"].as_f64().expect("a duration"),
+    );
+    assert!(
+        total > this + 1.0,
+        "total {total}s vs attempt 2 {this}s: {run}"
+    );
+    let show = text(&cluster.kiln(&["show", &run_id.to_string()]).stdout);
+    assert!(show.contains("over 2 attempts"), "{show}");
     let logs = text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout);
     let resumed: u32 = logs
         .lines()

@@ -102,12 +102,27 @@ pub async fn prepare(
     }
 }
 
+/// A user-managed environment: the interpreter as given. When it is a venv's or a conda
+/// environment's (`PREFIX/bin/python` beside `PREFIX/pyvenv.cfg` or `PREFIX/conda-meta`), the
+/// run gets that prefix as if activated: its `bin/` first on `PATH` (so a launcher script
+/// finds the environment's `torchrun`, `accelerate`, …) and `VIRTUAL_ENV` / `CONDA_PREFIX`.
+/// The path is not resolved through links: a venv's `python` links to the base interpreter.
 fn user(python: Option<&str>, default_python: &str) -> Prepared {
-    let python = python.filter(|p| !p.is_empty()).unwrap_or(default_python);
-    Prepared {
-        python: PathBuf::from(python),
-        env: Vec::new(),
+    let python = PathBuf::from(python.filter(|p| !p.is_empty()).unwrap_or(default_python));
+    let mut env = Vec::new();
+    if let Some(bin) = python.parent().filter(|_| python.is_absolute())
+        && let Some(prefix) = bin.parent()
+    {
+        let prefix_text = prefix.to_string_lossy().into_owned();
+        if prefix.join("pyvenv.cfg").is_file() {
+            env.push(("VIRTUAL_ENV".to_string(), prefix_text));
+            env.push(("PATH".to_string(), command::path_with(bin)));
+        } else if prefix.join("conda-meta").is_dir() {
+            env.push(("CONDA_PREFIX".to_string(), prefix_text));
+            env.push(("PATH".to_string(), command::path_with(bin)));
+        }
     }
+    Prepared { python, env }
 }
 
 /// The run's log lines about a cache lookup: built or reused (and how long it took), and
@@ -158,4 +173,52 @@ pub fn spec_file(work: &Path, name: &str) -> Result<PathBuf, EnvError> {
 /// The agent's platform as cache keys record it (`linux-x86_64`).
 fn platform() -> String {
     format!("{}-{}", std::env::consts::OS, std::env::consts::ARCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_venv_or_conda_interpreter_puts_its_bin_first_on_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = dir.path().join("venv");
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        std::fs::write(venv.join("pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+        let python = venv.join("bin/python");
+        let prepared = user(Some(python.to_str().unwrap()), "python3");
+        assert_eq!(prepared.python, python);
+        let var = |name: &str| {
+            prepared
+                .env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            var("VIRTUAL_ENV"),
+            Some(venv.to_string_lossy().into_owned())
+        );
+        let path = var("PATH").expect("PATH set");
+        assert_eq!(
+            std::env::split_paths(&path).next(),
+            Some(venv.join("bin")),
+            "{path}"
+        );
+
+        let conda = dir.path().join("conda");
+        std::fs::create_dir_all(conda.join("bin")).unwrap();
+        std::fs::create_dir_all(conda.join("conda-meta")).unwrap();
+        let prepared = user(Some(conda.join("bin/python").to_str().unwrap()), "python3");
+        assert!(
+            prepared
+                .env
+                .iter()
+                .any(|(k, v)| k == "CONDA_PREFIX" && Path::new(v) == conda)
+        );
+
+        // A system interpreter or a bare name changes nothing.
+        assert!(user(Some("/usr/bin/python3"), "python3").env.is_empty());
+        assert!(user(None, "python3").env.is_empty());
+    }
 }
