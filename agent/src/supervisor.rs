@@ -246,8 +246,6 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     }
     done.store(true, Ordering::SeqCst);
     drop(stop_sampling);
-    // Wake the blocking accept so that the acceptor sees `done`.
-    let _ = std::os::unix::net::UnixStream::connect(&spec.metrics_socket);
     let _ = acceptor.join();
     let _ = sampler.join();
     let written = writer
@@ -378,7 +376,6 @@ fn supervise_container(
 
     done.store(true, Ordering::SeqCst);
     drop(stop_sampling);
-    let _ = std::os::unix::net::UnixStream::connect(&spec.metrics_socket);
     let _ = acceptor.join();
     if let Some(sampler) = events.sampler.take() {
         let _ = sampler.join();
@@ -668,10 +665,17 @@ struct UserPoint {
     rank: Option<u32>,
 }
 
-/// Accepts the script's metric connections until `done` (set, then woken by a connection
-/// of the supervisor's own); each connection is read to its end. Connections still queued
-/// when `done` is seen are accepted and read too: a script that logged a point just before
-/// exiting may not have been accepted yet.
+/// How often the metric acceptor looks for new connections and for `done`.
+const ACCEPT_POLL: Duration = Duration::from_millis(20);
+
+/// Accepts the script's metric connections until `done`; each connection is read to its
+/// end. Connections still queued when `done` is seen are accepted and read too: a script
+/// that logged a point just before exiting may not have been accepted yet.
+///
+/// The listener is polled (non-blocking, every [`ACCEPT_POLL`]) rather than woken by a
+/// connection of the supervisor's own: that connection goes through the socket's path,
+/// and once the path was gone (the agent's data directory removed under a running
+/// supervisor) a blocked accept was never woken and the supervisor never exited.
 fn accept_metrics(
     listener: std::os::unix::net::UnixListener,
     records: mpsc::SyncSender<Record>,
@@ -708,20 +712,15 @@ fn accept_metrics(
         })
     };
     let mut connections = Vec::new();
+    let _ = listener.set_nonblocking(true);
     loop {
-        let accepted = listener.accept();
+        // Read before accepting: a connection queued before `done` is still accepted.
         let finished = done.load(Ordering::SeqCst);
-        match accepted {
+        match listener.accept() {
             Ok((stream, _)) => connections.push(read(stream)),
-            Err(_) if !finished => std::thread::sleep(Duration::from_millis(20)),
-            Err(_) => {}
-        }
-        if finished {
-            let _ = listener.set_nonblocking(true);
-            while let Ok((stream, _)) = listener.accept() {
-                connections.push(read(stream));
-            }
-            break;
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) if finished => break,
+            Err(_) => std::thread::sleep(ACCEPT_POLL),
         }
     }
     // The script's processes are gone, so every connection is at its end.
@@ -798,4 +797,47 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metric_acceptor_ends_when_done_even_with_its_socket_path_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (records, received) = mpsc::sync_channel(16);
+        let done = Arc::new(AtomicBool::new(false));
+        let (ended, acceptor_ended) = mpsc::channel();
+        let acceptor = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                accept_metrics(listener, records, done, false, None);
+                let _ = ended.send(());
+            })
+        };
+        // A point logged just before the end, by a connection not accepted yet.
+        let mut script = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        script
+            .write_all(b"{\"name\": \"loss\", \"value\": 0.5, \"step\": 3}\n")
+            .unwrap();
+        drop(script);
+        // Let the acceptor take it and wait for more, as it does while a run goes on.
+        std::thread::sleep(Duration::from_millis(200));
+        // The run's directory goes (a data dir removed under the supervisor), then the end.
+        drop(dir);
+        done.store(true, Ordering::SeqCst);
+        acceptor_ended
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the acceptor ended");
+        acceptor.join().unwrap();
+        match received.recv_timeout(Duration::from_secs(1)) {
+            Ok(Record::Metric(name, value, step, _)) => {
+                assert_eq!((name.as_str(), value, step), ("loss", 0.5, Some(3)))
+            }
+            _ => panic!("the queued connection's point was not read"),
+        }
+    }
 }
