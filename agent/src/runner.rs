@@ -1440,6 +1440,7 @@ impl Follower {
                                 step: r.step,
                                 time_unix_ms: r.time_ms,
                                 rank: r.rank,
+                                cursor: 0,
                             };
                             self.unacked_bytes += point_bytes(&point);
                             self.unacked_metrics.push_back(point);

@@ -73,6 +73,36 @@ pub async fn metrics(
     }
 }
 
+/// Every point of metric `name` of a run (of `rank`, for a distributed run), oldest first.
+pub async fn metric_series(
+    client: &mut Client,
+    run_id: i64,
+    name: &str,
+    rank: Option<u32>,
+) -> anyhow::Result<Vec<v1::MetricPoint>> {
+    let mut points = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let reply = client
+            .get_metric_series(v1::GetMetricSeriesRequest {
+                run_id,
+                name: name.to_string(),
+                rank,
+                page_token,
+                max_page_bytes: page_bytes(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let empty = reply.points.is_empty();
+        points.extend(reply.points);
+        if reply.next_page_token.is_empty() || empty {
+            return Ok(points);
+        }
+        page_token = reply.next_page_token;
+    }
+}
+
 /// Every agent, by target and id.
 pub async fn agents(client: &mut Client) -> anyhow::Result<Vec<v1::Agent>> {
     let mut agents = Vec::new();

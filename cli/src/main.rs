@@ -2,6 +2,7 @@
 //! coordinator configured it uses the local target (see `local.rs`).
 
 mod credentials;
+mod history;
 mod listing;
 mod local;
 mod output;
@@ -141,16 +142,36 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// A run's metrics: name, last value, step and number of points.
+    /// A run's metrics: name, last value, step and number of points; with names, every point
+    /// of those metrics: a chart (sparkline, first/last/min/max) or the points as JSON/CSV.
     ///
-    /// Example:
+    /// Examples:
     ///   kiln metrics 42
+    ///   kiln metrics 42 loss accuracy
+    ///   kiln metrics 42 loss --csv > loss.csv
     #[command(verbatim_doc_comment)]
     Metrics {
         run: i64,
+        /// Metrics whose every point to show (default: one line per metric).
+        names: Vec<String>,
         /// Distributed runs: this rank's metrics (default: rank 0).
         #[arg(long)]
         rank: Option<u32>,
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// With names: every point as CSV (name,step,value,time_unix_ms,rank).
+        #[arg(long, requires = "names")]
+        csv: bool,
+    },
+    /// Runs side by side: status, duration, the settings in which they differ (script and
+    /// args, env, environment, resources, snapshot, ...) and each metric's last, min and max.
+    ///
+    /// Example:
+    ///   kiln compare 41 42 43
+    #[command(verbatim_doc_comment)]
+    Compare {
+        #[arg(required = true, num_args = 2..)]
+        runs: Vec<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -487,7 +508,57 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             output::show(&run, json);
             Ok(0)
         }
-        Command::Metrics { run, rank, json } => {
+        Command::Metrics {
+            run,
+            names,
+            rank,
+            json,
+            csv,
+        } if !names.is_empty() => {
+            let mut client = connection.kiln().await?;
+            let mut series = Vec::new();
+            for name in names {
+                let points = listing::metric_series(&mut client, run, &name, rank).await?;
+                series.push((name, points));
+            }
+            let format = match (json, csv) {
+                (true, _) => history::SeriesFormat::Json,
+                (_, true) => history::SeriesFormat::Csv,
+                _ => history::SeriesFormat::Chart,
+            };
+            history::print_series(run, &series, format);
+            // A name with no points is most likely mistyped: say so in the exit status.
+            Ok(if series.iter().all(|(_, p)| !p.is_empty()) {
+                0
+            } else {
+                1
+            })
+        }
+        Command::Compare { runs, json } => {
+            let mut client = connection.kiln().await?;
+            let mut compared = Vec::new();
+            for run_id in runs {
+                let run = client
+                    .get_run(v1::GetRunRequest { run_id })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                let mut metrics = std::collections::BTreeMap::new();
+                for summary in listing::metrics(&mut client, run_id, None).await? {
+                    let points =
+                        listing::metric_series(&mut client, run_id, &summary.name, None).await?;
+                    if let Some(stats) = history::SeriesStats::of(&points) {
+                        metrics.insert(summary.name, stats);
+                    }
+                }
+                compared.push(history::Compared { run, metrics });
+            }
+            history::print_compare(&compared, json);
+            Ok(0)
+        }
+        Command::Metrics {
+            run, rank, json, ..
+        } => {
             let mut client = connection.kiln().await?;
             let metrics = listing::metrics(&mut client, run, rank).await?;
             if let (Some(rank), true) = (rank, metrics.is_empty()) {

@@ -210,7 +210,7 @@ fn non_empty(text: &str) -> Value {
 }
 
 /// A run's environment in one line for people.
-fn environment_text(environment: Option<&v1::Environment>) -> String {
+pub(crate) fn environment_text(environment: Option<&v1::Environment>) -> String {
     use v1::environment::Kind;
     let or = |text: &str, default: &str| {
         if text.is_empty() {
@@ -242,7 +242,7 @@ fn environment_text(environment: Option<&v1::Environment>) -> String {
 }
 
 /// What one node needs, for people: "8 CPUs, 16.00 GiB memory, 1 GPU"; "-" when nothing.
-fn resources_text(resources: Option<&v1::Resources>) -> String {
+pub(crate) fn resources_text(resources: Option<&v1::Resources>) -> String {
     let Some(resources) = resources else {
         return "-".into();
     };
@@ -279,7 +279,7 @@ pub fn print_json(value: &Value) {
 
 /// Prints rows as a table with a header, columns padded to their widest cell. Every cell is
 /// [`sanitize`]d.
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(header: &[impl AsRef<str>], rows: Vec<Vec<String>>) {
     let rows: Vec<Vec<String>> = rows
         .into_iter()
         .map(|row| {
@@ -288,7 +288,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
                 .collect()
         })
         .collect();
-    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.as_ref().chars().count()).collect();
     for row in &rows {
         for (width, cell) in widths.iter_mut().zip(row) {
             *width = (*width).max(cell.chars().count());
@@ -302,7 +302,7 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
             .collect();
         outln!("{}", padded.join("  ").trim_end());
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(header.iter().map(|h| h.as_ref().to_string()).collect());
     for row in rows {
         line(row);
     }

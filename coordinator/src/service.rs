@@ -165,6 +165,7 @@ impl From<BlobError> for Status {
 enum PageToken {
     Runs,
     Metrics,
+    MetricPoints,
     Agents,
 }
 
@@ -173,6 +174,7 @@ impl PageToken {
         match self {
             PageToken::Runs => "r",
             PageToken::Metrics => "m",
+            PageToken::MetricPoints => "p",
             PageToken::Agents => "a",
         }
     }
@@ -196,6 +198,7 @@ impl PageToken {
         let call = match self {
             PageToken::Runs => "ListRuns",
             PageToken::Metrics => "ListMetrics",
+            PageToken::MetricPoints => "GetMetricSeries",
             PageToken::Agents => "ListAgents",
         };
         Status::invalid_argument(format!(
@@ -665,6 +668,39 @@ impl Kiln for Api {
         };
         Ok(Response::new(v1::ListMetricsReply {
             metrics: page.items,
+            next_page_token,
+        }))
+    }
+
+    async fn get_metric_series(
+        &self,
+        request: Request<v1::GetMetricSeriesRequest>,
+    ) -> Result<Response<v1::GetMetricSeriesReply>, Status> {
+        let user = self.0.authenticate(&request).await?.user()?;
+        let request = request.into_inner();
+        let run_id = request.run_id;
+        let run = self.accessible_run(&user, run_id).await?;
+        let rank = request.rank.or(is_gang(&run).then_some(0));
+        let after_id: i64 = match PageToken::MetricPoints.decode(&request.page_token)? {
+            None => 0,
+            Some(position) => position
+                .parse()
+                .map_err(|_| PageToken::MetricPoints.invalid())?,
+        };
+        let max_bytes = page_bytes(request.max_page_bytes);
+        let name = request.name;
+        let page = self
+            .0
+            .db
+            .call(move |s| s.metric_points_page(run_id, &name, rank, after_id, max_bytes))
+            .await
+            .map_err(internal)?;
+        let next_page_token = match page.items.last() {
+            Some(last) if page.more => PageToken::MetricPoints.encode(&last.cursor.to_string()),
+            _ => String::new(),
+        };
+        Ok(Response::new(v1::GetMetricSeriesReply {
+            points: page.items,
             next_page_token,
         }))
     }

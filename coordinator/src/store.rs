@@ -1335,6 +1335,35 @@ impl Store {
         Ok(page::fill(summaries, max_bytes, usize::MAX)?)
     }
 
+    /// One page of the points of metric `name` (of `rank`, when given) after store position
+    /// `after_id`, oldest first, at most `max_bytes`.
+    pub fn metric_points_page(
+        &self,
+        run_id: i64,
+        name: &str,
+        rank: Option<u32>,
+        after_id: i64,
+        max_bytes: usize,
+    ) -> anyhow::Result<Page<v1::MetricPoint>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, seq, value, step, time_ms, rank FROM metrics
+             WHERE run_id = ?1 AND name = ?2 AND (?3 IS NULL OR rank = ?3) AND id > ?4
+             ORDER BY id",
+        )?;
+        let points = stmt.query_map(params![run_id, name, rank, after_id], |row| {
+            Ok(v1::MetricPoint {
+                cursor: row.get(0)?,
+                seq: row.get::<_, i64>(1)? as u64,
+                name: name.to_string(),
+                value: row.get(2)?,
+                step: row.get(3)?,
+                time_unix_ms: row.get(4)?,
+                rank: row.get(5)?,
+            })
+        })?;
+        Ok(page::fill(points, max_bytes, usize::MAX)?)
+    }
+
     // ---- join tokens ----
     // A join token is "ID.SECRET"; only the SHA-256 of the secret is stored, and it is
     // compared in constant time. `kiln-agent join` consumes one use (see `join.rs`).
@@ -2240,6 +2269,7 @@ mod tests {
             step: Some(seq as i64),
             time_unix_ms: 0,
             rank: None,
+            cursor: 0,
         };
         store
             .append_metrics(
@@ -2564,6 +2594,48 @@ mod page_tests {
             .read_logs_page(ids[0], 0, None, usize::MAX, 2)
             .unwrap();
         assert_eq!((page.items.len(), page.more), (2, true));
+    }
+
+    #[test]
+    fn a_metrics_points_come_in_byte_capped_pages_oldest_first() {
+        let (_dir, mut store, ids) = store_with_runs(1);
+        let run_id = ids[0];
+        let points: Vec<v1::MetricPoint> = (1..=500u64)
+            .map(|seq| v1::MetricPoint {
+                seq,
+                name: if seq % 2 == 0 { "loss" } else { "acc" }.into(),
+                value: seq as f64,
+                step: Some(seq as i64),
+                time_unix_ms: 1_000 + seq as i64,
+                ..Default::default()
+            })
+            .collect();
+        store.append_metrics(run_id, 1, 0, &points).unwrap();
+        let (mut after, mut pages, mut values) = (0, 0, Vec::new());
+        loop {
+            let page = store
+                .metric_points_page(run_id, "loss", None, after, 1024)
+                .unwrap();
+            pages += 1;
+            assert!(!page.items.is_empty());
+            after = page.items.last().unwrap().cursor;
+            values.extend(page.items.iter().map(|p| (p.name.clone(), p.value, p.step)));
+            if !page.more {
+                break;
+            }
+        }
+        assert!(pages > 1, "1 KiB pages of 250 points");
+        let expected: Vec<_> = (1..=250)
+            .map(|i| ("loss".to_string(), (2 * i) as f64, Some(2 * i as i64)))
+            .collect();
+        assert_eq!(values, expected);
+        assert!(
+            store
+                .metric_points_page(run_id, "missing", None, 0, 1024)
+                .unwrap()
+                .items
+                .is_empty()
+        );
     }
 
     #[test]

@@ -104,6 +104,113 @@ fn logs_stream_in_order_and_the_exit_code_comes_back() {
 }
 
 #[test]
+fn a_metrics_whole_history_pages_charts_exports_and_compares() {
+    let cluster = Cluster::start(TWO_TARGETS);
+    let src = source_dir(&[(
+        "train.py",
+        r#"
+import os, kiln
+lr = float(os.environ["LR"])
+for step in range(300):
+    kiln.log("loss", 10.0 / (1 + lr * step), step=step)
+"#,
+    )]);
+    let dir = src.path().to_str().unwrap();
+    let submit = |lr: &str| {
+        let output = cluster.kiln(&[
+            "submit",
+            "--target",
+            "alpha",
+            "--env",
+            &format!("LR={lr}"),
+            dir,
+            "train.py",
+        ]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        submitted_run_id(&output.stderr)
+    };
+    let (fast, slow) = (submit("1"), submit("0.1"));
+
+    // Every point, oldest first, over many small pages (KILN_PAGE_BYTES).
+    let csv = cluster
+        .kiln_command(&["metrics", &fast.to_string(), "loss", "--csv"])
+        .env("KILN_PAGE_BYTES", "512")
+        .output()
+        .expect("run kiln");
+    assert!(csv.status.success(), "{}", text(&csv.stderr));
+    let csv = text(&csv.stdout);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "name,step,value,time_unix_ms,rank");
+    assert_eq!(rows.len(), 301, "{csv}");
+    for (step, row) in rows[1..].iter().enumerate() {
+        let fields: Vec<&str> = row.split(',').collect();
+        assert_eq!(
+            (fields[0], fields[1]),
+            ("loss", step.to_string().as_str()),
+            "{row}"
+        );
+        let value: f64 = fields[2].parse().unwrap();
+        assert!((value - 10.0 / (1.0 + step as f64)).abs() < 1e-9, "{row}");
+    }
+    let json = cluster.json(&["metrics", &fast.to_string(), "loss", "--json"]);
+    assert_eq!(
+        json[0]["points"].as_array().map(Vec::len),
+        Some(300),
+        "{json}"
+    );
+    assert_eq!(json[0]["points"][299]["step"], 299);
+
+    // The chart: a falling sparkline and the extremes with their steps.
+    let chart = text(&cluster.kiln(&["metrics", &fast.to_string(), "loss"]).stdout);
+    assert!(chart.contains("loss  300 points, steps 0–299"), "{chart}");
+    let spark = chart.lines().nth(1).unwrap().trim();
+    assert!(spark.starts_with('█') && spark.ends_with('▁'), "{chart}");
+    assert!(chart.contains("max 10 (step 0)"), "{chart}");
+    // A name with no points says so and fails.
+    let missing = cluster.kiln(&["metrics", &fast.to_string(), "lost"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stdout).contains("no points"),
+        "{}",
+        text(&missing.stdout)
+    );
+
+    // Compare: the setting that differs, and each run's last value.
+    let table = text(
+        &cluster
+            .kiln(&["compare", &fast.to_string(), &slow.to_string()])
+            .stdout,
+    );
+    let line = |label: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no {label} row in\n{table}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        line("env LR")[2..],
+        ["1".to_string(), "0.1".to_string()],
+        "{table}"
+    );
+    let last = line("loss (last)");
+    let (a, b): (f64, f64) = (last[2].parse().unwrap(), last[3].parse().unwrap());
+    assert!(
+        (a - 10.0 / 300.0).abs() < 1e-5 && (b - 10.0 / 30.9).abs() < 1e-5,
+        "{table}"
+    );
+    assert!(
+        !table.contains("script"),
+        "the scripts are the same: {table}"
+    );
+    let json = cluster.json(&["compare", &fast.to_string(), &slow.to_string(), "--json"]);
+    assert_eq!(json["differences"][0]["setting"], "env LR", "{json}");
+    cluster.stop();
+}
+
+#[test]
 fn metrics_are_stored_and_outputs_download_byte_identical() {
     let cluster = Cluster::start(TWO_TARGETS);
     let src = source_dir(&[(
