@@ -262,8 +262,9 @@ async fn connected(
                         break;
                     }
                 }
-                // A drained agent has stopped and reported its runs: none go on.
-                let runs_continue = !agent.drain.is_cancelled();
+                // A drained agent has stopped and reported its runs: none go on; an agent
+                // with none is simply `stopped` (never judged lost).
+                let runs_continue = !agent.drain.is_cancelled() && !agent.active_runs().is_empty();
                 if runs_continue {
                     agent.leaving();
                 }

@@ -45,6 +45,14 @@ struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+enum TargetsCommand {
+    /// Delete a target (admins): it must have no agents (`kiln agents forget` them) and no
+    /// queued or active runs; its past runs keep its name. An agent joining it again
+    /// recreates it.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
 enum AgentsCommand {
     /// Revoke an agent (admins): its certificate is refused from now on, its open session
     /// is closed, its runs are requeued, and it stops its workloads and deletes its key.
@@ -54,6 +62,17 @@ enum AgentsCommand {
     ///   kiln agents revoke gpu-node-3
     #[command(verbatim_doc_comment)]
     Revoke {
+        /// The agent's id or host name.
+        agent: String,
+    },
+    /// Forget an agent that is not connected (admins): it leaves the lists and stops being
+    /// counted; its past runs keep its id. If it connects again with a valid key it registers
+    /// again: revoke it to keep it out.
+    ///
+    /// Example:
+    ///   kiln agents forget old-node-7
+    #[command(verbatim_doc_comment)]
+    Forget {
         /// The agent's id or host name.
         agent: String,
     },
@@ -195,10 +214,13 @@ enum Command {
     },
     /// List compute targets with their agents and runs.
     ///
-    /// Example:
+    /// Examples:
     ///   kiln targets --json
+    ///   kiln targets delete old-pool     # admins; forget its agents first
     #[command(verbatim_doc_comment)]
     Targets {
+        #[command(subcommand)]
+        command: Option<TargetsCommand>,
         #[arg(long)]
         json: bool,
     },
@@ -623,7 +645,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        Command::Targets { json } => {
+        Command::Targets {
+            command: Some(TargetsCommand::Delete { name }),
+            ..
+        } => {
+            connection
+                .kiln()
+                .await?
+                .delete_target(v1::DeleteTargetRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            errln!("Deleted target {}.", output::sanitize(&name));
+            Ok(0)
+        }
+        Command::Targets { json, .. } => {
             let mut client = connection.kiln().await?;
             let targets = client
                 .list_targets(v1::ListTargetsRequest {})
@@ -632,6 +667,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .into_inner()
                 .targets;
             output::targets(&targets, json);
+            Ok(0)
+        }
+        Command::Agents {
+            command: Some(AgentsCommand::Forget { agent }),
+            ..
+        } => {
+            let agent = connection
+                .kiln()
+                .await?
+                .forget_agent(v1::ForgetAgentRequest { agent })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            errln!(
+                "Forgot agent {} (target {}).",
+                output::sanitize(&agent.id),
+                output::sanitize(&agent.target)
+            );
             Ok(0)
         }
         Command::Agents {

@@ -670,6 +670,7 @@ fn agents_table(agents: &[v1::Agent], default_host: &v1::HostInfo) {
                 HumanBytes(host.memory_bytes).to_string(),
                 gpus,
                 format!("{}/{}", a.runs_active, a.slots),
+                if host.low_priority { "low" } else { "normal" }.to_string(),
                 time(a.last_heartbeat_unix_ms),
                 if a.conflict.is_empty() {
                     a.state.clone()
@@ -688,6 +689,7 @@ fn agents_table(agents: &[v1::Agent], default_host: &v1::HostInfo) {
             "MEMORY",
             "GPUS",
             "RUNS",
+            "PRIORITY",
             "LAST HEARTBEAT",
             "STATE",
         ],

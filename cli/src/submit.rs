@@ -270,11 +270,19 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         .iter()
         .find(|t| t.name == target && t.agents_online == 0)
         .map(|t| {
-            format!(
-                "note: 0 of {} agents of target {target} are online: the run waits in the queue \
-                 until one is (`kiln agents`)",
-                t.agents_total
-            )
+            if t.agents_total == 0 {
+                // Stopped and revoked agents are not counted.
+                format!(
+                    "note: target {target} has no running agents (stopped, or none joined yet): \
+                     the run waits in the queue until one comes online (`kiln agents`)"
+                )
+            } else {
+                format!(
+                    "note: 0 of {} agents of target {target} are online: the run waits in the \
+                     queue until one is (`kiln agents`)",
+                    t.agents_total
+                )
+            }
         });
     if !targets.iter().any(|t| t.name == target) {
         let known: Vec<_> = targets.iter().map(|t| t.name.as_str()).collect();

@@ -176,7 +176,7 @@ impl Coordinator {
         let last_heard = store
             .list_agents()?
             .into_iter()
-            .filter(|agent| agent.state != "lost")
+            .filter(|agent| !matches!(agent.state.as_str(), "lost" | "stopped" | "revoked"))
             .map(|agent| (agent.id, started))
             .collect();
         let blobs = BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?;
@@ -212,6 +212,24 @@ impl Coordinator {
 
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// `kiln targets delete`: see [`store::Store::delete_target`].
+    pub async fn delete_target(&self, name: &str) -> Result<(), tonic::Status> {
+        let wanted = name.to_string();
+        let refused = self
+            .db
+            .call(move |s| s.delete_target(&wanted, now_ms()))
+            .await
+            .map_err(service::internal)?;
+        match refused {
+            Ok(()) => {
+                info!(target_name = %name, "Target deleted.");
+                Ok(())
+            }
+            Err(why) if why.ends_with("does not exist") => Err(tonic::Status::not_found(why)),
+            Err(why) => Err(tonic::Status::failed_precondition(why)),
+        }
     }
 
     /// Makes sure a target exists even before any agent joined it (the local target).
@@ -617,7 +635,52 @@ impl Coordinator {
     /// call, so also by the open session's next message, which is closed right away
     /// anyway: a long-lived stream never handshakes again), its runs are requeued, and the
     /// agent is told to stop its workloads and delete its key.
-    pub async fn revoke_agent(&self, agent: &str) -> Result<v1::Agent, tonic::Status> {
+    /// Removes a disconnected agent's row (`kiln agents forget`); an agent with a live
+    /// session, or one that is away with runs, is refused.
+    pub async fn forget_agent(&self, agent: &str) -> Result<v1::Agent, tonic::Status> {
+        let row = self.find_agent(agent).await?;
+        let connected = self.sessions().contains_key(&row.id);
+        if connected || matches!(row.state.as_str(), "online" | "draining" | "away") {
+            return Err(tonic::Status::failed_precondition(format!(
+                "agent {} is {}: stop it first (or `kiln agents revoke` it), then forget it",
+                row.id,
+                if connected {
+                    "connected"
+                } else {
+                    row.state.as_str()
+                }
+            )));
+        }
+        let id = row.id.clone();
+        self.db
+            .call(move |s| s.forget_agent(&id))
+            .await
+            .map_err(service::internal)?;
+        self.last_heard
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&row.id);
+        self.away
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&row.id);
+        info!(agent_id = %row.id, hostname = %row.host.hostname, "Agent forgotten.");
+        Ok(v1::Agent {
+            id: row.id,
+            target: row.target,
+            host: Some(row.host),
+            slots: row.slots,
+            runs_active: 0,
+            state: "forgotten".to_string(),
+            last_heartbeat_unix_ms: row.last_heartbeat_ms,
+            environments: row.environments,
+            conflict: row.conflict,
+            conflict_unix_ms: row.conflict_ms,
+        })
+    }
+
+    /// The one agent with this id or host name.
+    async fn find_agent(&self, agent: &str) -> Result<store::AgentRow, tonic::Status> {
         let wanted = agent.to_string();
         let found = self
             .db
@@ -631,19 +694,19 @@ impl Coordinator {
             })
             .await
             .map_err(service::internal)?;
-        let row = match found.len() {
-            0 => {
-                return Err(tonic::Status::not_found(format!(
-                    "no agent has id or host name `{agent}`: see `kiln agents`"
-                )));
-            }
-            1 => found.into_iter().next().expect("one"),
-            _ => {
-                return Err(tonic::Status::failed_precondition(format!(
-                    "several agents have host name `{agent}`: name one by its id"
-                )));
-            }
-        };
+        match found.len() {
+            0 => Err(tonic::Status::not_found(format!(
+                "no agent has id or host name `{agent}`: see `kiln agents`"
+            ))),
+            1 => Ok(found.into_iter().next().expect("one")),
+            _ => Err(tonic::Status::failed_precondition(format!(
+                "several agents have host name `{agent}`: name one by its id"
+            ))),
+        }
+    }
+
+    pub async fn revoke_agent(&self, agent: &str) -> Result<v1::Agent, tonic::Status> {
+        let row = self.find_agent(agent).await?;
         let (id, target) = (row.id.clone(), row.target.clone());
         self.db
             .call(move |s| s.revoke_agent(&id, &target, now_ms()))
@@ -798,6 +861,27 @@ impl Coordinator {
     /// it one disconnect grace from now instead of one TTL, and its runs stay placed.
     async fn agent_leaving(&self, agent_id: &str, goodbye: v1::Goodbye) -> anyhow::Result<()> {
         if !goodbye.runs_continue {
+            // A clean stop with nothing left running is `stopped`, never judged `lost`. If
+            // the coordinator still holds runs on it (one assigned as it stopped), the agent
+            // is judged after the TTL as usual, and its runs with it.
+            let id = agent_id.to_string();
+            let stopped = self
+                .db
+                .call(move |s| {
+                    if !s.active_runs_of_agent(&id)?.is_empty() {
+                        return anyhow::Ok(false);
+                    }
+                    s.set_agent_state(&id, "stopped")?;
+                    anyhow::Ok(true)
+                })
+                .await?;
+            if stopped {
+                info!(agent_id = %agent_id, "Agent stopped cleanly, with no runs.");
+                self.last_heard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(agent_id);
+            }
             return Ok(());
         }
         let grace = self.config.disconnect_grace;

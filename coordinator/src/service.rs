@@ -794,6 +794,35 @@ impl Kiln for Api {
         info!(agent = %agent, by = %user.name, "Agent revocation requested.");
         Ok(Response::new(self.0.revoke_agent(&agent).await?))
     }
+
+    async fn forget_agent(
+        &self,
+        request: Request<v1::ForgetAgentRequest>,
+    ) -> Result<Response<v1::Agent>, Status> {
+        let user = self
+            .0
+            .authenticate(&request)
+            .await?
+            .admin("forget agents")?;
+        let agent = request.into_inner().agent;
+        info!(agent = %agent, by = %user.name, "Agent forget requested.");
+        Ok(Response::new(self.0.forget_agent(&agent).await?))
+    }
+
+    async fn delete_target(
+        &self,
+        request: Request<v1::DeleteTargetRequest>,
+    ) -> Result<Response<v1::DeleteTargetReply>, Status> {
+        let user = self
+            .0
+            .authenticate(&request)
+            .await?
+            .admin("delete targets")?;
+        let name = request.into_inner().name;
+        info!(target_name = %name, by = %user.name, "Target deletion requested.");
+        self.0.delete_target(&name).await?;
+        Ok(Response::new(v1::DeleteTargetReply {}))
+    }
 }
 
 impl Api {

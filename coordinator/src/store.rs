@@ -220,6 +220,11 @@ ALTER TABLE agents ADD COLUMN conflict_ms INTEGER NOT NULL DEFAULT 0;
     r#"
 ALTER TABLE runs ADD COLUMN first_started_ms INTEGER;
 "#,
+    // 12: deleted targets (`kiln targets delete`) stay as rows, for the runs that name them;
+    // an agent joining one again brings it back.
+    r#"
+ALTER TABLE targets ADD COLUMN deleted_ms INTEGER;
+"#,
 ];
 
 pub struct Store {
@@ -449,18 +454,63 @@ impl Store {
 
     // ---- targets ----
 
+    /// Makes the target exist (again, if it was deleted).
     pub fn ensure_target(&self, name: &str, now_ms: i64) -> anyhow::Result<()> {
         self.conn.execute(
-            "INSERT OR IGNORE INTO targets (name, created_ms) VALUES (?1, ?2)",
+            "INSERT INTO targets (name, created_ms) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET deleted_ms = NULL WHERE deleted_ms IS NOT NULL",
             params![name, now_ms],
         )?;
         Ok(())
     }
 
+    /// Deletes a target that has no agents and no queued or active runs; its past runs keep
+    /// its name. Returns why it cannot be deleted, if it cannot.
+    pub fn delete_target(&mut self, name: &str, now_ms: i64) -> anyhow::Result<Result<(), String>> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let exists: bool = tx.query_row(
+            "SELECT count(*) > 0 FROM targets WHERE name = ?1 AND deleted_ms IS NULL",
+            [name],
+            |row| row.get(0),
+        )?;
+        if !exists {
+            return Ok(Err(format!("target `{name}` does not exist")));
+        }
+        let agents: Vec<String> = tx
+            .prepare("SELECT id FROM agents WHERE target = ?1 ORDER BY id")?
+            .query_map([name], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        if !agents.is_empty() {
+            return Ok(Err(format!(
+                "target `{name}` still has agents ({}): stop them and `kiln agents forget` each first",
+                agents.join(", ")
+            )));
+        }
+        let runs: i64 = tx.query_row(
+            "SELECT count(*) FROM runs WHERE target = ?1
+               AND status IN ('queued', 'assigned', 'running', 'stopping')",
+            [name],
+            |row| row.get(0),
+        )?;
+        if runs > 0 {
+            return Ok(Err(format!(
+                "target `{name}` has {runs} queued or active run(s): cancel them or let them end first"
+            )));
+        }
+        tx.execute(
+            "UPDATE targets SET deleted_ms = ?2 WHERE name = ?1",
+            params![name, now_ms],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    }
+
     pub fn target_names(&self) -> anyhow::Result<Vec<String>> {
         let mut stmt = self
             .conn
-            .prepare("SELECT name FROM targets ORDER BY name")?;
+            .prepare("SELECT name FROM targets WHERE deleted_ms IS NULL ORDER BY name")?;
         let names = stmt
             .query_map([], |row| row.get(0))?
             .collect::<Result<_, _>>()?;
@@ -471,10 +521,11 @@ impl Store {
         let mut stmt = self.conn.prepare(
             "SELECT t.name,
                 (SELECT count(*) FROM agents a WHERE a.target = t.name AND a.state = 'online'),
-                (SELECT count(*) FROM agents a WHERE a.target = t.name),
+                (SELECT count(*) FROM agents a WHERE a.target = t.name
+                    AND a.state NOT IN ('revoked', 'stopped')),
                 (SELECT count(*) FROM runs r WHERE r.target = t.name AND r.status = 'queued'),
                 (SELECT count(*) FROM runs r WHERE r.target = t.name AND r.status IN ('assigned', 'running', 'stopping'))
-             FROM targets t ORDER BY t.name",
+             FROM targets t WHERE t.deleted_ms IS NULL ORDER BY t.name",
         )?;
         let targets = stmt
             .query_map([], |row| {
@@ -1508,6 +1559,13 @@ impl Store {
             [agent_id],
         )?;
         Ok(changed > 0)
+    }
+
+    /// Removes an agent's row (`kiln agents forget`); its past runs keep its id.
+    pub fn forget_agent(&self, agent_id: &str) -> anyhow::Result<()> {
+        self.conn
+            .execute("DELETE FROM agents WHERE id = ?1", [agent_id])?;
+        Ok(())
     }
 
     // ---- users ----

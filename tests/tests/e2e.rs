@@ -1390,7 +1390,7 @@ fn a_queued_run_says_why_it_waits() {
     ]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(
-        text(&output.stderr).contains("note: 0 of 1 agents of target beta are online"),
+        text(&output.stderr).contains("note: target beta has no running agents (stopped"),
         "{}",
         text(&output.stderr)
     );
@@ -1434,4 +1434,93 @@ fn a_queued_run_says_why_it_waits() {
     cluster.kiln(&["cancel", &stranded.to_string()]);
     cluster.agents[0].stop_cleanly();
     cluster.coordinator.stop_cleanly();
+}
+
+#[test]
+fn a_cleanly_stopped_agent_is_stopped_and_agents_and_targets_can_be_removed() {
+    // TTL 2 s: a stopped agent that were judged like a silent one would be lost by then.
+    let mut cluster = Cluster::start_with_ttl(TWO_TARGETS, 2);
+    let beta_agent = cluster.agent_id(1);
+    let target_of = |cluster: &Cluster, name: &str| {
+        let targets = cluster.json(&["targets", "--json"]);
+        targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+    };
+    assert_eq!(target_of(&cluster, "beta").unwrap()["agents_total"], 1);
+
+    // An online agent can be neither forgotten nor its target deleted.
+    let refused = cluster.kiln(&["agents", "forget", &beta_agent]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("stop it first"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let refused = cluster.kiln(&["targets", "delete", "beta"]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("still has agents"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    // SIGTERM with no runs: `stopped`, and still `stopped` well past the TTL.
+    cluster.agents[1].stop_cleanly();
+    std::thread::sleep(Duration::from_secs(5));
+    let agents = cluster.json(&["agents", "--json"]);
+    let beta = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == beta_agent.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(beta["state"], "stopped", "{agents}");
+    assert_eq!(target_of(&cluster, "beta").unwrap()["agents_total"], 0);
+    let table = text(&cluster.kiln(&["agents"]).stdout);
+    assert!(
+        table.lines().next().unwrap().contains("PRIORITY"),
+        "{table}"
+    );
+
+    // Forget it, then delete its target: gone from the lists, submissions refused; the
+    // other target is untouched.
+    let forgot = cluster.kiln(&["agents", "forget", &beta_agent]);
+    assert!(forgot.status.success(), "{}", text(&forgot.stderr));
+    let agents = cluster.json(&["agents", "--json"]);
+    assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    let deleted = cluster.kiln(&["targets", "delete", "beta"]);
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    assert!(target_of(&cluster, "beta").is_none());
+    assert!(target_of(&cluster, "alpha").is_some());
+    let src = source_dir(&[("ok.py", "print('ok')\n")]);
+    let refused = cluster.kiln(&[
+        "submit",
+        "--target",
+        "beta",
+        src.path().to_str().unwrap(),
+        "ok.py",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("does not exist"),
+        "{}",
+        text(&refused.stderr)
+    );
+    let again = cluster.kiln(&["targets", "delete", "beta"]);
+    assert!(
+        text(&again.stderr).contains("does not exist"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    // The agent coming back (its key still good) registers again, and its target with it.
+    cluster.restart_agent(1);
+    cluster.wait_agents_online(2);
+    assert_eq!(target_of(&cluster, "beta").unwrap()["agents_online"], 1);
+    cluster.stop();
 }

@@ -595,7 +595,7 @@ fn a_drained_agent_stops_and_gives_back_its_runs_and_takes_no_new_ones() {
     let first = logs(&cluster, run_id);
     assert!(first.contains("checkpoint written"), "{first}");
     let agents = cluster.json(&["agents", "--json"]);
-    assert_eq!(agents[0]["state"], "offline", "{agents}");
+    assert_eq!(agents[0]["state"], "stopped", "{agents}");
     // Nothing left to drain.
     let again = drain_command(&cluster, 0).output().unwrap();
     assert!(again.status.success());
