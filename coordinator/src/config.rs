@@ -58,6 +58,25 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queued_per_user: Option<u32>,
 
+    /// Most connections open at once (TCP listeners); more are closed at once, so that
+    /// idle or stalled connections cannot use up the coordinator's file descriptors.
+    /// [default: 8192]
+    #[arg(long, env = "KILN_MAX_CONNECTIONS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+
+    /// Most connections open at once from one IP address: one client cannot take every
+    /// connection (agents and users behind one NAT address share it). [default: 1024]
+    #[arg(long, env = "KILN_MAX_CONNECTIONS_PER_IP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_ip: Option<u32>,
+
+    /// Seconds an upload (snapshot, outputs, checkpoint) may send nothing before it is
+    /// ended and its partial blob dropped; the client's retry starts it again. [default: 60]
+    #[arg(long, env = "KILN_UPLOAD_STALL_TIMEOUT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upload_stall_timeout: Option<u64>,
+
     /// Log filter, RUST_LOG syntax: a level (error, warn, info, debug, trace) or
     /// directives such as "info,kiln_coordinator=debug". [default: info]
     #[arg(long, env = "RUST_LOG")]
@@ -124,6 +143,9 @@ pub struct Effective {
     pub disconnect_grace: u64,
     pub max_blob_bytes: u64,
     pub max_queued_per_user: u32,
+    pub max_connections: u32,
+    pub max_connections_per_ip: u32,
+    pub upload_stall_timeout: u64,
     pub log: String,
     pub advertise_url: String,
     pub insecure: bool,
@@ -148,6 +170,9 @@ impl Settings {
             heartbeat_ttl: self.heartbeat_ttl.or(lower.heartbeat_ttl),
             disconnect_grace: self.disconnect_grace.or(lower.disconnect_grace),
             max_queued_per_user: self.max_queued_per_user.or(lower.max_queued_per_user),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
+            upload_stall_timeout: self.upload_stall_timeout.or(lower.upload_stall_timeout),
             max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
             log: self.log.or(lower.log),
             advertise_url: self.advertise_url.or(lower.advertise_url),
@@ -197,6 +222,22 @@ impl Settings {
             .unwrap_or(crate::DEFAULT_MAX_QUEUED_PER_USER);
         if max_queued_per_user == 0 {
             problems.push("max_queued_per_user is 0: use at least 1".to_string());
+        }
+        let max_connections = self
+            .max_connections
+            .unwrap_or(crate::conns::DEFAULT_MAX_CONNECTIONS);
+        let max_connections_per_ip = self
+            .max_connections_per_ip
+            .unwrap_or(crate::conns::DEFAULT_MAX_CONNECTIONS_PER_IP);
+        let upload_stall_timeout = self
+            .upload_stall_timeout
+            .unwrap_or(crate::DEFAULT_UPLOAD_STALL_TIMEOUT.as_secs());
+        if upload_stall_timeout == 0 {
+            problems.push("upload_stall_timeout is 0: use at least 1 (seconds)".to_string());
+        }
+        if max_connections == 0 || max_connections_per_ip == 0 {
+            problems
+                .push("max_connections and max_connections_per_ip must be at least 1".to_string());
         }
         let log = self.log.unwrap_or_else(|| DEFAULT_LOG.to_string());
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&log) {
@@ -260,6 +301,9 @@ impl Settings {
             disconnect_grace,
             max_blob_bytes,
             max_queued_per_user,
+            max_connections,
+            max_connections_per_ip,
+            upload_stall_timeout,
             log,
             advertise_url,
             insecure,
@@ -281,6 +325,9 @@ impl Effective {
         config.disconnect_grace = std::time::Duration::from_secs(self.disconnect_grace);
         config.max_blob_bytes = self.max_blob_bytes;
         config.max_queued_per_user = self.max_queued_per_user;
+        config.max_connections = self.max_connections as usize;
+        config.max_connections_per_ip = self.max_connections_per_ip as usize;
+        config.upload_stall_timeout = std::time::Duration::from_secs(self.upload_stall_timeout);
         config
     }
 

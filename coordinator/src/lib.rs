@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod blobs;
 pub mod config;
+pub mod conns;
 pub mod join;
 pub mod lifecycle;
 pub mod limits;
@@ -43,6 +44,7 @@ pub const DEFAULT_DISCONNECT_GRACE: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_BLOB_BYTES: u64 = 8 << 30;
 /// Default most runs one user may have queued.
 pub const DEFAULT_MAX_QUEUED_PER_USER: u32 = 1000;
+pub const DEFAULT_UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -54,6 +56,11 @@ pub struct Config {
     pub max_blob_bytes: u64,
     /// Most runs one user may have queued (`submit_run` refuses more).
     pub max_queued_per_user: u32,
+    /// Caps on open TCP connections, in all and per client IP (see `conns.rs`).
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// How long an upload may send nothing (`service::next_chunk`).
+    pub upload_stall_timeout: Duration,
     /// TLS and authentication: with a PKI every call is authenticated (see `auth.rs`);
     /// without (`--insecure`, the local target's Unix socket) nobody is.
     pub pki: Option<Arc<pki::Pki>>,
@@ -67,6 +74,9 @@ impl Config {
             disconnect_grace: DEFAULT_DISCONNECT_GRACE,
             max_blob_bytes: DEFAULT_MAX_BLOB_BYTES,
             max_queued_per_user: DEFAULT_MAX_QUEUED_PER_USER,
+            max_connections: conns::DEFAULT_MAX_CONNECTIONS as usize,
+            max_connections_per_ip: conns::DEFAULT_MAX_CONNECTIONS_PER_IP as usize,
+            upload_stall_timeout: DEFAULT_UPLOAD_STALL_TIMEOUT,
             pki: None,
         }
     }

@@ -66,6 +66,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let enrollment = crate::join::enrollment_service(coordinator.clone());
+    let limits = crate::conns::ConnectionLimits::new(
+        coordinator.config.max_connections,
+        coordinator.config.max_connections_per_ip,
+    );
     let mut builder = tonic::transport::Server::builder();
     if let Some(pki) = &coordinator.config.pki {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -96,8 +100,10 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
+            // Clients send chunks of BLOB_CHUNK_BYTES: a larger cap on what one message may
+            // be only lets a stalled upload hold more memory while it waits.
             v1::blobs_server::BlobsServer::new(api)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(MAX_UPLOAD_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(enrollment);
@@ -108,6 +114,7 @@ pub async fn serve(
             let incoming = tonic::transport::server::TcpIncoming::from(listener)
                 .with_nodelay(Some(true))
                 .with_keepalive(Some(std::time::Duration::from_secs(60)));
+            let incoming = crate::conns::limit(incoming, limits);
             router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled())
                 .await?
@@ -122,6 +129,23 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Most bytes one message of an upload may have: 4 chunks' worth.
+const MAX_UPLOAD_MESSAGE_BYTES: usize = 4 * BLOB_CHUNK_BYTES;
+
+/// The next chunk of an upload; a stream that sends nothing for `stall` is an error.
+async fn next_chunk(
+    chunks: &mut Streaming<v1::BlobChunk>,
+    stall: std::time::Duration,
+) -> Result<Option<v1::BlobChunk>, Status> {
+    match tokio::time::timeout(stall, chunks.next()).await {
+        Ok(next) => next.transpose(),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "upload stalled: nothing arrived for {} s; the partial upload was dropped, try again",
+            stall.as_secs()
+        ))),
+    }
 }
 
 #[derive(Clone)]
@@ -1085,10 +1109,10 @@ impl Blobs for Api {
     ) -> Result<Response<v1::UploadBlobReply>, Status> {
         let caller = self.0.authenticate(&request).await?;
         let mut chunks = request.into_inner();
-        let first = chunks
-            .next()
-            .await
-            .ok_or_else(|| Status::invalid_argument("empty upload"))??;
+        let stall = self.0.config.upload_stall_timeout;
+        let first = next_chunk(&mut chunks, stall)
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload"))?;
         let digest = first.digest.clone();
         let mut writer = self.0.blobs.writer(&digest).await?;
         let mut chunk = Some(first);
@@ -1097,13 +1121,13 @@ impl Blobs for Api {
                 self.0.blobs.abort(writer).await;
                 return Err(error.into());
             }
-            match chunks.next().await {
-                Some(Ok(next)) => chunk = Some(next),
-                Some(Err(status)) => {
+            match next_chunk(&mut chunks, stall).await {
+                Ok(Some(next)) => chunk = Some(next),
+                Err(status) => {
                     self.0.blobs.abort(writer).await;
                     return Err(status);
                 }
-                None => {}
+                Ok(None) => {}
             }
         }
         let size = self.0.blobs.commit(writer).await?;

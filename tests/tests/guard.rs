@@ -656,3 +656,50 @@ fn an_attempt_directory_no_run_holds_is_swept_while_the_agent_runs() {
     );
     cluster.stop();
 }
+
+#[test]
+fn an_upload_that_stalls_is_ended_and_leaves_no_partial_blob() {
+    let cluster = Cluster::start_with_coordinator_args(&[], 5, &["--upload-stall-timeout", "2"]);
+    let uploads = cluster.coordinator_data().join("blobs/tmp");
+    let status = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let channel =
+                kiln_proto::connect(&kiln_proto::Address::parse(&cluster.address).unwrap())
+                    .await
+                    .unwrap();
+            let mut blobs = kiln_proto::clients::blobs(channel, kiln_proto::Bearer::none());
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            // The first chunk of a bigger blob, then nothing, with the stream held open.
+            tx.send(kiln_proto::v1::BlobChunk {
+                digest: format!("sha256:{}", "ab".repeat(32)),
+                data: vec![7u8; 200 * 1024],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let started = Instant::now();
+            let call = blobs.upload_blob(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let ended = tokio::time::timeout(Duration::from_secs(20), call)
+                .await
+                .expect("the coordinator ends a stalled upload");
+            drop(tx);
+            (
+                ended.expect_err("a stalled upload fails"),
+                started.elapsed(),
+            )
+        });
+    let (status, took) = status;
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("upload stalled"), "{status:?}");
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    let left: Vec<_> = std::fs::read_dir(&uploads).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "partial uploads left in {}: {left:?}",
+        uploads.display()
+    );
+    cluster.stop();
+}

@@ -970,3 +970,55 @@ fn one_member_cannot_crowd_out_another() {
     });
     assert_eq!(order(), "a1\nb1\na2\na3\na4\n");
 }
+
+#[test]
+fn connections_that_say_nothing_cannot_crowd_out_other_users() {
+    // A small per-address cap, so the test needs few descriptors: an attacker on
+    // 127.0.0.2 opens ten times that many connections and sends nothing.
+    let cluster = SecureCluster::start(&["--max-connections-per-ip", "50"]);
+    let user = cluster.login("ana", "member");
+    let port: u16 = cluster
+        .address
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port");
+    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let held: Vec<tokio::net::TcpStream> = block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..500 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+            held.push(socket.connect(target).await.expect("connect"));
+        }
+        // The coordinator keeps the first 50 and closes the others as it accepts them:
+        // they read EOF (the 50 are closed only by the TLS handshake timeout, 10 s).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut closed = 0;
+        for stream in &mut held {
+            use tokio::io::AsyncReadExt as _;
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(20), stream.read(&mut byte)).await
+            {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, 450, "of 500 connections; all but the 50 admitted");
+        held
+    });
+    // A real user on another address is served while the attacker holds its share.
+    let started = std::time::Instant::now();
+    let runs = user.kiln(&["runs"]);
+    assert!(runs.status.success(), "{}", text(&runs.stderr));
+    eprintln!(
+        "kiln runs answered in {:?} beside 500 idle connections",
+        started.elapsed()
+    );
+    let log = std::fs::read_to_string(cluster.dir.path().join("coordinator.log")).unwrap();
+    assert!(
+        log.contains("this address has max_connections_per_ip open"),
+        "{log}"
+    );
+    drop(held);
+}
