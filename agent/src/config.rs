@@ -266,9 +266,10 @@ impl Settings {
             }
             None => {
                 problems.push(
-                    "target is not set: the compute target this agent joins. Run `kiln-agent \
-                     join --coordinator URL --token TOKEN --target NAME`, or set `target` in \
-                     the config file, or pass --target"
+                    "target is not set: the compute target this agent joins. Run the join \
+                     command `kiln-coordinator token create` prints (`sudo kiln-agent join \
+                     --coordinator URL --ca-hash sha256:HEX --token-file - --target NAME`), or set \
+                     `target` in the config file, or pass --target"
                         .to_string(),
                 );
                 String::new()
@@ -622,6 +623,8 @@ mod tests {
         );
         let error = settings.clone().resolve().unwrap_err().to_string();
         assert!(error.contains("kiln-agent join"), "{error}");
+        // The join command a new admin can type: with the CA pin, the token not on argv.
+        assert!(error.contains("--ca-hash"), "{error}");
         let joined = Settings {
             target: Some("gpu".into()),
             ..Settings::default()

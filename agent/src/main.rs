@@ -186,7 +186,9 @@ fn main() -> anyhow::Result<()> {
             Ok(Some(_)) => {}
             Ok(None) => exit_config_error(anyhow::anyhow!(
                 "this agent has no certificate for {} (it never joined, or was revoked): run \
-                 the `kiln-agent join` command that `kiln-coordinator token create` prints",
+                 the `kiln-agent join` command that `kiln-coordinator token create` prints \
+                 (`sudo kiln-agent join --coordinator URL --ca-hash sha256:HEX --token-file - \
+                 --target NAME`)",
                 effective.coordinator
             )),
             Err(error) => exit_config_error(error),
