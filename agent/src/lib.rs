@@ -135,6 +135,9 @@ pub struct Agent {
     /// Cancelled when the agent is drained (`kiln-agent drain`): every run is stopped and
     /// reported `drained`, and the coordinator gives this agent no new runs.
     drain: CancellationToken,
+    /// Set as the agent stops (before its run tasks detach and leave the table): whether it
+    /// held runs, which go on under their supervisors (`Goodbye.runs_continue`).
+    stopping_with_runs: std::sync::atomic::AtomicBool,
     /// The channel of the current session, for blob transfers.
     channel: tokio::sync::watch::Sender<Option<tonic::transport::Channel>>,
     python_dir: PathBuf,
@@ -235,6 +238,7 @@ impl Agent {
             session_generation: tokio::sync::watch::channel(0).0,
             detach: CancellationToken::new(),
             drain,
+            stopping_with_runs: std::sync::atomic::AtomicBool::new(false),
             channel,
             python_dir,
         });
@@ -274,6 +278,10 @@ impl Agent {
                 "Agent stopping; its runs go on under their supervisors."
             );
         }
+        agent.stopping_with_runs.store(
+            !agent.runs().is_empty(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
         agent.detach.cancel();
         agent.run_tasks.close();
         agent.run_tasks.wait().await;

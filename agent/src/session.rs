@@ -264,7 +264,8 @@ async fn connected(
                 }
                 // A drained agent has stopped and reported its runs: none go on; an agent
                 // with none is simply `stopped` (never judged lost).
-                let runs_continue = !agent.drain.is_cancelled() && !agent.active_runs().is_empty();
+                let runs_continue = !agent.drain.is_cancelled()
+                    && agent.stopping_with_runs.load(std::sync::atomic::Ordering::SeqCst);
                 if runs_continue {
                     agent.leaving();
                 }

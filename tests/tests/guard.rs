@@ -24,12 +24,26 @@ fn logs(cluster: &Cluster, run_id: i64) -> String {
     text(&cluster.kiln(&["logs", &run_id.to_string()]).stdout)
 }
 
-/// Waits for `kiln logs RUN` to contain `needle`.
+/// Waits for `kiln logs RUN` to contain `needle`; on a timeout, says what the run, its log
+/// and the agents' logs show.
 fn wait_for_log(cluster: &Cluster, run_id: i64, needle: &str) {
-    wait_for(
-        &format!("run {run_id} to print {needle:?}"),
-        Duration::from_secs(60),
-        || logs(cluster, run_id).contains(needle).then_some(()),
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if logs(cluster, run_id).contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let agents: Vec<String> = cluster
+        .agents
+        .iter()
+        .map(|agent| tail(&agent.log_text(), 30))
+        .collect();
+    panic!(
+        "timed out after 60s waiting for run {run_id} to print {needle:?}\nrun: {}\nlog:\n{}\nagents:\n{}",
+        cluster.run(run_id),
+        logs(cluster, run_id),
+        agents.join("\n---\n")
     );
 }
 
