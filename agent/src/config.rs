@@ -481,89 +481,153 @@ pub fn parse(text: &str, origin: &Path) -> anyhow::Result<Settings> {
 
 /// Reads the config file: `explicit` (which must exist) or else [`DEFAULT_CONFIG_PATH`] when it
 /// exists. Returns the path read, if any, and its settings.
-pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Option<PathBuf>, Settings)> {
+pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Vec<PathBuf>, Settings)> {
     load_from(explicit, Path::new(DEFAULT_CONFIG_PATH))
 }
 
-fn load_from(
-    explicit: Option<&Path>,
-    default: &Path,
-) -> anyhow::Result<(Option<PathBuf>, Settings)> {
-    kiln_common::config_file::load(explicit, default)
+/// The config file (`explicit`, or `default` when it exists), then every `*.toml` of its
+/// drop-in directory ([`drop_in_dir`]) in name order, each over the ones before. Returns
+/// the files read and the merged settings.
+fn load_from(explicit: Option<&Path>, default: &Path) -> anyhow::Result<(Vec<PathBuf>, Settings)> {
+    let (file, mut settings) = kiln_common::config_file::load::<Settings>(explicit, default)?;
+    let mut read: Vec<PathBuf> = file.into_iter().collect();
+    for path in drop_in_files(&drop_in_dir(explicit.unwrap_or(default)))? {
+        settings = read_layer(&path)?.or(settings);
+        read.push(path);
+    }
+    Ok((read, settings))
 }
+
+/// The `*.toml` files of a drop-in directory, in name order (none when it does not exist).
+fn drop_in_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+            .collect(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => {
+            return Err(error).with_context(|| format!("read config directory {}", dir.display()));
+        }
+    };
+    files.sort();
+    Ok(files)
+}
+
+fn read_layer(path: &Path) -> anyhow::Result<Settings> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    kiln_common::config_file::parse(&text, path)
+}
+
+/// The drop-in directory of a config file: `/etc/kiln/agent.toml` → `/etc/kiln/agent.d/`.
+/// Its files are read after the config file and override it; `kiln-agent join` writes
+/// [`JOINED_FILE`] there, so the packaged conffile is never edited (an upgrade that ships a
+/// new one then neither stops at dpkg's prompt nor loses the join).
+pub fn drop_in_dir(config: &Path) -> PathBuf {
+    let stem = config
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "agent".to_string());
+    config
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(format!("{stem}.d"))
+}
+
+/// What `kiln-agent join` writes in [`drop_in_dir`].
+pub const JOINED_FILE: &str = "50-joined.toml";
 
 /// The commented default config the package installs; `join` starts from it when the
 /// config file does not exist yet.
 pub const SHIPPED_CONFIG: &str = include_str!("../../packaging/agent.toml");
 
-/// Sets top-level `key = value` lines in a config file's text, keeping everything else: an
-/// existing `key = ...` line is replaced, else a commented-out `# key = ...` line, else the
-/// line is appended. Values are TOML strings. The agent's config has only top-level scalar
-/// keys, so this line-wise edit is sound; [`write_joined`] parses the result to be sure.
-pub fn set_keys(text: &str, keys: &[(&str, &str)]) -> String {
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-    for (key, value) in keys {
-        let line = format!("{key} = {}", toml::Value::String(value.to_string()));
-        let is_key = |candidate: &str| {
-            candidate
-                .strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        };
-        let set = lines.iter().position(|l| is_key(l.trim_start()));
-        let commented = || {
-            lines.iter().position(|l| {
-                l.strip_prefix('#')
-                    .is_some_and(|rest| is_key(rest.trim_start()))
-            })
-        };
-        match set.or_else(commented) {
-            Some(index) => lines[index] = line,
-            None => lines.push(line),
-        }
-    }
-    let mut text = lines.join("\n");
-    text.push('\n');
-    text
-}
-
-/// What `kiln-agent join` writes: the config file at `path` (or the shipped default when
-/// there is none) with `coordinator` and `target` set, and `data_dir` when given (made
-/// absolute, so the file means the same from any working directory). The file is replaced
-/// atomically, mode 0640, keeping its owner and group (new files: root and group `kiln`
-/// when it exists, so the service can read it and nobody else can).
+/// What `kiln-agent join` writes: `coordinator`, `target` and, when given, `data_dir`
+/// (made absolute, so it means the same from any working directory) in
+/// [`drop_in_dir`]`/`[`JOINED_FILE`] of the config file at `path`, which is left as it is
+/// (created from the shipped default when there is none, for an agent set up by hand). A
+/// later join without `data_dir` keeps the one an earlier join wrote. Files are replaced
+/// atomically, mode 0640, keeping their owner and group (new files: root and group `kiln`
+/// when it exists, so the service can read them and nobody else can).
 pub fn write_joined(
     path: &Path,
     coordinator: &str,
     target: &str,
     data_dir: Option<&Path>,
 ) -> anyhow::Result<Effective> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
-    let existing = match std::fs::read_to_string(path) {
-        Ok(text) => Some(text),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-        Err(error) => {
-            return Err(error).with_context(|| format!("read config file {}", path.display()));
-        }
-    };
     let data_dir = data_dir
         .map(|dir| std::path::absolute(dir).with_context(|| format!("resolve {}", dir.display())))
         .transpose()?;
-    let data_dir_text = data_dir.as_ref().map(|dir| dir.to_string_lossy());
-    let mut keys = vec![("coordinator", coordinator), ("target", target)];
-    if let Some(dir) = &data_dir_text {
-        keys.push(("data_dir", dir));
+    if !path.exists() {
+        write_private(path, SHIPPED_CONFIG)?;
     }
-    let text = set_keys(existing.as_deref().unwrap_or(SHIPPED_CONFIG), &keys);
-    let effective = parse(&text, path)?.resolve()?;
-    anyhow::ensure!(
-        effective.coordinator == coordinator
-            && effective.target == target
-            && data_dir
-                .as_ref()
-                .is_none_or(|dir| effective.data_dir == *dir),
-        "internal error: the edited config file does not say what join meant to write"
+    let joined_path = drop_in_dir(path).join(JOINED_FILE);
+    let earlier: Option<Settings> = match std::fs::read_to_string(&joined_path) {
+        Ok(text) => kiln_common::config_file::parse(&text, &joined_path).ok(),
+        Err(_) => None,
+    };
+    let joined = Settings {
+        coordinator: Some(coordinator.to_string()),
+        target: Some(target.to_string()),
+        data_dir: data_dir.or_else(|| earlier.and_then(|e| e.data_dir)),
+        ..Settings::default()
+    };
+    let mut text = String::from(
+        "# Written by `kiln-agent join`; read after agent.toml and overriding it. Join again\n\
+         # to change it (editing it works too).\n",
     );
+    text.push_str(&toml::to_string(&joined).context("write the joined settings")?);
+    // What the agent will read once the file is written, checked before it is.
+    let mut merged = base_of(path)?;
+    let mut files = drop_in_files(&drop_in_dir(path))?;
+    if !files.contains(&joined_path) {
+        files.push(joined_path.clone());
+        files.sort();
+    }
+    for file in &files {
+        let layer = if *file == joined_path {
+            joined.clone()
+        } else {
+            read_layer(file)?
+        };
+        merged = layer.or(merged);
+    }
+    let effective = merged.resolve()?;
+    anyhow::ensure!(
+        effective.coordinator == coordinator && effective.target == target,
+        "another file in {} sets coordinator or target after {JOINED_FILE}: remove it or \
+         join again once it is gone",
+        drop_in_dir(path).display()
+    );
+    let dir = drop_in_dir(path);
+    if !dir.exists() {
+        // root:kiln 0750, like the file in it: the service (user kiln) must read it.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))
+            .with_context(|| format!("set the mode of {}", dir.display()))?;
+        if let Some(group) = nix::unistd::Group::from_name("kiln").ok().flatten() {
+            let _ = std::os::unix::fs::chown(&dir, None, Some(group.gid.as_raw()));
+        }
+    }
+    write_private(&joined_path, &text)?;
+    Ok(effective)
+}
+
+/// The settings of the config file itself (none when it does not exist).
+fn base_of(path: &Path) -> anyhow::Result<Settings> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => kiln_common::config_file::parse(&text, path),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+        Err(error) => Err(error).with_context(|| format!("read config file {}", path.display())),
+    }
+}
+
+/// Replaces `path` atomically with `text`, mode 0640, keeping the owner and group of the
+/// file it replaces (new files: group `kiln` when it exists).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
     let dir = path
         .parent()
         .filter(|dir| !dir.as_os_str().is_empty())
@@ -605,7 +669,7 @@ pub fn write_joined(
         let _ = std::fs::remove_file(&tmp);
         return Err(error).with_context(|| format!("write config file {}", path.display()));
     }
-    Ok(effective)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -737,59 +801,59 @@ mod tests {
         let missing = dir.path().join("missing.toml");
         assert!(load_from(Some(&missing), &missing).is_err());
         let (path, settings) = load_from(None, &missing).unwrap();
-        assert_eq!((path, settings), (None, Settings::default()));
+        assert_eq!((path, settings), (Vec::new(), Settings::default()));
     }
 
     #[test]
-    fn join_sets_coordinator_and_target_and_keeps_the_rest() {
-        fn check(before: &str, after: &str) {
-            let edited = set_keys(
-                before,
-                &[("coordinator", "http://c:7070"), ("target", "gpu")],
-            );
-            assert_eq!(edited, after, "from {before:?}");
-        }
-        // Uncomments the documented line in place.
-        check(
-            "# doc\n# coordinator = \"http://127.0.0.1:7070\"\nslots = 2\n# target = \"x\"\n",
-            "# doc\ncoordinator = \"http://c:7070\"\nslots = 2\ntarget = \"gpu\"\n",
-        );
-        // Replaces a set value (not a key that merely starts the same), appends a missing one.
-        check(
-            "target = \"old\"\ntargets_note = 1\n",
-            "target = \"gpu\"\ntargets_note = 1\ncoordinator = \"http://c:7070\"\n",
-        );
-        // The shipped file: only the two lines change.
-        let edited = set_keys(
-            SHIPPED_CONFIG,
-            &[("coordinator", "http://c:7070"), ("target", "gpu")],
-        );
-        assert_eq!(edited.lines().count(), SHIPPED_CONFIG.lines().count());
-        let settings = parse(&edited, Path::new("edited")).unwrap();
-        assert_eq!(settings.target.as_deref(), Some("gpu"));
-        assert_eq!(
-            settings.data_dir.as_deref(),
-            Some(Path::new("/var/lib/kiln/agent"))
-        );
-    }
-
-    #[test]
-    fn write_joined_keeps_other_settings_and_makes_the_file_private() {
+    fn join_writes_a_drop_in_and_never_edits_the_config_file() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("etc/agent.toml");
+        let joined = dir.path().join("etc/agent.d").join(JOINED_FILE);
+        // No config file yet (an agent set up by hand): the shipped one is written.
         let effective = write_joined(&path, "http://c:7070", "gpu", None).unwrap();
         assert_eq!(effective.data_dir, Path::new("/var/lib/kiln/agent"));
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o640);
-        std::fs::write(&path, "slots = 4\ntarget = \"old\"\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), SHIPPED_CONFIG);
+        for file in [&path, &joined] {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o640, "{}", file.display());
+        }
+        // The admin's edits of the conffile stay byte for byte; the join overrides target.
+        let edited = "slots = 4\ntarget = \"old\"\n";
+        std::fs::write(&path, edited).unwrap();
         let effective = write_joined(&path, "http://d:7070", "cpu", None).unwrap();
         assert_eq!((effective.slots, effective.target.as_str()), (4, "cpu"));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), edited);
+        let (read, settings) = load(Some(&path)).unwrap();
+        assert_eq!(read, [path.clone(), joined.clone()]);
+        assert_eq!(settings.resolve().unwrap(), effective);
+        // A bad target is refused and nothing changes.
         assert!(write_joined(&path, "http://d:7070", "Bad_Name", None).is_err());
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("etc")).unwrap().count(),
-            1
+        assert!(
+            std::fs::read_to_string(&joined)
+                .unwrap()
+                .contains("\"cpu\"")
         );
+        // Later drop-ins override earlier ones; a later one that sets the target makes a
+        // join refuse rather than write what would not take effect.
+        std::fs::write(dir.path().join("etc/agent.d/90-local.toml"), "slots = 8\n").unwrap();
+        assert_eq!(load(Some(&path)).unwrap().1.resolve().unwrap().slots, 8);
+        std::fs::write(
+            dir.path().join("etc/agent.d/99-x.toml"),
+            "target = \"zz\"\n",
+        )
+        .unwrap();
+        let error = write_joined(&path, "http://d:7070", "cpu", None).unwrap_err();
+        assert!(
+            format!("{error:#}").contains("99-x.toml") || format!("{error:#}").contains("after"),
+            "{error:#}"
+        );
+        // No temporary files left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("etc/agent.d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
     }
 
     #[test]

@@ -174,9 +174,11 @@ fn main() -> anyhow::Result<()> {
         .resolve()
         .unwrap_or_else(|error| exit_config_error(error));
     if args.print_config {
-        match &file {
-            Some(path) => println!("# config file: {}", path.display()),
-            None => println!("# config file: none"),
+        if file.is_empty() {
+            println!("# config file: none");
+        }
+        for path in &file {
+            println!("# config file: {}", path.display());
         }
         print!("{}", effective.to_toml());
         return Ok(());
@@ -207,9 +209,9 @@ fn main() -> anyhow::Result<()> {
     {
         warn!("{warning}");
     }
-    let config_file = file.map(|path| path.display().to_string());
+    let config_files: Vec<String> = file.iter().map(|p| p.display().to_string()).collect();
     info!(
-        config_file = config_file.as_deref().unwrap_or("none"),
+        config_files = %if config_files.is_empty() { "none".to_string() } else { config_files.join(", ") },
         version = kiln_common::VERSION,
         "Configuration loaded."
     );
@@ -352,7 +354,9 @@ fn join(
         reply.target,
         reply.coordinator_version,
         reply.agent_id,
-        path.display()
+        config::drop_in_dir(path)
+            .join(config::JOINED_FILE)
+            .display()
     );
     if no_restart {
         eprintln!(

@@ -225,8 +225,8 @@ fn callers_reach_only_their_own_api_and_runs() {
     let other_tls = cluster.agent_tls(other);
     // (The other agent stops first: its identity has one session at a time.)
     cluster.agents[other].as_mut().unwrap().stop_cleanly();
-    // Stopped with SIGTERM, it said goodbye: away, its runs kept for the disconnect grace.
-    cluster.wait_agent_state(&admin, &other_id, "away");
+    // Stopped with SIGTERM and no runs, it said goodbye: stopped, its session closed.
+    cluster.wait_agent_state(&admin, &other_id, "stopped");
     block_on(async {
         let as_other = channel(&address, &other_tls).await.unwrap();
         let (tx, _inbound) = session(as_other, &other_id, "cpu").await.unwrap();
