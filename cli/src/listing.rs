@@ -45,32 +45,47 @@ pub async fn runs(client: &mut Client, target: &str, limit: u32) -> anyhow::Resu
     Ok(runs)
 }
 
+/// Every item of a paged list: `page(token)` fetches one page (the items and the next
+/// token, empty at the end), starting with an empty token.
+async fn all_pages<T, Page>(mut page: impl FnMut(String) -> Page) -> anyhow::Result<Vec<T>>
+where
+    Page: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut items = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let (more, next) = page(page_token).await.map_err(status_error)?;
+        let empty = more.is_empty();
+        items.extend(more);
+        if next.is_empty() || empty {
+            return Ok(items);
+        }
+        page_token = next;
+    }
+}
+
 /// Every metric of a run (of `rank`, for a distributed run), in name order.
 pub async fn metrics(
     client: &mut Client,
     run_id: i64,
     rank: Option<u32>,
 ) -> anyhow::Result<Vec<v1::MetricSummary>> {
-    let mut metrics = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let reply = client
-            .list_metrics(v1::ListMetricsRequest {
-                run_id,
-                rank,
-                page_token,
-                max_page_bytes: page_bytes(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let empty = reply.metrics.is_empty();
-        metrics.extend(reply.metrics);
-        if reply.next_page_token.is_empty() || empty {
-            return Ok(metrics);
+    all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let reply = client
+                .list_metrics(v1::ListMetricsRequest {
+                    run_id,
+                    rank,
+                    page_token,
+                    max_page_bytes: page_bytes(),
+                })
+                .await?
+                .into_inner();
+            Ok((reply.metrics, reply.next_page_token))
         }
-        page_token = reply.next_page_token;
-    }
+    })
+    .await
 }
 
 /// Every point of metric `name` of a run (of `rank`, for a distributed run), oldest first.
@@ -80,47 +95,39 @@ pub async fn metric_series(
     name: &str,
     rank: Option<u32>,
 ) -> anyhow::Result<Vec<v1::MetricPoint>> {
-    let mut points = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let reply = client
-            .get_metric_series(v1::GetMetricSeriesRequest {
-                run_id,
-                name: name.to_string(),
-                rank,
-                page_token,
-                max_page_bytes: page_bytes(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let empty = reply.points.is_empty();
-        points.extend(reply.points);
-        if reply.next_page_token.is_empty() || empty {
-            return Ok(points);
+    all_pages(|page_token| {
+        let (mut client, name) = (client.clone(), name.to_string());
+        async move {
+            let reply = client
+                .get_metric_series(v1::GetMetricSeriesRequest {
+                    run_id,
+                    name,
+                    rank,
+                    page_token,
+                    max_page_bytes: page_bytes(),
+                })
+                .await?
+                .into_inner();
+            Ok((reply.points, reply.next_page_token))
         }
-        page_token = reply.next_page_token;
-    }
+    })
+    .await
 }
 
 /// Every agent, by target and id.
 pub async fn agents(client: &mut Client) -> anyhow::Result<Vec<v1::Agent>> {
-    let mut agents = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let reply = client
-            .list_agents(v1::ListAgentsRequest {
-                page_token,
-                max_page_bytes: page_bytes(),
-            })
-            .await
-            .map_err(status_error)?
-            .into_inner();
-        let empty = reply.agents.is_empty();
-        agents.extend(reply.agents);
-        if reply.next_page_token.is_empty() || empty {
-            return Ok(agents);
+    all_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let reply = client
+                .list_agents(v1::ListAgentsRequest {
+                    page_token,
+                    max_page_bytes: page_bytes(),
+                })
+                .await?
+                .into_inner();
+            Ok((reply.agents, reply.next_page_token))
         }
-        page_token = reply.next_page_token;
-    }
+    })
+    .await
 }

@@ -675,18 +675,7 @@ impl Coordinator {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&row.id);
         info!(agent_id = %row.id, hostname = %row.host.hostname, "Agent forgotten.");
-        Ok(v1::Agent {
-            id: row.id,
-            target: row.target,
-            host: Some(row.host),
-            slots: row.slots,
-            runs_active: 0,
-            state: "forgotten".to_string(),
-            last_heartbeat_unix_ms: row.last_heartbeat_ms,
-            environments: row.environments,
-            conflict: row.conflict,
-            conflict_unix_ms: row.conflict_ms,
-        })
+        Ok(agent_reply(row, "forgotten"))
     }
 
     /// The one agent with this id or host name.
@@ -727,18 +716,7 @@ impl Coordinator {
         self.release_agent(&row.id, message, Loss::Revoked)
             .await
             .map_err(service::internal)?;
-        Ok(v1::Agent {
-            id: row.id,
-            target: row.target,
-            host: Some(row.host),
-            slots: row.slots,
-            runs_active: 0,
-            state: "revoked".to_string(),
-            last_heartbeat_unix_ms: row.last_heartbeat_ms,
-            environments: row.environments,
-            conflict: row.conflict,
-            conflict_unix_ms: row.conflict_ms,
-        })
+        Ok(agent_reply(row, "revoked"))
     }
 
     // ---- agent sessions ----
@@ -1475,6 +1453,23 @@ impl Coordinator {
         self.run_changed(run_id);
         self.kick_scheduler();
         Ok(run)
+    }
+}
+
+/// What an admin call about one agent answers: the agent as stored, in its new `state`,
+/// with no runs.
+fn agent_reply(row: store::AgentRow, state: &str) -> v1::Agent {
+    v1::Agent {
+        id: row.id,
+        target: row.target,
+        host: Some(row.host),
+        slots: row.slots,
+        runs_active: 0,
+        state: state.to_string(),
+        last_heartbeat_unix_ms: row.last_heartbeat_ms,
+        environments: row.environments,
+        conflict: row.conflict,
+        conflict_unix_ms: row.conflict_ms,
     }
 }
 
