@@ -102,6 +102,18 @@ pub struct Settings {
     #[arg(long, env = "KILN_CONDA_COMMAND")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conda_command: Option<String>,
+    /// Where named conda channels (`conda-forge`, `pytorch`) are found, as conda's
+    /// `channel_alias`: a mirror's URL, or file:///PATH for channels kept on this host.
+    /// [default: https://conda.anaconda.org]
+    #[arg(long, env = "KILN_CONDA_CHANNEL_ALIAS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conda_channel_alias: Option<String>,
+    /// What the channel `defaults` means, as conda's `default_channels` (URLs or file:///
+    /// paths, comma-separated on the command line). [default:
+    /// https://repo.anaconda.com/pkgs/main, https://repo.anaconda.com/pkgs/r]
+    #[arg(long, env = "KILN_CONDA_DEFAULT_CHANNELS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conda_default_channels: Option<Vec<String>>,
     /// Docker runs: the image of `image: cpu`, and of `image: auto` when the run has no
     /// GPUs. [default: python:3.12-slim]
     #[arg(long, env = "KILN_DOCKER_CPU_IMAGE")]
@@ -181,6 +193,8 @@ pub struct Effective {
     pub env_cache_max_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conda_command: Option<String>,
+    pub conda_channel_alias: String,
+    pub conda_default_channels: Vec<String>,
     pub docker_cpu_image: String,
     pub docker_gpu_image: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,6 +227,8 @@ impl Settings {
             advertise_address: self.advertise_address.or(lower.advertise_address),
             env_cache_max_bytes: self.env_cache_max_bytes.or(lower.env_cache_max_bytes),
             conda_command: self.conda_command.or(lower.conda_command),
+            conda_channel_alias: self.conda_channel_alias.or(lower.conda_channel_alias),
+            conda_default_channels: self.conda_default_channels.or(lower.conda_default_channels),
             docker_cpu_image: self.docker_cpu_image.or(lower.docker_cpu_image),
             docker_gpu_image: self.docker_gpu_image.or(lower.docker_gpu_image),
             docker_host: self.docker_host.or(lower.docker_host),
@@ -317,6 +333,21 @@ impl Settings {
             ));
         }
         let conda_command = self.conda_command.filter(|c| !c.is_empty());
+        let conda_channel_alias = self
+            .conda_channel_alias
+            .unwrap_or_else(|| crate::env::conda::DEFAULT_CHANNEL_ALIAS.to_string());
+        if url::Url::parse(&conda_channel_alias).is_err() {
+            problems.push(format!(
+                "conda_channel_alias `{conda_channel_alias}` is not a URL (e.g. \
+                 https://conda.example.org or file:///srv/conda)"
+            ));
+        }
+        let conda_default_channels = self.conda_default_channels.unwrap_or_else(|| {
+            crate::env::conda::DEFAULT_DEFAULT_CHANNELS
+                .iter()
+                .map(|c| c.to_string())
+                .collect()
+        });
         let mut image = |key: &str, value: Option<String>, default: &str| {
             let image = value.unwrap_or_else(|| default.to_string());
             if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
@@ -398,6 +429,8 @@ impl Settings {
                 .env_cache_max_bytes
                 .unwrap_or(crate::env::DEFAULT_CACHE_MAX_BYTES),
             conda_command,
+            conda_channel_alias,
+            conda_default_channels,
             docker_cpu_image,
             docker_gpu_image,
             docker_host,
@@ -443,6 +476,8 @@ impl Effective {
             .conda_command
             .as_deref()
             .map(|c| crate::env::find_program(c).unwrap_or_else(|| PathBuf::from(c)));
+        config.env.conda_channel_alias = self.conda_channel_alias.clone();
+        config.env.conda_default_channels = self.conda_default_channels.clone();
         config.run_users = crate::sandbox::parse_range(&self.run_users)?;
         config.docker = crate::docker::Settings {
             cpu_image: self.docker_cpu_image.clone(),

@@ -482,3 +482,74 @@ fn cancelling_during_an_environment_build_stops_it_twice_harmlessly() {
     assert_eq!(run["status"], "succeeded", "{run}");
     cluster.stop();
 }
+
+#[test]
+fn defaults_and_named_channels_follow_the_agents_mirror_settings_and_offline_says_what_to_do() {
+    // A mirror on this host: `defaults` and the named channel `mirrored` both live there.
+    let mirror = tempfile::tempdir().unwrap();
+    write_channel(&mirror.path().join("main"));
+    write_channel(&mirror.path().join("mirrored"));
+    let mirrored = Cluster::start_with_agent_args(
+        &[AgentSpec {
+            target: "envs",
+            slots: 1,
+            advertise: None,
+        }],
+        &[
+            "--conda-default-channels",
+            &format!("file://{}/main", mirror.path().display()),
+            "--conda-channel-alias",
+            &format!("file://{}", mirror.path().display()),
+        ],
+    );
+    for channel in ["defaults", "mirrored"] {
+        let src = tempfile::tempdir().unwrap();
+        write_tree(
+            src.path(),
+            &[
+                (
+                    "environment.yml",
+                    &format!("channels:\n  - {channel}\ndependencies:\n  - hello-kiln\n"),
+                ),
+                ("check.py", CHECK_CONDA),
+            ],
+        );
+        let run_id = submit(&mirrored, src.path(), "check.py", conda("environment.yml"));
+        let run = mirrored.wait_ended(run_id, BUILD_TIMEOUT);
+        let (stdout, kiln_lines) = logs(&mirrored, run_id);
+        assert_eq!(run["status"], "succeeded", "{channel}: {run}\n{kiln_lines}");
+        assert!(stdout.contains("hello from conda"), "{stdout}");
+    }
+    mirrored.stop();
+
+    // An agent with conda's defaults and no network: the run fails saying where it looked
+    // and what the agent can use instead.
+    let offline = one_agent(1);
+    let src = tempfile::tempdir().unwrap();
+    write_tree(
+        src.path(),
+        &[
+            (
+                "environment.yml",
+                "channels:\n  - defaults\ndependencies:\n  - hello-kiln\n",
+            ),
+            ("check.py", CHECK_CONDA),
+        ],
+    );
+    let run_id = submit(&offline, src.path(), "check.py", conda("environment.yml"));
+    let run = offline.wait_ended(run_id, BUILD_TIMEOUT);
+    assert_eq!(run["status"], "env_failed", "{run}");
+    let message = run["message"].as_str().unwrap();
+    for needed in [
+        "https://repo.anaconda.com/pkgs/main",
+        "conda_default_channels",
+        "conda_channel_alias",
+        "file:///",
+    ] {
+        assert!(
+            message.contains(needed),
+            "{needed:?} missing from: {message}"
+        );
+    }
+    offline.stop();
+}

@@ -32,6 +32,45 @@ use super::{Context, EnvError, Prepared};
 
 /// Channels used when the file lists none (conda's own default needs a `.condarc`).
 const DEFAULT_CHANNEL: &str = "conda-forge";
+/// Where named channels are found unless the agent says otherwise (conda's default).
+pub const DEFAULT_CHANNEL_ALIAS: &str = "https://conda.anaconda.org";
+/// What `defaults` means unless the agent says otherwise (conda's default on Linux).
+pub const DEFAULT_DEFAULT_CHANNELS: [&str; 2] = [
+    "https://repo.anaconda.com/pkgs/main",
+    "https://repo.anaconda.com/pkgs/r",
+];
+
+/// The channels a file's list stands for, as conda reads it: `defaults` becomes the agent's
+/// `conda_default_channels`, every other entry stays (named ones resolve under the channel
+/// alias, paths and URLs as written).
+fn expand_channels(written: &[String], default_channels: &[String]) -> Vec<String> {
+    let mut channels = Vec::new();
+    for channel in written {
+        if channel == "defaults" {
+            channels.extend(default_channels.iter().cloned());
+        } else {
+            channels.push(channel.clone());
+        }
+    }
+    channels
+}
+
+/// What to say when the channels cannot be read: where they were looked for, and what an
+/// agent without that network can do instead.
+fn unreachable_advice(channels: &[Channel]) -> String {
+    let urls: Vec<String> = channels
+        .iter()
+        .map(|c| c.base_url.url().as_str().trim_end_matches('/').to_string())
+        .collect();
+    format!(
+        "the channels were looked for at {}. If this agent cannot reach them (offline, a \
+         proxy, a firewall): list a local channel in the file (file:///PATH, or a ./channel \
+         directory in the submitted files), point the agent's conda_channel_alias (named \
+         channels) or conda_default_channels (`defaults`) at a mirror, or set conda_command \
+         to a conda configured for this network",
+        urls.join(", ")
+    )
+}
 
 /// A parsed `environment.yml`.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,11 +183,18 @@ pub async fn prepare(
         EnvError("conda environments are not supported on this agent's platform".into())
     })?;
     let external = context.settings.conda_command.clone();
-    let mut channels = file.channels.clone();
+    let mut channels = expand_channels(&file.channels, &context.settings.conda_default_channels);
     if channels.is_empty() && external.is_none() {
         channels.push(DEFAULT_CHANNEL.to_string());
     }
-    let channel_config = ChannelConfig::default_with_root_dir(context.work.to_path_buf());
+    let mut channel_config = ChannelConfig::default_with_root_dir(context.work.to_path_buf());
+    let alias = &context.settings.conda_channel_alias;
+    channel_config.channel_alias = url::Url::parse(&format!("{}/", alias.trim_end_matches('/')))
+        .map_err(|e| {
+            EnvError(format!(
+                "the agent's conda_channel_alias `{alias}` is invalid: {e}"
+            ))
+        })?;
 
     let mut key = Key::builder("conda");
     key.part("file", text.as_bytes())
@@ -165,6 +211,15 @@ pub async fn prepare(
             ))
         })?;
         key.part("channel", written.as_bytes());
+        // A named channel is found under the alias: another alias is another channel. (The
+        // default alias adds nothing, so keys from before the setting stay valid.)
+        let named = !written.contains('/') && !written.contains(':');
+        if named && context.settings.conda_channel_alias != DEFAULT_CHANNEL_ALIAS {
+            key.part(
+                "channel_alias",
+                context.settings.conda_channel_alias.as_bytes(),
+            );
+        }
         // A local channel can change under the same name: its index is part of the key.
         if let Ok(dir) = channel.base_url.url().to_file_path() {
             for sub in [subdir.as_str(), "noarch"] {
@@ -274,6 +329,7 @@ async fn rattler_build(
         channel_names.join(", ")
     ));
     let package_cache = PackageCache::new(solve.conda_dir.join("pkgs"));
+    let advice_channels = solve.channels.clone();
     let gateway = Gateway::builder()
         .with_cache_dir(solve.conda_dir.join("repodata"))
         .with_package_cache(package_cache.clone())
@@ -288,8 +344,9 @@ async fn rattler_build(
         .await
         .map_err(|e| {
             EnvError(format!(
-                "could not read the channels' repodata: {}",
-                chain(&e)
+                "could not read the channels' repodata: {}; {}",
+                chain(&e),
+                unreachable_advice(&advice_channels)
             ))
         })?;
     let virtual_packages: Vec<GenericVirtualPackage> =
@@ -418,6 +475,28 @@ fn chain(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_stands_for_the_agents_default_channels_in_place() {
+        let defaults = vec![
+            "file:///mirror/main".to_string(),
+            "file:///mirror/r".to_string(),
+        ];
+        let written: Vec<String> = ["./channel", "defaults", "conda-forge"]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(
+            expand_channels(&written, &defaults),
+            [
+                "./channel",
+                "file:///mirror/main",
+                "file:///mirror/r",
+                "conda-forge"
+            ]
+        );
+        assert!(expand_channels(&[], &defaults).is_empty());
+    }
 
     #[test]
     fn environment_files_parse_as_conda_writes_them() {

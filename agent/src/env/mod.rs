@@ -31,6 +31,10 @@ pub struct Settings {
     /// An external conda, mamba or micromamba that builds conda environments instead of the
     /// agent's built-in solver (`CMD env create -p PREFIX -f FILE`).
     pub conda_command: Option<PathBuf>,
+    /// Where named conda channels are found (conda's `channel_alias`).
+    pub conda_channel_alias: String,
+    /// What the channel `defaults` stands for (conda's `default_channels`).
+    pub conda_default_channels: Vec<String>,
 }
 
 impl Default for Settings {
@@ -38,6 +42,11 @@ impl Default for Settings {
         Settings {
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             conda_command: None,
+            conda_channel_alias: conda::DEFAULT_CHANNEL_ALIAS.to_string(),
+            conda_default_channels: conda::DEFAULT_DEFAULT_CHANNELS
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
         }
     }
 }
