@@ -770,8 +770,9 @@ async fn ensure_image(
             }
             Err(error) => {
                 return Err(EnvError(format!(
-                    "image `{image}` is not on this agent and could not be pulled: {}",
-                    engine_message(&error)
+                    "image `{image}` is not on this agent and could not be pulled: {}. {}",
+                    engine_message(&error),
+                    PROVIDE_IMAGE
                 )));
             }
         }
@@ -785,6 +786,12 @@ async fn ensure_image(
     log(&format!("Image {image} pulled."));
     Ok(())
 }
+
+/// How to get an image onto an agent that cannot pull it (offline, no registry access).
+const PROVIDE_IMAGE: &str = "To run offline, put the image on this host (`docker save` it \
+    where it can be pulled and `docker load` it here, or build one), or set the agent's \
+    docker_cpu_image / docker_gpu_image (what `image: cpu`, `gpu` and `auto` mean) to an \
+    image it has";
 
 /// The engine's own words for an error, without bollard's wrapping.
 fn engine_message(error: &bollard::errors::Error) -> String {

@@ -20,6 +20,52 @@ use tracing::info;
 /// How long the daemon stays up with nothing queued or running.
 const DEFAULT_IDLE_EXIT: Duration = Duration::from_secs(15 * 60);
 
+/// The local agent's settings: the agent's own environment variables as `kiln-agent` reads
+/// them (`KILN_PYTHON`, `KILN_DOCKER_CPU_IMAGE`, `KILN_CONDA_CHANNEL_ALIAS`, ...; see
+/// `kiln-agent --help`), as they were when the daemon started, under what makes it the
+/// local target: its socket, target and data directory. Metrics are sampled every second
+/// unless `KILN_METRICS_INTERVAL` says otherwise, and scripts run as the user.
+fn local_agent_config(
+    socket: &std::path::Path,
+    home: &std::path::Path,
+) -> anyhow::Result<kiln_agent::Config> {
+    use kiln_agent::config::Settings;
+    #[derive(clap::Parser)]
+    struct FromEnvironment {
+        #[command(flatten)]
+        settings: Settings,
+    }
+    let from_env = <FromEnvironment as clap::Parser>::try_parse_from(["kiln-local-agent"])
+        .map_err(|error| {
+            anyhow::anyhow!("the local agent's settings from the environment: {error}")
+        })?
+        .settings;
+    let forced = Settings {
+        coordinator: Some(Address::Unix(socket.to_path_buf()).to_string()),
+        target: Some(
+            TargetName::new(LOCAL_TARGET)
+                .expect("valid")
+                .as_str()
+                .to_string(),
+        ),
+        data_dir: Some(home.join("agent")),
+        ..Settings::default()
+    };
+    // The local target runs the user's own scripts as that user: no per-run users, even
+    // for root (KILN_RUN_USERS turns them on).
+    let local_defaults = Settings {
+        metrics_interval: Some(1.0),
+        run_users: Some("off".to_string()),
+        ..Settings::default()
+    };
+    forced
+        .or(from_env)
+        .or(local_defaults)
+        .resolve()
+        .context("the local agent's settings")?
+        .agent_config()
+}
+
 pub fn home() -> anyhow::Result<PathBuf> {
     if let Some(dir) = std::env::var_os("KILN_LOCAL_HOME") {
         return Ok(PathBuf::from(dir));
@@ -96,15 +142,7 @@ pub async fn daemon() -> anyhow::Result<()> {
     let listener =
         kiln_coordinator::Listener::bind(&format!("unix://{}", socket.display())).await?;
 
-    let mut agent_config = kiln_agent::Config::new(
-        Address::Unix(socket.clone()),
-        TargetName::new(LOCAL_TARGET).expect("the local target name is valid"),
-        home.join("agent"),
-    );
-    if let Some(python) = std::env::var_os("KILN_PYTHON") {
-        agent_config.python = python.to_string_lossy().into_owned();
-    }
-    agent_config.metrics_interval = Duration::from_secs(1);
+    let mut agent_config = local_agent_config(&socket, &home)?;
     if let Some(slots) = std::env::var("KILN_LOCAL_SLOTS")
         .ok()
         .and_then(|s| s.parse().ok())

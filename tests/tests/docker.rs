@@ -189,6 +189,10 @@ fn an_image_that_does_not_exist_ends_the_run_env_failed_naming_it() {
         )),
         "{message}"
     );
+    assert!(
+        message.contains("docker load") && message.contains("docker_cpu_image"),
+        "says how to provide it: {message}"
+    );
     let (stdout, stderr) = logs(&cluster, run_id);
     assert_eq!(stdout, "");
     assert!(

@@ -673,6 +673,8 @@ fn the_local_target_works_with_no_coordinator_and_keeps_history() {
             .env_remove("KILN_COORDINATOR")
             .env("XDG_DATA_HOME", home.path())
             .env("KILN_PYTHON", python())
+            // An agent setting, as `kiln-agent` reads it: the local agent honours it too.
+            .env("KILN_HOSTNAME", "laptop-under-test")
             .stdin(std::process::Stdio::null())
             .output()
             .unwrap()
@@ -717,6 +719,9 @@ fn the_local_target_works_with_no_coordinator_and_keeps_history() {
     assert_eq!(runs[0]["id"], run_id);
     assert_eq!(runs[0]["status"], "succeeded");
     assert_eq!(runs[0]["target"], "local");
+    let agents: serde_json::Value =
+        serde_json::from_slice(&kiln(&["agents", "--json"]).stdout).unwrap();
+    assert_eq!(agents[0]["hostname"], "laptop-under-test", "{agents}");
     let dest = home.path().join("model");
     assert!(
         kiln(&["download", &run_id.to_string(), dest.to_str().unwrap()])
