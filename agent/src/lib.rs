@@ -519,10 +519,9 @@ impl Agent {
         let runs_dir = self.config.data_dir.join("runs");
         let host = self.config.docker.host.as_deref();
         match docker::reap_orphans(host, &self.agent_id, &runs_dir).await {
-            Ok(0) => {}
             Ok(n) => info!(
-                containers = n,
-                "Removed containers of runs this agent no longer has."
+                removed = n,
+                "Checked Docker for containers of runs this agent no longer has."
             ),
             Err(error) => {
                 tracing::debug!(error = %format!("{error:#}"), "No Docker leftovers checked.")

@@ -117,7 +117,8 @@ enum Command {
         #[arg(long)]
         ca_file: Option<PathBuf>,
     },
-    /// Forget the stored credentials (commands go to the local target again).
+    /// Forget the stored login for --coordinator (default: the one in use; then commands go
+    /// to the local target until you log in again). Other logins stay.
     Logout,
     /// Who the coordinator takes you for.
     Whoami,
@@ -286,30 +287,41 @@ fn main() {
 pub struct Connection {
     pub address: Address,
     pub local: bool,
+    /// Chosen with --coordinator or KILN_COORDINATOR (not the stored login's default):
+    /// `submit --target local` then does not switch to the local daemon.
+    pub explicit: bool,
     tls: Option<kiln_proto::tls::ClientTls>,
     pub bearer: kiln_proto::Bearer,
 }
 
 impl Connection {
+    /// The per-user local daemon (target `local`).
+    pub fn local() -> anyhow::Result<Connection> {
+        Ok(Connection {
+            address: local::address()?,
+            local: true,
+            explicit: false,
+            tls: None,
+            bearer: kiln_proto::Bearer::none(),
+        })
+    }
+
     fn from_cli(coordinator: Option<&str>) -> anyhow::Result<Connection> {
-        let stored = credentials::load()?;
-        let address = match coordinator.filter(|text| !text.is_empty()) {
-            Some(text) => Address::parse(text)?,
-            None => match &stored {
-                Some(stored) => Address::parse(&stored.coordinator)?,
-                None => {
-                    return Ok(Connection {
-                        address: local::address()?,
-                        local: true,
-                        tls: None,
-                        bearer: kiln_proto::Bearer::none(),
-                    });
-                }
+        let logins = credentials::load()?;
+        let explicit = coordinator.filter(|text| !text.is_empty());
+        let (address, stored) = match explicit {
+            // `local` names the per-user local daemon, whatever else is stored.
+            Some("local") => return Connection::local().map(|c| c.named()),
+            Some(text) => {
+                let address = Address::parse(text)?;
+                let stored = logins.for_coordinator(&address).cloned();
+                (address, stored)
+            }
+            None => match logins.current() {
+                Some(stored) => (Address::parse(&stored.coordinator)?, Some(stored.clone())),
+                None => return Connection::local(),
             },
         };
-        // Stored credentials count for the coordinator they were made for only.
-        let stored =
-            stored.filter(|c| Address::parse(&c.coordinator).ok().as_ref() == Some(&address));
         let token = match std::env::var("KILN_TOKEN") {
             Ok(token) if !token.is_empty() => Some(token),
             _ => stored.as_ref().map(|c| c.token.clone()),
@@ -339,9 +351,16 @@ impl Connection {
         Ok(Connection {
             address,
             local: false,
+            explicit: explicit.is_some(),
             tls,
             bearer,
         })
+    }
+
+    /// The same connection, marked as chosen by name (`--coordinator`, `KILN_COORDINATOR`).
+    fn named(mut self) -> Connection {
+        self.explicit = true;
+        self
     }
 
     pub async fn channel(&self) -> anyhow::Result<Channel> {
@@ -410,12 +429,21 @@ async fn login(
         .await
         .map_err(status_error)?
         .into_inner();
-    let path = credentials::save(&credentials::Credentials {
+    let mut logins = credentials::load()?;
+    let others = logins.logins.len() - usize::from(logins.for_coordinator(&address).is_some());
+    logins.log_in(credentials::Credentials {
         coordinator: address.to_string(),
         user: me.user.clone(),
         token: token.trim().to_string(),
         ca,
-    })?;
+    });
+    let path = credentials::save(&logins)?;
+    if others > 0 {
+        errln!(
+            "Your {others} other login(s) stay stored: `--coordinator URL` (or \
+             KILN_COORDINATOR) uses one; `--coordinator local` is the local target."
+        );
+    }
     if me.authenticated {
         errln!(
             "Logged in to {address} as {} ({}); credentials in {}.",
@@ -460,10 +488,24 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             .await;
         }
         Some(Command::Logout) => {
-            if credentials::remove()? {
-                errln!("Logged out: commands go to the local target again.");
-            } else {
-                errln!("Not logged in.");
+            let mut logins = credentials::load()?;
+            let named = match cli.coordinator.as_deref().filter(|c| !c.is_empty()) {
+                Some(text) => Some(Address::parse(text)?),
+                None => None,
+            };
+            match logins.log_out(named.as_ref()) {
+                Some(removed) => {
+                    credentials::save(&logins)?;
+                    if logins.current().is_some() {
+                        errln!("Logged out of {}.", removed.coordinator);
+                    } else {
+                        errln!(
+                            "Logged out of {}: commands go to the local target again.",
+                            removed.coordinator
+                        );
+                    }
+                }
+                None => errln!("Not logged in."),
             }
             return Ok(0);
         }

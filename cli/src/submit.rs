@@ -256,6 +256,15 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         return Ok(0);
     }
     let target = config.target.as_str();
+    // `--target local` while logged in to a cluster: this machine's local daemon (a cluster's
+    // own target named `local` is reached by naming the coordinator).
+    let switched;
+    let connection = if target == LOCAL_TARGET && !connection.local && !connection.explicit {
+        switched = Connection::local()?;
+        &switched
+    } else {
+        connection
+    };
 
     // Connect and check the target before packing and uploading.
     let channel = connection.channel().await?;

@@ -229,10 +229,9 @@ fn a_gpu_run_names_the_missing_gpu_image_and_a_cpu_run_is_unaffected() {
         src.path(),
         docker_run("box", "train.py", "cpu"),
     );
-    assert_eq!(
-        cluster.wait_ended(run_id, Duration::from_secs(90))["status"],
-        "succeeded"
-    );
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
+    let (stdout, stderr) = logs(&cluster, run_id);
+    assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{stderr}");
     cluster.stop();
 }
 
@@ -242,6 +241,18 @@ fn a_container_left_by_an_earlier_try_is_adopted_not_duplicated() {
     ensure_test_image();
     let cluster = docker_cluster();
     let agent_id = cluster.agent_id(0);
+    // The agent's start-up reaper removes containers of attempts it has no directory for:
+    // let it finish first, or it may take the container below as its own leftover.
+    wait_for(
+        "the agent's start-up check for leftovers",
+        Duration::from_secs(30),
+        || {
+            cluster.agents[0]
+                .log_text()
+                .contains("Checked Docker for containers")
+                .then_some(())
+        },
+    );
     // The first run of a new coordinator is run 1, attempt 1: its container's name is known.
     let name = format!("kiln-{}-1-1", agent_id.trim_start_matches("ag-"));
     docker(&[
@@ -266,11 +277,9 @@ fn a_container_left_by_an_earlier_try_is_adopted_not_duplicated() {
         docker_run("box", "train.py", "cpu"),
     );
     assert_eq!(run_id, 1);
-    assert_eq!(
-        cluster.wait_ended(run_id, Duration::from_secs(90))["status"],
-        "succeeded"
-    );
+    let run = cluster.wait_ended(run_id, Duration::from_secs(90));
     let (stdout, stderr) = logs(&cluster, run_id);
+    assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{stderr}");
     assert_eq!(stdout, "the adopted container ran\n", "{stderr}");
     assert!(
         stderr.contains(&format!("Adopted the existing container {name}")),

@@ -1022,3 +1022,69 @@ fn connections_that_say_nothing_cannot_crowd_out_other_users() {
     );
     drop(held);
 }
+
+#[test]
+fn logins_to_two_coordinators_and_the_local_target_side_by_side() {
+    let first = SecureCluster::start(&[]);
+    let second = SecureCluster::start(&[]);
+    let ana = first.login("ana", "member");
+    // The same person logs in to a second coordinator: the first login stays stored.
+    let output = second.admin_command(&["user", "create", "ana", "--role", "member"]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let (words, token) = secure::printed_command(&text(&output.stdout), &["kiln"]);
+    let words = secure::with_token_argument(words, &token);
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let login = ana.kiln(&words);
+    assert!(login.status.success(), "{}", text(&login.stderr));
+    assert!(
+        text(&login.stderr).contains("1 other login"),
+        "{}",
+        text(&login.stderr)
+    );
+    let whoami = |coordinator: Option<&str>| {
+        let mut args = vec!["whoami"];
+        if let Some(c) = coordinator {
+            args.extend(["--coordinator", c]);
+        }
+        let output = ana.kiln(&args);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stdout) + &text(&output.stderr)
+    };
+    assert!(whoami(None).contains(&second.address), "{}", whoami(None));
+    assert!(whoami(Some(&first.address)).contains(&first.address));
+
+    // `--target local` runs on this machine's local daemon while logged in to a cluster,
+    // and `--coordinator local` reaches it afterwards; the cluster never sees the run.
+    let dir = project();
+    let output = ana.kiln(&[
+        "submit",
+        "--target",
+        "local",
+        dir.path().to_str().unwrap(),
+        "hello.py",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("hello over mTLS"));
+    let local_runs = ana.json(&["runs", "--json", "--coordinator", "local"]);
+    assert_eq!(local_runs[0]["target"], "local", "{local_runs}");
+    let cluster_runs = ana.json(&["runs", "--json"]);
+    assert_eq!(
+        cluster_runs.as_array().map(Vec::len),
+        Some(0),
+        "{cluster_runs}"
+    );
+
+    // Logging out of the one in use keeps the other.
+    let logout = ana.kiln(&["logout"]);
+    assert!(logout.status.success());
+    assert!(whoami(Some(&first.address)).contains(&first.address));
+    let pid: i32 = std::fs::read_to_string(ana.home.join("data/kiln/local/daemon.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+}
