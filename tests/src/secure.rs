@@ -55,6 +55,17 @@ impl SecureCluster {
         }
     }
 
+    /// The coordinator's TCP address (it listens on 127.0.0.1).
+    pub fn socket_addr(&self) -> std::net::SocketAddr {
+        let port: u16 = self
+            .address
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port in the coordinator's address");
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("coordinator")
     }

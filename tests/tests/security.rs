@@ -977,13 +977,7 @@ fn connections_that_say_nothing_cannot_crowd_out_other_users() {
     // 127.0.0.2 opens ten times that many connections and sends nothing.
     let cluster = SecureCluster::start(&["--max-connections-per-ip", "50"]);
     let user = cluster.login("ana", "member");
-    let port: u16 = cluster
-        .address
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("a port");
-    let target = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let target = cluster.socket_addr();
     let held: Vec<tokio::net::TcpStream> = block_on(async {
         let mut held = Vec::new();
         for _ in 0..500 {

@@ -66,13 +66,7 @@ fn main() {
     kiln_proto::tls::install_provider();
     let cluster = SecureCluster::start(&[]);
     let user = cluster.login("ana", "member");
-    let port: u16 = cluster
-        .address
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("a port");
-    let target = SocketAddr::from(([127, 0, 0, 1], port));
+    let target = cluster.socket_addr();
     let mut roots = rustls::RootCertStore::empty();
     for cert in kiln_proto::tls::certificates(&cluster.ca_pem()).expect("CA") {
         roots.add(cert).expect("CA cert");
