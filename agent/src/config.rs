@@ -171,6 +171,16 @@ pub struct Settings {
     #[arg(long, env = "KILN_RUN_USERS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_users: Option<String>,
+    /// The agent's own environment variables that runs' processes inherit: names, or
+    /// prefixes ending in `*` (`*` alone: all), comma-separated on the command line. Nothing
+    /// else of the agent's environment reaches a run (a secret in the unit's Environment=
+    /// stays the agent's); runs get Kiln's variables and their own `--env` as always.
+    /// [default: PATH, LANG, LANGUAGE, LC_*, TZ, TERM, TMPDIR, the proxy variables
+    /// (http_proxy, https_proxy, no_proxy and upper case), SSL_CERT_FILE, SSL_CERT_DIR,
+    /// REQUESTS_CA_BUNDLE, LD_LIBRARY_PATH, CUDA_HOME, NVIDIA_*, HOME]
+    #[arg(long, env = "KILN_PASS_ENV", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pass_env: Option<Vec<String>>,
 }
 
 /// The configuration in force: every layer merged and defaults applied. `--print-config`
@@ -208,6 +218,7 @@ pub struct Effective {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub docker_registry_password_file: Option<PathBuf>,
     pub run_users: String,
+    pub pass_env: Vec<String>,
 }
 
 impl Settings {
@@ -242,6 +253,7 @@ impl Settings {
                 .docker_registry_password_file
                 .or(lower.docker_registry_password_file),
             run_users: self.run_users.or(lower.run_users),
+            pass_env: self.pass_env.or(lower.pass_env),
         }
     }
 
@@ -446,6 +458,12 @@ impl Settings {
             docker_registry_username: self.docker_registry_username,
             docker_registry_password_file: self.docker_registry_password_file,
             run_users,
+            pass_env: self.pass_env.unwrap_or_else(|| {
+                crate::runner::DEFAULT_PASS_ENV
+                    .iter()
+                    .map(|name| name.to_string())
+                    .collect()
+            }),
         })
     }
 }
@@ -479,6 +497,7 @@ impl Effective {
         config.env.conda_channel_alias = self.conda_channel_alias.clone();
         config.env.conda_default_channels = self.conda_default_channels.clone();
         config.run_users = crate::sandbox::parse_range(&self.run_users)?;
+        config.pass_env = self.pass_env.clone();
         config.docker = crate::docker::Settings {
             cpu_image: self.docker_cpu_image.clone(),
             gpu_image: self.docker_gpu_image.clone(),

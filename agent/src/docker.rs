@@ -1307,6 +1307,7 @@ mod tests {
 
     fn spec(work: &Path) -> Spec {
         Spec {
+            env_clear: false,
             run_as: None,
             run_id: 42,
             attempt: 2,

@@ -69,6 +69,9 @@ pub struct Config {
     /// The uids that process runs get, one each, when the agent is root (see `sandbox`);
     /// `None`: runs run as the agent's user.
     pub run_users: Option<std::ops::RangeInclusive<u32>>,
+    /// The agent's environment variables runs inherit (names or `PREFIX*`; see
+    /// `runner::inherited_env`).
+    pub pass_env: Vec<String>,
 }
 
 impl Config {
@@ -89,6 +92,10 @@ impl Config {
             env: env::Settings::default(),
             docker: docker::Settings::default(),
             run_users: None,
+            pass_env: runner::DEFAULT_PASS_ENV
+                .iter()
+                .map(|name| name.to_string())
+                .collect(),
         }
     }
 }

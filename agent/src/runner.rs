@@ -299,7 +299,14 @@ async fn prepare(
         .data_dir
         .join("sock")
         .join(format!("{}.{}.sock", assignment.run_id, assignment.attempt));
-    let mut env = vec![
+    // What the run inherits of the agent's own environment (the supervisor starts the
+    // script with nothing else), then Kiln's variables, the environment's, the run's own.
+    // (A container's environment is its image's: nothing of the host's.)
+    let mut env = match &docker_image {
+        None => inherited_env(std::env::vars_os(), &agent.config.pass_env),
+        Some(_) => Vec::new(),
+    };
+    env.extend([
         ("PYTHONPATH".to_string(), python_path(&agent.python_dir)),
         ("PYTHONUNBUFFERED".to_string(), "1".to_string()),
         ("KILN_RUN_ID".to_string(), assignment.run_id.to_string()),
@@ -313,7 +320,7 @@ async fn prepare(
             "KILN_METRICS_SOCKET".to_string(),
             socket.to_string_lossy().into_owned(),
         ),
-    ];
+    ]);
     env.extend(prepared.env.iter().cloned());
     let mut user_env: Vec<_> = assignment
         .env
@@ -391,6 +398,7 @@ async fn prepare(
         metrics_rank = Some(gang.node_rank * gang.procs_per_node.max(1));
     }
     let spec = Spec {
+        env_clear: true,
         run_as: run_user,
         run_id: assignment.run_id,
         attempt: assignment.attempt,
@@ -562,6 +570,53 @@ async fn wait_for_launch(
             }
         }
     }
+}
+
+/// The agent's environment variables a run inherits unless `pass_env` says otherwise.
+pub const DEFAULT_PASS_ENV: [&str; 20] = [
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_*",
+    "TZ",
+    "TERM",
+    "TMPDIR",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+    "NVIDIA_*",
+    "HOME",
+];
+
+/// The variables of `agent_env` that `pass_env` lets through (a name, or a prefix ending in
+/// `*`), in name order; the agent's own `KILN_*` variables never (its coordinator, token,
+/// settings). Not UTF-8: left out.
+pub fn inherited_env(
+    agent_env: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    pass_env: &[String],
+) -> Vec<(String, String)> {
+    let passes = |name: &str| {
+        pass_env
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == pattern,
+            })
+    };
+    let mut env: Vec<(String, String)> = agent_env
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(name, _)| !name.starts_with("KILN_") && passes(name))
+        .collect();
+    env.sort();
+    env
 }
 
 /// The environment `torchrun` would give each process, plus Kiln's own: variables shared by
@@ -2038,6 +2093,44 @@ mod tests {
         // torchrun computes the per-worker ranks itself.
         assert_eq!(env_of(&common, "RANK"), None);
         assert_eq!(env_of(&common, "WORLD_SIZE"), None);
+    }
+
+    #[test]
+    fn runs_inherit_only_the_agent_variables_pass_env_names() {
+        let agent_env = [
+            ("PATH", "/usr/bin"),
+            ("LC_ALL", "C.UTF-8"),
+            ("AWS_SECRET_ACCESS_KEY", "hunter2"),
+            ("KILN_TOKEN", "abc.def"),
+            ("NVIDIA_VISIBLE_DEVICES", "all"),
+            ("MY_CACHE", "/cache"),
+        ]
+        .map(|(k, v)| (std::ffi::OsString::from(k), std::ffi::OsString::from(v)));
+        let defaults: Vec<String> = DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect();
+        let names =
+            |env: Vec<(String, String)>| env.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+        assert_eq!(
+            names(inherited_env(agent_env.clone().into_iter(), &defaults)),
+            ["LC_ALL", "NVIDIA_VISIBLE_DEVICES", "PATH"]
+        );
+        assert_eq!(
+            names(inherited_env(
+                agent_env.clone().into_iter(),
+                &["MY_CACHE".to_string()]
+            )),
+            ["MY_CACHE"]
+        );
+        // Everything but the agent's own KILN_* variables.
+        assert_eq!(
+            names(inherited_env(agent_env.into_iter(), &["*".to_string()])),
+            [
+                "AWS_SECRET_ACCESS_KEY",
+                "LC_ALL",
+                "MY_CACHE",
+                "NVIDIA_VISIBLE_DEVICES",
+                "PATH"
+            ]
+        );
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct Spec {
     pub args: Vec<String>,
     pub cwd: PathBuf,
     pub env: Vec<(String, String)>,
+    /// The script starts with `env` only, not the supervisor's environment (specs written
+    /// by older agents: unset, and the script inherited it).
+    #[serde(default)]
+    pub env_clear: bool,
     pub metrics_socket: PathBuf,
     pub metrics_interval_ms: u64,
     /// The run's retry budget: an attempt within it may be fenced off (see `Agent::fence`).

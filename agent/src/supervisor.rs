@@ -134,6 +134,10 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let mut pgid: Option<i32> = None;
     for proc in &procs {
         let mut command = Command::new(&spec.program);
+        if spec.env_clear {
+            // The spec holds everything the script may see (see `runner::inherited_env`).
+            command.env_clear();
+        }
         command
             .args(&spec.args)
             .current_dir(&spec.cwd)

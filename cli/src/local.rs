@@ -24,7 +24,8 @@ const DEFAULT_IDLE_EXIT: Duration = Duration::from_secs(15 * 60);
 /// them (`KILN_PYTHON`, `KILN_DOCKER_CPU_IMAGE`, `KILN_CONDA_CHANNEL_ALIAS`, ...; see
 /// `kiln-agent --help`), as they were when the daemon started, under what makes it the
 /// local target: its socket, target and data directory. Metrics are sampled every second
-/// unless `KILN_METRICS_INTERVAL` says otherwise, and scripts run as the user.
+/// unless `KILN_METRICS_INTERVAL` says otherwise, and scripts run as the user, with the
+/// daemon's whole environment (but `KILN_*`).
 fn local_agent_config(
     socket: &std::path::Path,
     home: &std::path::Path,
@@ -56,6 +57,8 @@ fn local_agent_config(
     let local_defaults = Settings {
         metrics_interval: Some(1.0),
         run_users: Some("off".to_string()),
+        // Your own scripts see your environment (API keys, caches), as in a shell.
+        pass_env: Some(vec!["*".to_string()]),
         ..Settings::default()
     };
     forced

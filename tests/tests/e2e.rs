@@ -1529,3 +1529,72 @@ fn a_cleanly_stopped_agent_is_stopped_and_agents_and_targets_can_be_removed() {
     assert_eq!(target_of(&cluster, "beta").unwrap()["agents_online"], 1);
     cluster.stop();
 }
+
+#[test]
+fn runs_inherit_only_the_agent_variables_it_passes_on() {
+    let mut cluster = Cluster::start(&[]);
+    let spec = |target: &'static str| AgentSpec {
+        target,
+        slots: 1,
+        advertise: None,
+    };
+    // A secret an admin gave the agent (a unit's Environment=), and a locale.
+    cluster.add_agent_with_env(
+        spec("alpha"),
+        &[("AGENT_SECRET", "hunter2"), ("LC_ALL", "C.UTF-8")],
+    );
+    // This agent passes the secret on on purpose, and nothing but PATH besides.
+    cluster.add_agent_with_env(
+        spec("beta"),
+        &[
+            ("AGENT_SECRET", "hunter2"),
+            ("LC_ALL", "C.UTF-8"),
+            ("KILN_PASS_ENV", "PATH,AGENT_SECRET"),
+        ],
+    );
+    cluster.wait_agents_online(2);
+    let src = source_dir(&[(
+        "env.py",
+        "import os\nfor name in ['AGENT_SECRET', 'LC_ALL', 'PATH', 'KILN_PASS_ENV', 'KILN_RUN_ID', 'OWN']:\n    print(name, 'set' if name in os.environ else 'unset', os.environ.get(name, '') if name != 'PATH' else '')\n",
+    )]);
+    let seen = |target: &str| {
+        let output = cluster.kiln(&[
+            "submit",
+            "--target",
+            target,
+            "--env",
+            "OWN=mine",
+            src.path().to_str().unwrap(),
+            "env.py",
+        ]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    let alpha = seen("alpha");
+    for line in [
+        "AGENT_SECRET unset",
+        "LC_ALL set C.UTF-8",
+        "PATH set",
+        "KILN_PASS_ENV unset",
+        "KILN_RUN_ID set",
+        "OWN set mine",
+    ] {
+        assert!(
+            alpha.lines().any(|l| l.trim_end().starts_with(line)),
+            "{line:?} in\n{alpha}"
+        );
+    }
+    let beta = seen("beta");
+    for line in [
+        "AGENT_SECRET set hunter2",
+        "LC_ALL unset",
+        "PATH set",
+        "KILN_PASS_ENV unset",
+    ] {
+        assert!(
+            beta.lines().any(|l| l.trim_end().starts_with(line)),
+            "{line:?} in\n{beta}"
+        );
+    }
+    cluster.stop();
+}

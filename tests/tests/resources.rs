@@ -27,11 +27,13 @@ fn cluster(release_dir: &Path) -> Cluster {
         advertise: None,
     };
     let release_dir = release_dir.to_str().unwrap();
+    // Runs inherit only the agent variables it passes on (`pass_env`).
+    let pass = ("KILN_PASS_ENV", "PATH,HOME,LANG,LC_*,RELEASE_DIR");
     cluster.add_agent_with_env(
         spec.clone(),
-        &[("KILN_FAKE_GPUS", "2"), ("RELEASE_DIR", release_dir)],
+        &[("KILN_FAKE_GPUS", "2"), ("RELEASE_DIR", release_dir), pass],
     );
-    cluster.add_agent_with_env(spec, &[("RELEASE_DIR", release_dir)]);
+    cluster.add_agent_with_env(spec, &[("RELEASE_DIR", release_dir), pass]);
     cluster.wait_agents_online(2);
     cluster
 }
