@@ -75,8 +75,20 @@ enum UserCommand {
     },
     /// Give a user a new API token; the old one stops working at once.
     Token { name: String },
-    /// List users: name, role, last use (tokens are never shown again).
+    /// List users: name, role, last use, own queue limit (tokens are never shown again).
     List,
+    /// Set how many runs one user may have queued, over the coordinator's
+    /// max_queued_per_user (`default` goes back to it).
+    ///
+    /// Example:
+    ///   sudo kiln-coordinator user limit bob --max-queued 20
+    #[command(verbatim_doc_comment)]
+    Limit {
+        name: String,
+        /// A number of runs, or `default`.
+        #[arg(long, value_name = "N|default")]
+        max_queued: String,
+    },
     /// Delete a user; their token stops working at once (their runs stay).
     Delete { name: String },
 }
@@ -271,20 +283,41 @@ fn user(command: UserCommand, effective: &config::Effective) -> anyhow::Result<(
                 );
             } else {
                 println!(
-                    "{:<24}  {:<6}  {:<20}  {:<20}",
-                    "NAME", "ROLE", "CREATED", "LAST USED"
+                    "{:<24}  {:<6}  {:<20}  {:<20}  {:<10}",
+                    "NAME", "ROLE", "CREATED", "LAST USED", "MAX QUEUED"
                 );
             }
             for user in users {
                 println!(
-                    "{:<24}  {:<6}  {:<20}  {:<20}",
+                    "{:<24}  {:<6}  {:<20}  {:<20}  {:<10}",
                     user.name,
                     user.role.as_str(),
                     format_ms(user.created_ms),
                     user.last_used_ms
                         .map(format_ms)
                         .unwrap_or_else(|| "-".into()),
+                    user.max_queued
+                        .map(|n| n.to_string())
+                        .unwrap_or_else(|| "default".into()),
                 );
+            }
+        }
+        UserCommand::Limit { name, max_queued } => {
+            let limit = match max_queued.as_str() {
+                "default" => None,
+                n => Some(n.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--max-queued `{n}` is neither a number of runs (1 or more) nor `default`"
+                    )
+                })?),
+            };
+            anyhow::ensure!(
+                store.set_user_max_queued(&name, limit)?,
+                "no user `{name}`: see `kiln-coordinator user list`"
+            );
+            match limit {
+                Some(n) => eprintln!("User `{name}` may have {n} runs queued."),
+                None => eprintln!("User `{name}` has the coordinator's max_queued_per_user again."),
             }
         }
         UserCommand::Delete { name } => {

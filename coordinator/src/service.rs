@@ -527,16 +527,20 @@ impl Kiln for Api {
         } else {
             request.name
         };
-        let cap = self.0.config.max_queued_per_user;
+        let default_cap = self.0.config.max_queued_per_user;
         let run = self
             .0
             .db
             .call(move |s| {
                 // Counted and inserted in one call: concurrent submissions cannot both slip
-                // under the cap.
+                // under the cap. An admin may have given this user a cap of their own.
+                let cap = match s.user_max_queued(&user.name)? {
+                    Some(own) => (own, true),
+                    None => (default_cap, false),
+                };
                 let queued = s.queued_runs_of(&user.name)?;
-                if queued >= u64::from(cap) {
-                    return Ok(Err(queued));
+                if queued >= u64::from(cap.0) {
+                    return Ok(Err((queued, cap)));
                 }
                 s.insert_run(&NewRun {
                     name: &name,
@@ -558,11 +562,15 @@ impl Kiln for Api {
             })
             .await
             .map_err(internal)?
-            .map_err(|queued| {
+            .map_err(|(queued, (cap, own))| {
+                let limit = if own {
+                    format!("your own limit, {cap}, set by an admin")
+                } else {
+                    format!("max_queued_per_user = {cap}")
+                };
                 Status::resource_exhausted(format!(
-                    "you have {queued} runs queued, the most one user may have \
-                     (max_queued_per_user = {cap}): wait for some to start, or cancel some \
-                     (`kiln runs`, `kiln cancel RUN`)"
+                    "you have {queued} runs queued, the most you may have ({limit}): wait for \
+                     some to start, or cancel some (`kiln runs`, `kiln cancel RUN`)"
                 ))
             })?;
         info!(run_id = run.id, target = %run.target, snapshot = %run.snapshot_digest, owner = %run.owner, "Run submitted.");

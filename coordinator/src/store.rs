@@ -225,6 +225,11 @@ ALTER TABLE runs ADD COLUMN first_started_ms INTEGER;
     r#"
 ALTER TABLE targets ADD COLUMN deleted_ms INTEGER;
 "#,
+    // 13: a user's own cap on queued runs, set by an admin (NULL: the coordinator's
+    // max_queued_per_user).
+    r#"
+ALTER TABLE users ADD COLUMN max_queued INTEGER;
+"#,
 ];
 
 pub struct Store {
@@ -839,6 +844,25 @@ impl Store {
     }
 
     /// How many runs `owner` has waiting in queues, on every target.
+    /// Sets (or, with `None`, clears) a user's own cap on queued runs; false: no such user.
+    pub fn set_user_max_queued(&self, name: &str, max_queued: Option<u32>) -> anyhow::Result<bool> {
+        let changed = self.conn.execute(
+            "UPDATE users SET max_queued = ?2 WHERE name = ?1",
+            params![name, max_queued],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// A user's own cap on queued runs, if an admin set one.
+    pub fn user_max_queued(&self, name: &str) -> anyhow::Result<Option<u32>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT max_queued FROM users WHERE name = ?1")?
+            .query_row(params![name], |row| row.get::<_, Option<u32>>(0))
+            .optional()?
+            .flatten())
+    }
+
     pub fn queued_runs_of(&self, owner: &str) -> anyhow::Result<u64> {
         Ok(self
             .conn
@@ -1649,7 +1673,12 @@ impl Store {
                     UserRow::COLUMNS
                 ),
                 [token_id],
-                |row| Ok((UserRow::from_row(row)?, row.get::<_, Vec<u8>>(4)?)),
+                |row| {
+                    Ok((
+                        UserRow::from_row(row)?,
+                        row.get::<_, Vec<u8>>(UserRow::N_COLUMNS)?,
+                    ))
+                },
             )
             .optional()?;
         let Some((user, stored)) = found else {
@@ -1780,11 +1809,15 @@ pub struct UserRow {
     pub role: Role,
     pub created_ms: i64,
     pub last_used_ms: Option<i64>,
+    /// Most runs this user may have queued; `None`: the coordinator's max_queued_per_user.
+    pub max_queued: Option<u32>,
 }
 
 impl UserRow {
     /// The columns `from_row` reads, in its order.
-    const COLUMNS: &'static str = "name, role, created_ms, last_used_ms";
+    const COLUMNS: &'static str = "name, role, created_ms, last_used_ms, max_queued";
+    /// How many columns [`UserRow::COLUMNS`] names: a query's next column is at this index.
+    const N_COLUMNS: usize = 5;
 
     /// A role this coordinator does not know reads as the least privileged one.
     fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
@@ -1793,6 +1826,7 @@ impl UserRow {
             role: Role::parse(&row.get::<_, String>(1)?).unwrap_or(Role::Member),
             created_ms: row.get(2)?,
             last_used_ms: row.get(3)?,
+            max_queued: row.get(4)?,
         })
     }
 }

@@ -1082,3 +1082,52 @@ fn logins_to_two_coordinators_and_the_local_target_side_by_side() {
         nix::sys::signal::Signal::SIGTERM,
     );
 }
+
+#[test]
+fn an_admin_gives_one_user_a_queue_limit_of_their_own() {
+    let mut cluster = SecureCluster::start(&[]);
+    let agent = cluster.add_agent("cpu");
+    let admin = cluster.login("root", "admin");
+    cluster.wait_agent_state(&admin, &cluster.agent_id(agent), "online");
+    let ana = cluster.login("ana", "member");
+    let bo = cluster.login("bo", "member");
+    let limit = cluster.admin_command(&["user", "limit", "ana", "--max-queued", "1"]);
+    assert!(limit.status.success(), "{}", text(&limit.stderr));
+    let listed = text(&cluster.admin_command(&["user", "list"]).stdout);
+    let ana_line = listed
+        .lines()
+        .find(|l| l.starts_with("ana "))
+        .unwrap_or_default();
+    assert!(ana_line.trim_end().ends_with(" 1"), "{listed}");
+    let dir = project();
+    let path = dir.path().to_str().unwrap();
+    let marker = dir.path().join("m");
+    let env = format!("MARKER={}", marker.display());
+    // The one slot runs ana's first run; her second waits; a third is over her limit.
+    let first = ana.submit_detached(&["--target", "cpu", "--env", &env, path, "slow.py"]);
+    ana.wait_status(first, "running");
+    ana.submit_detached(&["--target", "cpu", "--env", &env, path, "slow.py"]);
+    let refused = ana.kiln(&[
+        "submit", "--detach", "--target", "cpu", "--env", &env, path, "slow.py",
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        text(&refused.stderr).contains("your own limit, 1, set by an admin"),
+        "{}",
+        text(&refused.stderr)
+    );
+    // Others keep the coordinator's limit.
+    bo.submit_detached(&["--target", "cpu", "--env", &env, path, "slow.py"]);
+    bo.submit_detached(&["--target", "cpu", "--env", &env, path, "slow.py"]);
+    // Back to the default: she may queue more again.
+    let reset = cluster.admin_command(&["user", "limit", "ana", "--max-queued", "default"]);
+    assert!(reset.status.success(), "{}", text(&reset.stderr));
+    ana.submit_detached(&["--target", "cpu", "--env", &env, path, "slow.py"]);
+    let bad = cluster.admin_command(&["user", "limit", "ana", "--max-queued", "0"]);
+    assert!(!bad.status.success());
+    assert!(
+        text(&bad.stderr).contains("neither a number"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
