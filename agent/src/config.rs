@@ -354,12 +354,9 @@ impl Settings {
                  https://conda.example.org or file:///srv/conda)"
             ));
         }
-        let conda_default_channels = self.conda_default_channels.unwrap_or_else(|| {
-            crate::env::conda::DEFAULT_DEFAULT_CHANNELS
-                .iter()
-                .map(|c| c.to_string())
-                .collect()
-        });
+        let conda_default_channels = self
+            .conda_default_channels
+            .unwrap_or_else(crate::env::conda::default_default_channels);
         let mut image = |key: &str, value: Option<String>, default: &str| {
             let image = value.unwrap_or_else(|| default.to_string());
             if image.trim().is_empty() || image.chars().any(char::is_whitespace) {
@@ -458,12 +455,9 @@ impl Settings {
             docker_registry_username: self.docker_registry_username,
             docker_registry_password_file: self.docker_registry_password_file,
             run_users,
-            pass_env: self.pass_env.unwrap_or_else(|| {
-                crate::runner::DEFAULT_PASS_ENV
-                    .iter()
-                    .map(|name| name.to_string())
-                    .collect()
-            }),
+            pass_env: self
+                .pass_env
+                .unwrap_or_else(crate::runner::default_pass_env),
         })
     }
 }
@@ -543,10 +537,31 @@ pub fn load(explicit: Option<&Path>) -> anyhow::Result<(Vec<PathBuf>, Settings)>
 /// drop-in directory ([`drop_in_dir`]) in name order, each over the ones before. Returns
 /// the files read and the merged settings.
 fn load_from(explicit: Option<&Path>, default: &Path) -> anyhow::Result<(Vec<PathBuf>, Settings)> {
+    load_layers(explicit, default, None)
+}
+
+/// [`load_from`], with `replacing`'s drop-in taken as the given settings instead of what
+/// the file holds (or as if it were there): what the agent will read once it is written.
+fn load_layers(
+    explicit: Option<&Path>,
+    default: &Path,
+    replacing: Option<(&Path, &Settings)>,
+) -> anyhow::Result<(Vec<PathBuf>, Settings)> {
     let (file, mut settings) = kiln_common::config_file::load::<Settings>(explicit, default)?;
     let mut read: Vec<PathBuf> = file.into_iter().collect();
-    for path in drop_in_files(&drop_in_dir(explicit.unwrap_or(default)))? {
-        settings = read_layer(&path)?.or(settings);
+    let mut files = drop_in_files(&drop_in_dir(explicit.unwrap_or(default)))?;
+    if let Some((path, _)) = replacing
+        && !files.iter().any(|file| file == path)
+    {
+        files.push(path.to_path_buf());
+        files.sort();
+    }
+    for path in files {
+        let layer = match replacing {
+            Some((replaced, layer)) if replaced == path => layer.clone(),
+            _ => read_layer(&path)?,
+        };
+        settings = layer.or(settings);
         read.push(path);
     }
     Ok((read, settings))
@@ -632,20 +647,7 @@ pub fn write_joined(
     );
     text.push_str(&toml::to_string(&joined).context("write the joined settings")?);
     // What the agent will read once the file is written, checked before it is.
-    let mut merged = base_of(path)?;
-    let mut files = drop_in_files(&drop_in_dir(path))?;
-    if !files.contains(&joined_path) {
-        files.push(joined_path.clone());
-        files.sort();
-    }
-    for file in &files {
-        let layer = if *file == joined_path {
-            joined.clone()
-        } else {
-            read_layer(file)?
-        };
-        merged = layer.or(merged);
-    }
+    let (_, merged) = load_layers(Some(path), path, Some((&joined_path, &joined)))?;
     let effective = merged.resolve()?;
     anyhow::ensure!(
         effective.coordinator == coordinator && effective.target == target,
@@ -666,15 +668,6 @@ pub fn write_joined(
     }
     write_private(&joined_path, &text)?;
     Ok(effective)
-}
-
-/// The settings of the config file itself (none when it does not exist).
-fn base_of(path: &Path) -> anyhow::Result<Settings> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => kiln_common::config_file::parse(&text, path),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
-        Err(error) => Err(error).with_context(|| format!("read config file {}", path.display())),
-    }
 }
 
 /// Replaces `path` atomically with `text`, mode 0640, keeping the owner and group of the

@@ -92,10 +92,7 @@ impl Config {
             env: env::Settings::default(),
             docker: docker::Settings::default(),
             run_users: None,
-            pass_env: runner::DEFAULT_PASS_ENV
-                .iter()
-                .map(|name| name.to_string())
-                .collect(),
+            pass_env: runner::default_pass_env(),
         }
     }
 }

@@ -596,6 +596,11 @@ pub const DEFAULT_PASS_ENV: [&str; 20] = [
     "HOME",
 ];
 
+/// [`DEFAULT_PASS_ENV`], owned (the settings' default).
+pub fn default_pass_env() -> Vec<String> {
+    DEFAULT_PASS_ENV.map(String::from).to_vec()
+}
+
 /// The variables of `agent_env` that `pass_env` lets through (a name, or a prefix ending in
 /// `*`), in name order; the agent's own `KILN_*` variables never (its coordinator, token,
 /// settings). Not UTF-8: left out.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use kiln_common::target::{LOCAL_TARGET, TargetName};
+use kiln_common::target::LOCAL_TARGET;
 use kiln_proto::Address;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -43,12 +43,7 @@ fn local_agent_config(
         .settings;
     let forced = Settings {
         coordinator: Some(Address::Unix(socket.to_path_buf()).to_string()),
-        target: Some(
-            TargetName::new(LOCAL_TARGET)
-                .expect("valid")
-                .as_str()
-                .to_string(),
-        ),
+        target: Some(LOCAL_TARGET.to_string()),
         data_dir: Some(home.join("agent")),
         ..Settings::default()
     };

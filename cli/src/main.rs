@@ -311,7 +311,12 @@ impl Connection {
         let explicit = coordinator.filter(|text| !text.is_empty());
         let (address, stored) = match explicit {
             // `local` names the per-user local daemon, whatever else is stored.
-            Some("local") => return Connection::local().map(|c| c.named()),
+            Some("local") => {
+                return Ok(Connection {
+                    explicit: true,
+                    ..Connection::local()?
+                });
+            }
             Some(text) => {
                 let address = Address::parse(text)?;
                 let stored = logins.for_coordinator(&address).cloned();
@@ -355,12 +360,6 @@ impl Connection {
             tls,
             bearer,
         })
-    }
-
-    /// The same connection, marked as chosen by name (`--coordinator`, `KILN_COORDINATOR`).
-    fn named(mut self) -> Connection {
-        self.explicit = true;
-        self
     }
 
     pub async fn channel(&self) -> anyhow::Result<Channel> {

@@ -108,7 +108,8 @@ impl ConnectionLimits {
     }
 
     /// Open connections: in all, and from `ip`.
-    pub fn open(&self, ip: IpAddr) -> (usize, usize) {
+    #[cfg(test)]
+    fn open(&self, ip: IpAddr) -> (usize, usize) {
         let state = self.state();
         (state.total, state.per_ip.get(&ip).copied().unwrap_or(0))
     }

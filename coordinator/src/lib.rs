@@ -237,8 +237,8 @@ impl Coordinator {
                 info!(target_name = %name, "Target deleted.");
                 Ok(())
             }
-            Err(why) if why.ends_with("does not exist") => Err(tonic::Status::not_found(why)),
-            Err(why) => Err(tonic::Status::failed_precondition(why)),
+            Err(store::TargetRefusal::NotFound(why)) => Err(tonic::Status::not_found(why)),
+            Err(store::TargetRefusal::InUse(why)) => Err(tonic::Status::failed_precondition(why)),
         }
     }
 

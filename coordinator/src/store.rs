@@ -236,6 +236,14 @@ pub struct Store {
     conn: Connection,
 }
 
+/// Why [`Store::delete_target`] did not delete a target (the message is for the admin).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetRefusal {
+    NotFound(String),
+    /// It still has agents, or queued or active runs.
+    InUse(String),
+}
+
 /// Who uploads or asks to read a blob (see [`Store::blob_readable`]). Admins and callers
 /// of an open coordinator read every blob without asking (`auth.rs`).
 #[derive(Debug, Clone, Copy)]
@@ -471,7 +479,11 @@ impl Store {
 
     /// Deletes a target that has no agents and no queued or active runs; its past runs keep
     /// its name. Returns why it cannot be deleted, if it cannot.
-    pub fn delete_target(&mut self, name: &str, now_ms: i64) -> anyhow::Result<Result<(), String>> {
+    pub fn delete_target(
+        &mut self,
+        name: &str,
+        now_ms: i64,
+    ) -> anyhow::Result<Result<(), TargetRefusal>> {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -481,17 +493,19 @@ impl Store {
             |row| row.get(0),
         )?;
         if !exists {
-            return Ok(Err(format!("target `{name}` does not exist")));
+            return Ok(Err(TargetRefusal::NotFound(format!(
+                "target `{name}` does not exist"
+            ))));
         }
         let agents: Vec<String> = tx
             .prepare("SELECT id FROM agents WHERE target = ?1 ORDER BY id")?
             .query_map([name], |row| row.get(0))?
             .collect::<Result<_, _>>()?;
         if !agents.is_empty() {
-            return Ok(Err(format!(
+            return Ok(Err(TargetRefusal::InUse(format!(
                 "target `{name}` still has agents ({}): stop them and `kiln agents forget` each first",
                 agents.join(", ")
-            )));
+            ))));
         }
         let runs: i64 = tx.query_row(
             "SELECT count(*) FROM runs WHERE target = ?1
@@ -500,9 +514,9 @@ impl Store {
             |row| row.get(0),
         )?;
         if runs > 0 {
-            return Ok(Err(format!(
+            return Ok(Err(TargetRefusal::InUse(format!(
                 "target `{name}` has {runs} queued or active run(s): cancel them or let them end first"
-            )));
+            ))));
         }
         tx.execute(
             "UPDATE targets SET deleted_ms = ?2 WHERE name = ?1",

@@ -40,6 +40,11 @@ pub const DEFAULT_DEFAULT_CHANNELS: [&str; 2] = [
     "https://repo.anaconda.com/pkgs/r",
 ];
 
+/// [`DEFAULT_DEFAULT_CHANNELS`], owned (the settings' default).
+pub fn default_default_channels() -> Vec<String> {
+    DEFAULT_DEFAULT_CHANNELS.map(String::from).to_vec()
+}
+
 /// The channels a file's list stands for, as conda reads it: `defaults` becomes the agent's
 /// `conda_default_channels`, every other entry stays (named ones resolve under the channel
 /// alias, paths and URLs as written).

@@ -43,10 +43,7 @@ impl Default for Settings {
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             conda_command: None,
             conda_channel_alias: conda::DEFAULT_CHANNEL_ALIAS.to_string(),
-            conda_default_channels: conda::DEFAULT_DEFAULT_CHANNELS
-                .iter()
-                .map(|c| c.to_string())
-                .collect(),
+            conda_default_channels: conda::default_default_channels(),
         }
     }
 }
