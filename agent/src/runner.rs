@@ -385,9 +385,11 @@ async fn prepare(
             .collect();
         std::fs::write(&hostfile, lines).context("write the hostfile")?;
         let (mut common, per_proc) = gang_env(gang, &launch, &hostfile, &assignment.gpus);
+        // `env` is all the script will see (the agent's own variables only as `pass_env`
+        // lets them through): set there is set for the script.
         let (defaults, note) =
             torchrun_defaults(gang, assignment.run_id, assignment.max_retries, |name| {
-                env.iter().any(|(k, _)| k == name) || std::env::var_os(name).is_some()
+                env.iter().any(|(k, _)| k == name)
             });
         common.extend(defaults);
         if let Some(note) = note {
@@ -705,8 +707,9 @@ fn gang_env(
 
 /// What `torchrun` sets besides ranks and addresses, for Kiln's launcher (with `--launcher
 /// none` the user's own torchrun does it): `OMP_NUM_THREADS=1` when a node runs several
-/// processes and the run or the agent did not set it (torchrun's rule: N processes each
-/// spawning a thread per core oversubscribe the CPUs; CPU DDP ran 1.9× slower without it),
+/// processes and the run does not get it already (its `--env`, or the agent's through
+/// `pass_env`) (torchrun's rule: N processes each spawning a thread per core oversubscribe
+/// the CPUs; CPU DDP ran 1.9× slower without it),
 /// said in the run's log; and the `TORCHELASTIC_*` variables scripts read to know they
 /// run under an elastic launcher. Returns the variables and the line for the run's log.
 fn torchrun_defaults(
