@@ -455,9 +455,7 @@ impl Settings {
             docker_registry_username: self.docker_registry_username,
             docker_registry_password_file: self.docker_registry_password_file,
             run_users,
-            pass_env: self
-                .pass_env
-                .unwrap_or_else(crate::runner::default_pass_env),
+            pass_env: self.pass_env.unwrap_or_else(crate::run::default_pass_env),
         })
     }
 }

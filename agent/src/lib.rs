@@ -8,11 +8,12 @@
 
 pub mod config;
 pub mod docker;
+mod driver;
 pub mod env;
 pub mod gpu;
 pub mod identity;
 pub mod lines;
-pub mod runner;
+pub mod run;
 pub mod sandbox;
 mod session;
 pub mod spool;
@@ -70,7 +71,7 @@ pub struct Config {
     /// `None`: runs run as the agent's user.
     pub run_users: Option<std::ops::RangeInclusive<u32>>,
     /// The agent's environment variables runs inherit (names or `PREFIX*`; see
-    /// `runner::inherited_env`).
+    /// `run::inherited_env`).
     pub pass_env: Vec<String>,
 }
 
@@ -92,7 +93,7 @@ impl Config {
             env: env::Settings::default(),
             docker: docker::Settings::default(),
             run_users: None,
-            pass_env: runner::default_pass_env(),
+            pass_env: run::default_pass_env(),
         }
     }
 }
@@ -103,7 +104,7 @@ struct RunHandle {
     /// Within the run's retry budget: the coordinator would place it again if this agent
     /// were lost, so the agent stops it when it loses the coordinator (fencing).
     fenceable: bool,
-    acks: tokio::sync::watch::Sender<runner::AckState>,
+    acks: tokio::sync::watch::Sender<run::AckState>,
     launch: tokio::sync::watch::Sender<Option<v1::Launch>>,
 }
 
@@ -221,8 +222,8 @@ impl Agent {
             gpu_probe = %host.gpu_probe_error,
             "Agent starting."
         );
-        // Few messages: each run holds at most `runner::MAX_UNACKED_BYTES` and sends batches
-        // of at most `runner::MAX_BATCH_BYTES`, so this bounds bytes in flight, not only
+        // Few messages: each run holds at most `run::follow::MAX_UNACKED_BYTES` and sends batches
+        // of at most `run::follow::MAX_BATCH_BYTES`, so this bounds bytes in flight, not only
         // messages.
         let (uplink, uplink_rx) = mpsc::channel(64);
         let (channel, _) = tokio::sync::watch::channel(None);
@@ -319,20 +320,20 @@ impl Agent {
         };
         let agent = self.clone();
         self.run_tasks.spawn(async move {
-            runner::execute(agent.clone(), assignment, control).await;
+            run::execute(agent.clone(), assignment, control, None).await;
             agent.run_ended(key);
         });
     }
 
     /// Adds a run to the table; `None` if it is already there.
-    fn register_run(&self, key: (i64, u32), fenceable: bool) -> Option<runner::RunControl> {
+    fn register_run(&self, key: (i64, u32), fenceable: bool) -> Option<run::RunControl> {
         let mut runs = self.runs();
         if runs.contains_key(&key) {
             return None;
         }
         let cancel = CancellationToken::new();
         let fence = CancellationToken::new();
-        let (acks, acks_rx) = tokio::sync::watch::channel(runner::AckState::default());
+        let (acks, acks_rx) = tokio::sync::watch::channel(run::AckState::default());
         let (launch, launch_rx) = tokio::sync::watch::channel(None);
         runs.insert(
             key,
@@ -344,7 +345,7 @@ impl Agent {
                 launch,
             },
         );
-        Some(runner::RunControl {
+        Some(run::RunControl {
             cancel,
             fence,
             detach: self.detach.clone(),
@@ -490,7 +491,9 @@ impl Agent {
         release_free_memory();
     }
 
-    /// Finds the runs a previous agent process left in `runs/` and follows them again.
+    /// Finds the runs a previous agent process left in `runs/` and takes each up where it
+    /// was (see [`run::Phase`]): preparing again, starting a supervisor that never
+    /// started, or following the spool.
     fn reattach_runs(self: &Arc<Self>) {
         let Ok(entries) = std::fs::read_dir(self.config.data_dir.join("runs")) else {
             return;
@@ -500,21 +503,56 @@ impl Agent {
             let state = spool::StateDir(root.join("state"));
             let spec: Option<spool::Spec> = spool::read_json(&state.spec()).ok().flatten();
             let Some(spec) = spec else {
-                // Interrupted before the script was set up: nothing runs; the coordinator
-                // requeues the attempt when this agent says hello without it.
-                let has_exit = state.exit().exists();
-                if !has_exit {
+                if state.exit().exists() {
+                    // It could not start; that is reported like any end.
+                    if let Some((run_id, attempt)) = parse_run_dir(&root) {
+                        self.spawn_attach(run_id, attempt, false, root);
+                    }
+                } else if let Some((assignment, phase)) = run::resumable(&state) {
+                    self.resume_run(assignment, phase);
+                } else {
+                    // Nothing of it was kept (an agent from before phases): nothing runs;
+                    // the coordinator requeues the attempt when this agent says hello
+                    // without it.
                     let _ = std::fs::remove_dir_all(&root);
-                    continue;
-                }
-                if let Some((run_id, attempt)) = parse_run_dir(&root) {
-                    self.spawn_attach(run_id, attempt, false, root);
                 }
                 continue;
             };
+            let never_started = !state.supervisor().exists() && !state.exit().exists();
+            if never_started {
+                // Stopped between writing spec.json and starting the supervisor.
+                info!(
+                    run_id = spec.run_id,
+                    attempt = spec.attempt,
+                    "Starting the supervisor of a run the previous agent process launched no further."
+                );
+                if let Err(error) = run::start_supervisor(self, &state) {
+                    let message = format!("{error:#}");
+                    let exit = spool::Exit {
+                        description: message.clone(),
+                        start_error: Some(message),
+                        ..Default::default()
+                    };
+                    let _ = spool::write_json(&state.exit(), &exit);
+                }
+            }
             let fenceable = spec.fenceable();
             self.spawn_attach(spec.run_id, spec.attempt, fenceable, root);
         }
+    }
+
+    /// Takes up the preparation of an attempt the previous agent process left before its
+    /// launch.
+    fn resume_run(self: &Arc<Self>, assignment: v1::Assignment, phase: run::Phase) {
+        let key = (assignment.run_id, assignment.attempt);
+        let Some(control) = self.register_run(key, assignment.fenceable) else {
+            return;
+        };
+        let agent = self.clone();
+        self.run_tasks.spawn(async move {
+            run::execute(agent.clone(), assignment, control, Some(phase)).await;
+            agent.run_ended(key);
+        });
     }
 
     /// Removes this agent's containers whose attempt is gone from `runs/` (a crash between
@@ -593,7 +631,7 @@ impl Agent {
         );
         let agent = self.clone();
         self.run_tasks.spawn(async move {
-            runner::attach(agent.clone(), run_id, attempt, root, control, None).await;
+            run::attach(agent.clone(), run_id, attempt, root, control, None).await;
             agent.run_ended(key);
         });
     }
@@ -604,7 +642,7 @@ impl Agent {
         }
     }
 
-    /// The coordinator's go for a gang attempt waiting in `runner::wait_for_launch`; ignored
+    /// The coordinator's go for a gang attempt waiting in `run::wait_for_launch`; ignored
     /// for an attempt that is not waiting (already launched, or unknown).
     fn launch_run(&self, launch: v1::Launch) {
         if let Some(handle) = self.runs().get(&(launch.run_id, launch.attempt)) {
@@ -701,7 +739,7 @@ fn sweep_runs_dir(
             );
             continue;
         }
-        runner::remove_attempt(data_dir, &root, key.0, key.1);
+        run::remove_attempt(data_dir, &root, key.0, key.1);
         swept.push(key);
     }
     swept

@@ -255,10 +255,15 @@ impl StateDir {
 /// old or the new content, never a mix, whenever a *process* dies. There is no fsync: these
 /// files describe processes, which a machine crash ends anyway.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
-    let temp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&temp)?;
-    file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    std::fs::rename(&temp, path)
+    // A temporary file of its own: two writers of one file (the agent and the supervisor
+    // both record `supervisor.json`) must not rename each other's.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new()
+        .prefix(".write-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    temp.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    temp.persist(path).map(drop).map_err(|e| e.error)
 }
 
 /// Reads a JSON file; `Ok(None)` when it does not exist.

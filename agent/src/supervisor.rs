@@ -8,19 +8,16 @@
 //! The supervisor never talks to the network and never signals anything but the leftovers
 //! of its own script's process group after the script exits.
 
-use std::io::{BufRead as _, BufReader, Read, Write as _};
-use std::os::unix::process::CommandExt as _;
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
-use crate::lines::LineChunker;
+use crate::driver::{self, Driver, Record};
 use crate::spool::{self, Exit, LogRecord, MetricRecord, ProcessRecord, Spec, StateDir};
 
 /// The hidden subcommand that runs a supervisor.
@@ -55,17 +52,6 @@ pub fn main(state_dir: &Path) -> ! {
     std::process::exit(code)
 }
 
-enum Record {
-    /// stream, rank, text
-    Log(i32, Option<u32>, String),
-    /// name, value, step, rank
-    Metric(String, f64, Option<i64>, Option<u32>),
-}
-
-/// How long the other processes of a gang node get between SIGTERM and SIGKILL once one
-/// of them has failed.
-const GANG_STOP_GRACE: Duration = Duration::from_secs(5);
-
 fn supervise(state: &StateDir) -> anyhow::Result<()> {
     // Its own session: no signal meant for the agent (or a terminal) reaches it.
     let _ = nix::unistd::setsid();
@@ -93,116 +79,25 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     };
     let logs = open(state.logs())?;
     let metrics_file = open(state.metrics())?;
+    let driver: Arc<dyn Driver> = Arc::from(driver::for_attempt(&spec, state));
 
     let _ = std::fs::remove_file(&spec.metrics_socket);
     let listener = std::os::unix::net::UnixListener::bind(&spec.metrics_socket)
         .with_context(|| format!("bind {}", spec.metrics_socket.display()))?;
-    if let Some(user) = &spec.run_as {
-        // The run's user connects to the metrics socket; no one else may.
-        crate::docker::hand_over(&[spec.metrics_socket.as_path()], &user.owner())
-            .context("give the metrics socket to the run's user")?;
-        crate::sandbox::set_mode(&spec.metrics_socket, 0o600)?;
-    }
-
-    if let Some(docker) = &spec.docker {
-        // The container's user connects to the metrics socket.
-        crate::docker::hand_over(&[spec.metrics_socket.as_path()], &docker.user)
-            .context("give the metrics socket to the container's user")?;
-        let files = SpoolFiles {
-            logs,
-            metrics: metrics_file,
-            log_seq,
-            metric_seq,
-        };
-        let exit = supervise_container(state, &spec, docker, files, listener)?;
-        let _ = std::fs::remove_file(&reserve);
-        spool::write_json(&state.exit(), &exit)?;
-        return Ok(());
-    }
-
-    // One process for a single-node run; one per local rank for a gang node. They share the
-    // first one's process group, so that one signal reaches all of them and what they left.
-    let procs = if spec.procs.is_empty() {
-        vec![crate::spool::ProcSpec {
-            rank: None,
-            env: Vec::new(),
-        }]
-    } else {
-        spec.procs.clone()
-    };
-    let mut children = Vec::new();
-    let mut pgid: Option<i32> = None;
-    for proc in &procs {
-        let mut command = Command::new(&spec.program);
-        if spec.env_clear {
-            // The spec holds everything the script may see (see `runner::inherited_env`).
-            command.env_clear();
-        }
-        command
-            .args(&spec.args)
-            .current_dir(&spec.cwd)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .envs(proc.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(pgid.unwrap_or(0));
-        if let Some(user) = &spec.run_as {
-            // std drops the supervisor's supplementary groups when it switches from root.
-            command.uid(user.uid).gid(user.gid);
-        }
-        match command.spawn() {
-            Ok(child) => {
-                pgid.get_or_insert(child.id() as i32);
-                children.push((proc.rank, child));
-            }
-            Err(error) => {
-                if let Some(pgid) = pgid {
-                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                }
-                let message = format!("could not start `{}`: {error}", spec.program.display());
-                spool::write_json(
-                    &state.exit(),
-                    &Exit {
-                        exit_code: None,
-                        description: message.clone(),
-                        start_error: Some(message),
-                        failed_rank: proc.rank,
-                        env_failed: false,
-                        ..Default::default()
-                    },
-                )?;
-                return Ok(());
-            }
-        }
-    }
-    let pid = pgid.expect("at least one process started");
-    spool::write_json(
-        &state.child(),
-        &ProcessRecord {
-            pid,
-            boot_id: spool::boot_id(),
-        },
-    )?;
+    driver.grant_metrics_socket(&spec.metrics_socket)?;
 
     let (records, records_rx) = mpsc::sync_channel::<Record>(8192);
-    let writer = std::thread::spawn(move || {
-        let result = write_records(records_rx, logs, metrics_file, log_seq, metric_seq);
-        if result.is_err() {
-            // Output that cannot be kept must not be produced: stop the script now.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        result
-    });
-    let mut readers = Vec::new();
-    for (rank, child) in &mut children {
-        let stdout = child.stdout.take().expect("piped");
-        let stderr = child.stderr.take().expect("piped");
-        widen_pipe(&stdout);
-        widen_pipe(&stderr);
-        readers.push(spawn_reader(stdout, 1, *rank, records.clone()));
-        readers.push(spawn_reader(stderr, 2, *rank, records.clone()));
-    }
+    let writer = {
+        let driver = driver.clone();
+        std::thread::spawn(move || {
+            let result = write_records(records_rx, logs, metrics_file, log_seq, metric_seq);
+            if result.is_err() {
+                // Output that cannot be kept must not be produced: stop the script now.
+                driver.stop(Signal::SIGKILL);
+            }
+            result
+        })
+    };
     let done = Arc::new(AtomicBool::new(false));
     let gang = !spec.procs.is_empty();
     let metrics_rank = spec.metrics_rank;
@@ -212,68 +107,67 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     };
     // Dropping `stop_sampling` wakes the sampler at once.
     let (stop_sampling, sampling_stopped) = mpsc::channel::<()>();
-    let sampler = {
-        let records = records.clone();
-        let interval = Duration::from_millis(spec.metrics_interval_ms.max(50));
-        // A gang node's processes are all children of this supervisor.
-        let root = if gang { std::process::id() } else { pid as u32 };
-        let run_gpus = spec.gpus.clone();
-        std::thread::spawn(move || {
-            sample(
-                root,
-                interval,
-                metrics_rank,
-                &run_gpus,
-                records,
-                sampling_stopped,
-            )
-        })
+    let started = driver.start(records.clone());
+    let sampler = match &started {
+        Ok(started) => {
+            spool::write_json(
+                &state.child(),
+                &ProcessRecord {
+                    pid: started.pid,
+                    boot_id: spool::boot_id(),
+                },
+            )?;
+            let records = records.clone();
+            let interval = Duration::from_millis(spec.metrics_interval_ms.max(50));
+            let (root, run_gpus) = (started.sample_root, spec.gpus.clone());
+            Some(std::thread::spawn(move || {
+                sample(
+                    root,
+                    interval,
+                    metrics_rank,
+                    &run_gpus,
+                    records,
+                    sampling_stopped,
+                )
+            }))
+        }
+        Err(_) => None,
     };
     drop(records);
-    let lease = watch_lease(&spec, move |signal| {
-        let _ = killpg(Pid::from_raw(pid), signal);
-    });
-
-    let (status, failed_rank) = wait_all(children, pid)?;
-    let fenced = lease.finish();
-    // Whatever the script left behind in its group goes too, so the pipes close; with a
-    // user of its own, so does every process of that user (a double-forked daemon that
-    // left the group included).
-    let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    if let Some(user) = &spec.run_as
-        && let Ok(program) = std::env::current_exe()
-    {
-        crate::sandbox::kill_all(&program, user.uid);
-    }
-    for reader in readers {
-        let _ = reader.join();
-    }
+    let (ended, fenced) = match started {
+        Ok(_) => {
+            let lease = watch_lease(&spec, {
+                let driver = driver.clone();
+                move |signal| driver.stop(signal)
+            });
+            let ended = driver.wait();
+            (ended, lease.finish())
+        }
+        Err(ended) => (Ok(ended), false),
+    };
     done.store(true, Ordering::SeqCst);
     drop(stop_sampling);
     let _ = acceptor.join();
-    let _ = sampler.join();
+    if let Some(sampler) = sampler {
+        let _ = sampler.join();
+    }
+    drop(driver);
     let written = writer
         .join()
         .map_err(|_| anyhow::anyhow!("spool writer panicked"))?;
     let _ = std::fs::remove_file(&spec.metrics_socket);
+    let ended = ended?;
 
     let exit = match written {
-        Ok(()) => {
-            let (exit_code, description) = describe_exit(&status);
-            let description = match failed_rank {
-                Some(rank) => format!("rank {rank} {description}"),
-                None => description,
-            };
-            Exit {
-                exit_code,
-                description,
-                start_error: None,
-                failed_rank,
-                env_failed: false,
-                fenced,
-                ..Default::default()
-            }
-        }
+        Ok(()) => Exit {
+            exit_code: ended.exit_code,
+            description: ended.description,
+            start_error: ended.start_error,
+            failed_rank: ended.failed_rank,
+            env_failed: ended.env_failed,
+            fenced,
+            ..Default::default()
+        },
         // Say why the run was stopped (the disk is full, typically) rather than vanish.
         Err(error) => Exit {
             exit_code: None,
@@ -287,140 +181,6 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&reserve);
     spool::write_json(&state.exit(), &exit)?;
     Ok(())
-}
-
-/// The spool files, open for appending, and the last sequence numbers in them.
-struct SpoolFiles {
-    logs: std::fs::File,
-    metrics: std::fs::File,
-    log_seq: u64,
-    metric_seq: u64,
-}
-
-/// A Docker run: the container takes the place of the script's process group (see
-/// `docker.rs`); the spool, metric socket and sampling work as for a process. SIGTERM to
-/// the supervisor stops the container.
-fn supervise_container(
-    state: &StateDir,
-    spec: &Spec,
-    docker: &crate::docker::DockerSpec,
-    files: SpoolFiles,
-    listener: std::os::unix::net::UnixListener,
-) -> anyhow::Result<Exit> {
-    let (records, records_rx) = mpsc::sync_channel::<Record>(8192);
-    let writer = std::thread::spawn(move || {
-        let result = write_records(
-            records_rx,
-            files.logs,
-            files.metrics,
-            files.log_seq,
-            files.metric_seq,
-        );
-        if result.is_err() {
-            // Output that cannot be kept must not be produced: stop the container now.
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
-        }
-        result
-    });
-    let done = Arc::new(AtomicBool::new(false));
-    let acceptor = {
-        let (records, done) = (records.clone(), done.clone());
-        std::thread::spawn(move || accept_metrics(listener, records, done, false, None))
-    };
-    let (stop_sampling, sampling_stopped) = mpsc::channel::<()>();
-
-    struct Events {
-        records: mpsc::SyncSender<Record>,
-        state: StateDir,
-        interval: Duration,
-        sampling_stopped: Option<mpsc::Receiver<()>>,
-        sampler: Option<std::thread::JoinHandle<()>>,
-        /// The run's GPUs (host indices): only these are sampled.
-        gpus: Vec<u32>,
-    }
-    impl crate::docker::ContainerEvents for Events {
-        fn line(&mut self, stream: i32, text: String) {
-            let _ = self.records.send(Record::Log(stream, None, text));
-        }
-        fn started(&mut self, pid: i32) {
-            let record = ProcessRecord {
-                pid,
-                boot_id: spool::boot_id(),
-            };
-            if let Err(error) = spool::write_json(&self.state.child(), &record) {
-                eprintln!("kiln supervisor: could not write child.json: {error}");
-            }
-            // The container's processes are the tree under its init process.
-            if let Some(stop) = self.sampling_stopped.take() {
-                let (records, interval) = (self.records.clone(), self.interval);
-                let gpus = self.gpus.clone();
-                self.sampler = Some(std::thread::spawn(move || {
-                    sample(pid as u32, interval, None, &gpus, records, stop)
-                }));
-            }
-        }
-    }
-    let mut events = Events {
-        records: records.clone(),
-        state: state.clone(),
-        interval: Duration::from_millis(spec.metrics_interval_ms.max(50)),
-        gpus: spec.gpus.clone(),
-        sampling_stopped: Some(sampling_stopped),
-        sampler: None,
-    };
-    drop(records);
-    // SIGTERM to the supervisor stops the container (Docker kills it after its grace).
-    let lease = watch_lease(spec, |signal| {
-        if signal == Signal::SIGTERM {
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
-        }
-    });
-    let ran = crate::docker::run_container(spec, docker, &mut events);
-    let fenced = lease.finish();
-
-    done.store(true, Ordering::SeqCst);
-    drop(stop_sampling);
-    let _ = acceptor.join();
-    if let Some(sampler) = events.sampler.take() {
-        let _ = sampler.join();
-    }
-    drop(events);
-    let written = writer
-        .join()
-        .map_err(|_| anyhow::anyhow!("spool writer panicked"))?;
-    let _ = std::fs::remove_file(&spec.metrics_socket);
-    Ok(match (written, ran) {
-        (Err(error), _) => Exit {
-            exit_code: None,
-            description: format!("stopped: the agent could not keep the run's output: {error:#}"),
-            start_error: None,
-            failed_rank: None,
-            env_failed: false,
-            ..Default::default()
-        },
-        (Ok(()), Ok(ended)) => Exit {
-            exit_code: ended.exit_code,
-            description: ended.description,
-            fenced,
-            // A container that could not be created or started is the environment's fault
-            // (no such command in the image, a device the engine cannot give, ...).
-            env_failed: ended.start_error.is_some(),
-            start_error: ended.start_error,
-            failed_rank: None,
-            ..Default::default()
-        },
-        (Ok(()), Err(error)) => {
-            let message = format!("the container could not be run: {error:#}");
-            Exit {
-                exit_code: None,
-                description: message.clone(),
-                start_error: Some(message),
-                failed_rank: None,
-                env_failed: true,
-                ..Default::default()
-            }
-        }
-    })
 }
 
 /// The thread that watches the agent's lease for a fenceable attempt.
@@ -488,58 +248,6 @@ fn watch_lease(spec: &Spec, stop: impl Fn(Signal) + Send + 'static) -> LeaseWatc
     }
 }
 
-/// Waits for every process. The first that fails (exits non-zero or is killed) stops the
-/// others: SIGTERM to the group, SIGKILL after [`GANG_STOP_GRACE`]. Returns the status that
-/// describes the node (the first failure's, else the last exit) and the failed rank.
-fn wait_all(
-    children: Vec<(Option<u32>, std::process::Child)>,
-    pgid: i32,
-) -> anyhow::Result<(std::process::ExitStatus, Option<u32>)> {
-    let n = children.len();
-    let (exited, exits) = mpsc::channel();
-    for (rank, mut child) in children {
-        let exited = exited.clone();
-        std::thread::spawn(move || {
-            let _ = exited.send((rank, child.wait()));
-        });
-    }
-    drop(exited);
-    let mut first_failure: Option<(Option<u32>, std::process::ExitStatus)> = None;
-    let mut last = None;
-    let mut kill_at: Option<std::time::Instant> = None;
-    let mut remaining = n;
-    while remaining > 0 {
-        let timeout = kill_at.map_or(Duration::from_secs(3600), |at| {
-            at.saturating_duration_since(std::time::Instant::now())
-        });
-        match exits.recv_timeout(timeout) {
-            Ok((rank, status)) => {
-                remaining -= 1;
-                let status = status.context("wait for the script")?;
-                if !status.success() && first_failure.is_none() {
-                    first_failure = Some((rank, status));
-                    if remaining > 0 {
-                        let _ = killpg(Pid::from_raw(pgid), Signal::SIGTERM);
-                        kill_at = Some(std::time::Instant::now() + GANG_STOP_GRACE);
-                    }
-                }
-                last = Some(status);
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if kill_at.is_some() {
-                    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-                    kill_at = None;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    match first_failure {
-        Some((rank, status)) => Ok((status, rank)),
-        None => Ok((last.context("no process was waited for")?, None)),
-    }
-}
-
 /// Numbers records and appends them, several per write when they arrive together.
 fn write_records(
     records: mpsc::Receiver<Record>,
@@ -602,61 +310,6 @@ fn write_records(
         }
     }
     Ok(())
-}
-
-/// The script's output pipes hold this much (Linux's default is 64 KiB), so that the
-/// reader can leave them alone for a moment: see [`spawn_reader`].
-const PIPE_BYTES: i32 = 1 << 20;
-
-/// A read that returned less than this is a trickle: the reader pauses [`TRICKLE_PAUSE`]
-/// before the next one.
-const TRICKLE_BYTES: usize = 16 * 1024;
-const TRICKLE_PAUSE: Duration = Duration::from_millis(1);
-
-/// Raises an output pipe's capacity to [`PIPE_BYTES`] (best effort: above the system's
-/// `fs.pipe-max-size` it stays as it is).
-fn widen_pipe(pipe: &impl std::os::fd::AsFd) {
-    let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
-}
-
-/// Reads one output pipe of the script and hands on, as one record, every whole line each
-/// read returned (see [`crate::lines`]): no per-line work between the script and the spool.
-///
-/// A reader that always waits in `read` is woken by every `write` of the script, and a
-/// script printing short lines as fast as it can (`python -u`) then pays a wake-up per
-/// line and gets one line per read. After a read that returned little, the reader pauses
-/// 1 ms instead: the script's writes meanwhile go into the (widened) pipe without waking
-/// anyone, and the next read takes them all. A line is handed on as soon as it was read, so
-/// this delays nothing already read; a quiet script's next line waits at most the pause.
-fn spawn_reader(
-    mut pipe: impl Read + Send + 'static,
-    stream: i32,
-    rank: Option<u32>,
-    records: mpsc::SyncSender<Record>,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut chunker = LineChunker::default();
-        let mut buffer = vec![0u8; 64 * 1024];
-        loop {
-            let n = match pipe.read(&mut buffer) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            };
-            for text in chunker.push(&buffer[..n]) {
-                if records.send(Record::Log(stream, rank, text)).is_err() {
-                    return;
-                }
-            }
-            if n < TRICKLE_BYTES {
-                std::thread::sleep(TRICKLE_PAUSE);
-            }
-        }
-        if let Some(text) = chunker.finish() {
-            let _ = records.send(Record::Log(stream, rank, text));
-        }
-    })
 }
 
 #[derive(serde::Deserialize)]

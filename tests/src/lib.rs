@@ -373,6 +373,17 @@ impl Cluster {
         self.add_agent(spec)
     }
 
+    /// Sets the extra environment of agent `index` for its next start (see
+    /// [`Cluster::restart_agent`]); empty: none.
+    pub fn set_agent_env(&mut self, index: usize, env: &[(&str, &str)]) {
+        self.agent_env.insert(
+            index,
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+    }
+
     /// Like [`Cluster::add_agent`], with the agent started under `wrapper` (a command that
     /// execs its arguments, such as `ip netns exec NAME`, so the pid stays the agent's).
     pub fn add_agent_wrapped(&mut self, spec: AgentSpec, wrapper: &[&str]) -> usize {

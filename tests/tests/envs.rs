@@ -432,12 +432,17 @@ fn killing_the_agent_during_an_environment_build_builds_it_once_and_runs_the_scr
     let run_id = submit(&cluster, src.path(), "check.py", venv("requirements.txt"));
     wait_building(&cluster, run_id);
     // SIGKILL mid-build: the build's processes die with the agent (nothing goes on writing
-    // into the environment), the attempt never started, so it is placed again.
+    // into the environment); the restarted agent takes the same attempt up again from its
+    // environment phase (see `run::Phase`) and builds once, whole.
     cluster.crash_and_restart_agent(0);
     let run = cluster.wait_ended(run_id, BUILD_TIMEOUT);
     let (stdout, kiln_lines) = logs(&cluster, run_id);
     assert_eq!(run["status"], "succeeded", "{run}\n{stdout}\n{kiln_lines}");
-    assert_eq!(run["attempt"], 2, "{run}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert!(
+        kiln_lines.contains("The agent restarted during this attempt's environment phase"),
+        "{kiln_lines}"
+    );
     assert_eq!(
         stdout.matches("value from the wheel").count(),
         1,

@@ -377,3 +377,57 @@ fn two_gangs_competing_for_three_agents_both_finish_and_never_start_half() {
     );
     cluster.stop();
 }
+
+#[test]
+fn a_node_whose_agent_is_killed_at_the_rendezvous_takes_it_up_again_and_the_gang_runs_once() {
+    // The agent of one node is killed (SIGKILL) while its attempt waits for the gang's
+    // launch: the restarted agent says ready again and the gang launches as attempt 1.
+    let mut cluster = Cluster::start(&[]);
+    let spec = |address| AgentSpec {
+        target: "gpu",
+        slots: 1,
+        advertise: Some(address),
+    };
+    cluster.add_agent_with_env(
+        spec(ADDRESSES[0]),
+        &[("KILN_AGENT_HOLD_PHASE", "rendezvous")],
+    );
+    cluster.add_agent(spec(ADDRESSES[1]));
+    cluster.wait_agents_online(2);
+    let src = allreduce_dir();
+    let run_id = cluster.submit_detached(&[
+        "--target",
+        "gpu",
+        "--nodes",
+        "2",
+        src.path().to_str().unwrap(),
+        "allreduce.py",
+    ]);
+    wait_for(
+        "agent 0 to hold its node at the rendezvous",
+        Duration::from_secs(60),
+        || {
+            cluster.agents[0]
+                .log_text()
+                .contains("Holding the attempt at this phase")
+                .then_some(())
+        },
+    );
+    cluster.agents[0].kill();
+    cluster.set_agent_env(0, &[]);
+    cluster.restart_agent(0);
+    let run = cluster.wait_ended(run_id, Duration::from_secs(60));
+    let log = logs(&cluster, run_id, &[]);
+    assert_eq!(run["status"], "succeeded", "{run}\n{log}");
+    assert_eq!(run["attempt"], 1, "{run}");
+    assert_eq!(run["restarts"], 0, "{run}");
+    for rank in 0..2 {
+        assert_eq!(
+            log.matches(&format!("rank {rank}: all-reduce sum 3 ok"))
+                .count(),
+            1,
+            "rank {rank} ran once:\n{log}"
+        );
+    }
+    cluster.stop();
+}

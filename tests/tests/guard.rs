@@ -297,7 +297,7 @@ fn a_reconnect_after_a_good_session_does_not_wait_out_an_earlier_outages_backoff
 }
 
 #[test]
-fn a_graceful_stop_abandons_a_run_still_preparing_and_kills_its_build() {
+fn a_graceful_stop_kills_a_preparing_runs_build_and_the_next_agent_takes_it_up_again() {
     // An environment build that never ends: an external conda that sleeps.
     let tools = shared_dir();
     let conda = tools.path().join("slow-conda");
@@ -335,11 +335,39 @@ fn a_graceful_stop_abandons_a_run_still_preparing_and_kills_its_build() {
     wait_for("the build to be killed", Duration::from_secs(10), || {
         (!process_alive(pid)).then_some(())
     });
-    // Nothing ran: the run is not over, it waits to be given out again.
+    // Nothing ran, and the run is not over: the next agent process takes its preparation
+    // up again (before phases were kept, the restarted agent said hello without it and
+    // the coordinator ended it `lost`).
+    std::fs::remove_file(&started).unwrap();
+    cluster.restart_agent(0);
+    let again: i32 = wait_for("the build to start again", Duration::from_secs(30), || {
+        std::fs::read_to_string(&started).ok()?.trim().parse().ok()
+    });
+    assert_ne!(again, pid);
     let run = cluster.run(run_id);
+    assert_eq!(run["attempt"], 1, "{run}");
     assert!(
-        matches!(run["status"].as_str(), Some("queued" | "assigned")),
+        !ENDED.contains(&run["status"].as_str().unwrap_or_default()),
         "{run}"
+    );
+    wait_for(
+        "the restart said in the run's log",
+        Duration::from_secs(10),
+        || {
+            let output = cluster.kiln(&["logs", &run_id.to_string()]);
+            text(&output.stderr)
+                .contains("The agent restarted during this attempt's environment phase")
+                .then_some(())
+        },
+    );
+    let cancel = cluster.kiln(&["cancel", &run_id.to_string()]);
+    assert!(cancel.status.success(), "{}", text(&cancel.stderr));
+    let run = cluster.wait_ended(run_id, Duration::from_secs(30));
+    assert_eq!(run["status"], "cancelled", "{run}");
+    wait_for(
+        "the second build to be killed",
+        Duration::from_secs(10),
+        || (!process_alive(again)).then_some(()),
     );
     cluster.coordinator.stop_cleanly();
 }
@@ -716,4 +744,95 @@ fn an_upload_that_stalls_is_ended_and_leaves_no_partial_blob() {
         uploads.display()
     );
     cluster.stop();
+}
+
+const ONCE: &str = r#"import os, sys
+open(sys.argv[1], "a").write("ran\n")
+open(os.path.join(os.environ["KILN_OUTPUTS_DIR"], "model.txt"), "w").write("weights")
+print("the script ran", flush=True)
+"#;
+
+/// SIGKILLs agent `index` once it says it holds an attempt at `phase` (started with
+/// `KILN_AGENT_HOLD_PHASE`), then starts it again without the hold.
+fn kill_agent_held_at(cluster: &mut Cluster, index: usize, phase: &str) {
+    wait_for(
+        &format!("the agent to hold the attempt at {phase}"),
+        Duration::from_secs(60),
+        || {
+            let log = cluster.agents[index].log_text();
+            (log.contains("Holding the attempt at this phase") && log.contains(phase)).then_some(())
+        },
+    );
+    cluster.agents[index].kill();
+    cluster.set_agent_env(index, &[]);
+    cluster.restart_agent(index);
+}
+
+#[test]
+fn an_agent_killed_in_any_phase_takes_the_run_up_again_and_it_runs_once() {
+    // Before phases were kept, an agent killed (or restarted) before the launch lost the
+    // run ("the agent restarted without this run"); after it, each phase's files carry it.
+    for phase in [
+        "fetch",
+        "unpack",
+        "environment",
+        "launch",
+        "follow",
+        "collect",
+        "report",
+    ] {
+        let mut cluster = Cluster::start(&[]);
+        cluster.add_agent_with_env(ONE[0].clone(), &[("KILN_AGENT_HOLD_PHASE", phase)]);
+        cluster.wait_agents_online(1);
+        let src = source_dir(&[("train.py", ONCE)]);
+        let marks = shared_dir();
+        let mark = marks.path().join("ran");
+        let run_id = cluster.submit_detached(&[
+            "--target",
+            "box",
+            src.path().to_str().unwrap(),
+            "train.py",
+            "--",
+            mark.to_str().unwrap(),
+        ]);
+        kill_agent_held_at(&mut cluster, 0, phase);
+        let run = cluster.wait_ended(run_id, Duration::from_secs(60));
+        // Kiln's own lines (the restart's) are on stderr.
+        let output = cluster.kiln(&["logs", &run_id.to_string()]);
+        let log = text(&output.stdout) + &text(&output.stderr);
+        let context = format!(
+            "killed in {phase}: {run}\nlog:\n{log}\nagent:\n{}",
+            tail(&cluster.agents[0].log_text(), 30)
+        );
+        assert_eq!(run["status"], "succeeded", "{context}");
+        assert_eq!(run["attempt"], 1, "{context}");
+        assert_eq!(
+            std::fs::read_to_string(&mark).unwrap_or_default(),
+            "ran\n",
+            "the script ran once: {context}"
+        );
+        assert_eq!(log.matches("the script ran").count(), 1, "{context}");
+        if ["fetch", "unpack", "environment", "launch"].contains(&phase) {
+            assert!(
+                log.contains(&format!(
+                    "The agent restarted during this attempt's {phase} phase"
+                )),
+                "{context}"
+            );
+        }
+        // The outputs came up once, whole.
+        let dest = tempfile::tempdir().unwrap();
+        let download = cluster.kiln(&[
+            "download",
+            &run_id.to_string(),
+            dest.path().to_str().unwrap(),
+        ]);
+        assert!(download.status.success(), "{}", text(&download.stderr));
+        assert_eq!(
+            std::fs::read_to_string(dest.path().join("model.txt")).unwrap(),
+            "weights",
+            "{context}"
+        );
+        cluster.coordinator.stop_cleanly();
+    }
 }
