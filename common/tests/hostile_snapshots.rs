@@ -956,7 +956,7 @@ fn run(
             fs::write(&sent_path, &sent).expect("write");
             fs::write(&received_path, &received).expect("write");
             let expected = digest_file(&sent_path)?;
-            // What agent/src/runner.rs does by hand: hash the download, compare, and only then unpack.
+            // What agent/src/run/transfer.rs does by hand: hash the download, compare, and only then unpack.
             let actual = digest_file(&received_path)?;
             assert_ne!(
                 actual, expected,

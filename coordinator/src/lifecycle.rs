@@ -1,7 +1,7 @@
 //! The run lifecycle's rules, in one place: how much retry budget a run has, whether an
 //! attempt is fenceable, which attempts an agent may keep running, what an agent's
 //! `Finished` does to a run, how a gang ends, and how a run is taken from a lost agent.
-//! `lib.rs` calls these and sends the messages they imply; `store.rs` applies the chosen
+//! `lib.rs` calls these and sends the messages they imply; `store/` applies the chosen
 //! event through the state machine (`kiln_common::run::next`). Nothing here does I/O except
 //! through the `Store` it is handed (inside one `Db::call`).
 //!
