@@ -1314,6 +1314,7 @@ mod tests {
         Spec {
             env_clear: false,
             run_as: None,
+            secret_names: Vec::new(),
             run_id: 42,
             attempt: 2,
             program: PathBuf::from("python3"),

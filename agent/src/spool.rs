@@ -76,7 +76,33 @@ pub struct Spec {
     /// the supervisor's own user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as: Option<crate::sandbox::RunUser>,
+    /// The variables of `env` that are the run's secrets: their values are masked in its
+    /// output (see `supervisor::Masks`).
+    #[serde(default)]
+    pub secret_names: Vec<String>,
 }
+
+impl Spec {
+    /// The values to mask in the run's output: its secrets' values of at least
+    /// [`MIN_MASKED_BYTES`] bytes (a shorter one would mask every `1` or `on`), longest
+    /// first.
+    pub fn masked_values(&self) -> Vec<String> {
+        let mut values: Vec<String> = self
+            .env
+            .iter()
+            .filter(|(name, value)| {
+                value.len() >= MIN_MASKED_BYTES && self.secret_names.contains(name)
+            })
+            .map(|(_, value)| value.clone())
+            .collect();
+        values.sort_by_key(|value| std::cmp::Reverse(value.len()));
+        values.dedup();
+        values
+    }
+}
+
+/// Secret values shorter than this are not masked in a run's output.
+pub const MIN_MASKED_BYTES: usize = 3;
 
 impl Spec {
     pub fn fenceable(&self) -> bool {

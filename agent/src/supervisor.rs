@@ -87,10 +87,20 @@ fn supervise(state: &StateDir) -> anyhow::Result<()> {
     driver.grant_metrics_socket(&spec.metrics_socket)?;
 
     let (records, records_rx) = mpsc::sync_channel::<Record>(8192);
+    let masks = spec.masked_values();
     let writer = {
         let driver = driver.clone();
         std::thread::spawn(move || {
-            let result = write_records(records_rx, logs, metrics_file, log_seq, metric_seq);
+            let result = write_records(
+                records_rx,
+                SpoolFiles {
+                    logs,
+                    metrics: metrics_file,
+                    log_seq,
+                    metric_seq,
+                },
+                &masks,
+            );
             if result.is_err() {
                 // Output that cannot be kept must not be produced: stop the script now.
                 driver.stop(Signal::SIGKILL);
@@ -248,14 +258,42 @@ fn watch_lease(spec: &Spec, stop: impl Fn(Signal) + Send + 'static) -> LeaseWatc
     }
 }
 
-/// Numbers records and appends them, several per write when they arrive together.
+/// The spool files, open for appending, and the last sequence numbers in them.
+struct SpoolFiles {
+    logs: std::fs::File,
+    metrics: std::fs::File,
+    log_seq: u64,
+    metric_seq: u64,
+}
+
+/// What stands in for a secret's value in the run's output.
+pub const MASK: &str = "***";
+
+/// `text` with every occurrence of each of `masks` (longest first) replaced by [`MASK`].
+/// A record holds whole lines, so a value is found unless it spans a line break or a cut
+/// 64 KiB line.
+fn masked(text: String, masks: &[String]) -> String {
+    if !masks.iter().any(|value| text.contains(value.as_str())) {
+        return text;
+    }
+    masks
+        .iter()
+        .fold(text, |text, value| text.replace(value.as_str(), MASK))
+}
+
+/// Numbers records (masking secrets in log text) and appends them, several per write when
+/// they arrive together.
 fn write_records(
     records: mpsc::Receiver<Record>,
-    mut logs: std::fs::File,
-    mut metrics: std::fs::File,
-    mut log_seq: u64,
-    mut metric_seq: u64,
+    files: SpoolFiles,
+    masks: &[String],
 ) -> anyhow::Result<()> {
+    let SpoolFiles {
+        mut logs,
+        mut metrics,
+        mut log_seq,
+        mut metric_seq,
+    } = files;
     let mut log_buffer = Vec::new();
     let mut metric_buffer = Vec::new();
     while let Ok(first) = records.recv() {
@@ -264,6 +302,7 @@ fn write_records(
             let time_ms = now_ms();
             match record {
                 Record::Log(stream, rank, text) => {
+                    let text = masked(text, masks);
                     log_seq += 1;
                     serde_json::to_writer(
                         &mut log_buffer,
@@ -459,6 +498,29 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_values_are_masked_in_output_and_short_ones_are_not() {
+        let spec: Spec = serde_json::from_value(serde_json::json!({
+            "run_id": 1, "attempt": 1, "program": "python3", "args": [], "cwd": "/",
+            "env": [["SEED", "hf_abc"], ["HF_TOKEN", "hf_abc123"], ["FLAG", "on"], ["USER_ID", "hf_abc"]],
+            "metrics_socket": "/m.sock", "metrics_interval_ms": 1000,
+            "secret_names": ["HF_TOKEN", "FLAG", "USER_ID"],
+        }))
+        .unwrap();
+        // SEED is not a secret (its value is USER_ID's too: masked as USER_ID's); FLAG is
+        // too short to mask; the longer value goes first, so no tail of it is left.
+        assert_eq!(spec.masked_values(), ["hf_abc123", "hf_abc"]);
+        let masks = spec.masked_values();
+        assert_eq!(
+            masked(
+                "token=hf_abc123 id=hf_abc on\nagain hf_abc123".into(),
+                &masks
+            ),
+            "token=*** id=*** on\nagain ***"
+        );
+        assert_eq!(masked("nothing here".into(), &masks), "nothing here");
+    }
 
     #[test]
     fn the_metric_acceptor_ends_when_done_even_with_its_socket_path_gone() {

@@ -170,6 +170,7 @@ pub fn run_json(run: &v1::Run) -> Value {
             "gpus": r.gpus,
         })),
         "env": run.env.iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "secrets": run.secret_names,
         "timeout_seconds": (run.timeout_s > 0).then_some(run.timeout_s),
         "checkpoint_digest": if run.checkpoint_digest.is_empty() { Value::Null } else { Value::String(run.checkpoint_digest.clone()) },
         "snapshot_digest": run.snapshot_digest,
@@ -408,6 +409,10 @@ pub fn show(run: &v1::Run, as_json: bool) {
             if index == 0 { "env" } else { "" },
             format!("{key}={value}"),
         );
+    }
+    if !run.secret_names.is_empty() {
+        // Names only: the coordinator never sends a secret's value back.
+        field("secrets", run.secret_names.join(", "));
     }
     field(
         "timeout",

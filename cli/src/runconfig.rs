@@ -11,7 +11,7 @@
 //!
 //! Reading the file is the only I/O here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -42,6 +42,9 @@ pub struct Layer {
     pub resources: Option<Resources>,
     /// Extra environment variables for the script.
     pub env: Option<BTreeMap<String, Text>>,
+    /// Secret variables for the script, by name: each value is read from the submitter's
+    /// own environment, stored encrypted, masked in the run's logs and never shown.
+    pub secrets: Option<Vec<String>>,
     /// Place the run again, up to this many times, when its agent is lost.
     pub max_retries: Option<u32>,
     /// Stop the run after this long (seconds, or "90s", "30m", "2h"; 0: no limit).
@@ -170,6 +173,9 @@ pub struct RunConfig {
     pub environment: Environment,
     pub resources: Resources,
     pub env: BTreeMap<String, String>,
+    /// Names only: the values come from the submitter's environment at submit time.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     pub timeout: Seconds,
     pub max_retries: u32,
     pub checkpoint_interval: Seconds,
@@ -288,6 +294,13 @@ impl Layer {
             }
             (upper, lower) => upper.or(lower),
         };
+        let secrets = match (self.secrets, lower.secrets) {
+            (Some(mut upper), Some(lower)) => {
+                upper.extend(lower);
+                Some(upper)
+            }
+            (upper, lower) => upper.or(lower),
+        };
         // The lower layer's args belong to its script: naming another script on top (e.g.
         // `kiln submit . eval.py` next to `script: train.py` in kiln.yaml) drops them.
         let other_script = self.script.is_some() && self.script != lower.script;
@@ -300,6 +313,7 @@ impl Layer {
             environment: self.environment.or(lower.environment),
             resources,
             env,
+            secrets,
             max_retries: self.max_retries.or(lower.max_retries),
             timeout: self.timeout.or(lower.timeout),
             nodes: self.nodes.or(lower.nodes),
@@ -331,6 +345,15 @@ impl Layer {
             );
         };
         let target = TargetName::new(&target)?.to_string();
+        let mut secrets = self.secrets.unwrap_or_default();
+        secrets.sort();
+        secrets.dedup();
+        for name in &secrets {
+            anyhow::ensure!(
+                self.env.as_ref().is_none_or(|env| !env.contains_key(name)),
+                "`{name}` is both in `secrets:`/--secret and in `env:`/--env: give it once, as a secret"
+            );
+        }
         Ok(RunConfig {
             script,
             args: self
@@ -351,6 +374,7 @@ impl Layer {
                 .into_iter()
                 .map(|(key, value)| (key, value.0))
                 .collect(),
+            secrets,
             timeout: self.timeout.unwrap_or_default(),
             max_retries: self.max_retries.unwrap_or(0),
             checkpoint_interval: self.checkpoint_interval.unwrap_or_default(),
@@ -383,7 +407,27 @@ impl RunConfig {
         }
     }
 
-    /// The submit request for this configuration and a snapshot.
+    /// The values of the run's secrets, from `lookup` (the submitter's environment): a
+    /// secret's value never appears on a command line or in a file Kiln reads.
+    pub fn secret_values(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<HashMap<String, String>> {
+        self.secrets
+            .iter()
+            .map(|name| match lookup(name) {
+                Some(value) => Ok((name.clone(), value)),
+                None => anyhow::bail!(
+                    "secret `{name}` is not set: Kiln reads a secret's value from your \
+                     environment (`export {name}=...` or `read -s {name}; export {name}`), \
+                     never from the command line"
+                ),
+            })
+            .collect()
+    }
+
+    /// The submit request for this configuration and a snapshot (without the secrets'
+    /// values: see [`RunConfig::secret_values`]).
     pub fn to_request(&self, snapshot_digest: String) -> v1::SubmitRunRequest {
         let resources = &self.resources;
         let resources = (resources != &Resources::default()).then(|| v1::Resources {
@@ -407,6 +451,7 @@ impl RunConfig {
             environment: Some(self.environment.to_wire()),
             resources,
             env: self.env.clone().into_iter().collect(),
+            secrets: HashMap::new(),
             timeout_s: self.timeout.0,
         }
     }
@@ -760,6 +805,7 @@ resources:
 env:
   SEED: 7
   MODE: fast
+secrets: [HF_TOKEN]
 max_retries: 3
 timeout: 2h
 nodes: 2
@@ -795,6 +841,7 @@ checkpoint_interval: 5m
                     ("SEED".into(), text("7")),
                     ("MODE".into(), text("fast")),
                 ])),
+                secrets: Some(vec!["HF_TOKEN".into()]),
                 max_retries: Some(3),
                 timeout: Some(Seconds(7200)),
                 nodes: Some(2),
@@ -879,13 +926,13 @@ checkpoint_interval: 5m
         check(
             "script: train.py\nscirpt: train.py\n",
             "dir/kiln.yaml line 2: unknown key `scirpt`; valid keys: script, args, target, \
-             name, environment, resources, env, max_retries, timeout, nodes, procs_per_node, \
+             name, environment, resources, env, secrets, max_retries, timeout, nodes, procs_per_node, \
              gpus_per_node, launcher, max_restarts, checkpoint_interval",
         );
         check(
             "scirpt: train.py\n",
             "dir/kiln.yaml line 1: unknown key `scirpt`; valid keys: script, args, target, \
-             name, environment, resources, env, max_retries, timeout, nodes, procs_per_node, \
+             name, environment, resources, env, secrets, max_retries, timeout, nodes, procs_per_node, \
              gpus_per_node, launcher, max_restarts, checkpoint_interval",
         );
         check(
@@ -1044,6 +1091,7 @@ max_retries: 2
                     gpus: None
                 },
                 env: BTreeMap::from([("MODE".into(), "fast".into()), ("SEED".into(), "8".into())]),
+                secrets: Vec::new(),
                 timeout: Seconds(60),
                 max_retries: 2,
                 checkpoint_interval: Seconds(0),
@@ -1264,5 +1312,41 @@ checkpoint_interval: 300
         assert_eq!(parse_size("1.5 G").unwrap(), 1_500_000_000);
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn secrets_are_names_whose_values_come_from_the_environment() {
+        let file = layer("script: train.py\ntarget: gpu\nsecrets: [HF_TOKEN]\n");
+        let flags = Layer {
+            secrets: Some(vec!["WANDB_API_KEY".into(), "HF_TOKEN".into()]),
+            ..Layer::default()
+        };
+        let config = flags
+            .or(file)
+            .resolve(None, Path::new("kiln.yaml"))
+            .unwrap();
+        assert_eq!(config.secrets, ["HF_TOKEN", "WANDB_API_KEY"]);
+        // --dry-run shows the names, never values.
+        assert!(config.to_yaml().contains("- WANDB_API_KEY"));
+        let values = config
+            .secret_values(|name| Some(format!("value of {name}")))
+            .unwrap();
+        assert_eq!(values["HF_TOKEN"], "value of HF_TOKEN");
+        let unset = config
+            .secret_values(|name| (name == "HF_TOKEN").then(|| "x".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            unset.contains("secret `WANDB_API_KEY` is not set"),
+            "{unset}"
+        );
+        // The request carries no value until the caller puts them in.
+        assert!(config.to_request("sha256:x".into()).secrets.is_empty());
+        // One name is a secret or a plain variable, not both.
+        let both = layer("script: t.py\ntarget: gpu\nsecrets: [SEED]\nenv: {SEED: 1}\n")
+            .resolve(None, Path::new("kiln.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("`SEED` is both"), "{both}");
     }
 }

@@ -66,6 +66,11 @@ pub struct SubmitArgs {
     /// An environment variable for the script (repeatable; adds to and overrides `env:`).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = runconfig::parse_env_flag)]
     env: Vec<(String, String)>,
+    /// A secret variable for the script, by name (repeatable; adds to `secrets:`): its value
+    /// is read from your environment, stored encrypted, masked in the run's logs and never
+    /// shown by `kiln show`.
+    #[arg(long = "secret", value_name = "NAME")]
+    secret: Vec<String>,
     /// Run with this interpreter on the agent (a user-managed environment; replaces the
     /// file's `environment:`).
     #[arg(long, value_name = "PATH")]
@@ -153,6 +158,7 @@ impl SubmitArgs {
                     .map(|(key, value)| (key.clone(), runconfig::Text(value.clone())))
                     .collect()
             }),
+            secrets: (!self.secret.is_empty()).then(|| self.secret.clone()),
             max_retries: self.max_retries,
             timeout: self.timeout,
             nodes: self.nodes,
@@ -179,6 +185,8 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         .layer()
         .or(from_file)
         .resolve(default_target, &origin)?;
+    // Read now: a secret that is not set fails before any upload.
+    let secrets = config.secret_values(|name| std::env::var(name).ok())?;
     let script = config.script.clone();
     let interactive = std::io::stderr().is_terminal();
 
@@ -367,8 +375,10 @@ pub async fn submit(connection: &Connection, args: SubmitArgs) -> anyhow::Result
         HumanBytes(packed.uncompressed_bytes),
     );
 
+    let mut request = config.to_request(packed.digest);
+    request.secrets = secrets;
     let run = client
-        .submit_run(config.to_request(packed.digest))
+        .submit_run(request)
         .await
         .map_err(status_error)?
         .into_inner();

@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod pki;
 pub mod scheduler;
+pub mod secrets;
 mod service;
 pub mod sessions;
 pub mod store;
@@ -26,7 +27,7 @@ use kiln_proto::v1;
 use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use service::{Listener, serve};
 
@@ -140,6 +141,8 @@ pub(crate) enum HelloError {
 pub struct Coordinator {
     db: Db,
     blobs: BlobStore,
+    /// Seals and opens runs' secrets (`secrets.rs`).
+    secrets: secrets::SecretBox,
     config: Config,
     sessions: Mutex<HashMap<String, Session>>,
     /// When the coordinator last heard from each agent not yet judged lost, on its own
@@ -190,10 +193,12 @@ impl Coordinator {
             .map(|agent| (agent.id, started))
             .collect();
         let blobs = BlobStore::open(&config.data_dir.join("blobs"), config.max_blob_bytes)?;
+        let secrets = secrets::SecretBox::load_or_create(&config.data_dir.join(secrets::KEY_FILE))?;
         let (run_changes, _) = broadcast::channel(4096);
         let coordinator = Arc::new(Coordinator {
             db: Db(Arc::new(Mutex::new(store))),
             blobs,
+            secrets,
             config,
             sessions: Mutex::new(HashMap::new()),
             last_heard: Mutex::new(last_heard),
@@ -386,7 +391,8 @@ impl Coordinator {
                             .transition(a.run_id, None, RunEvent::Assign, &fields)
                             .ok()?;
                         let checkpoints = s.node_checkpoints(run.id).unwrap_or_default();
-                        Some((a.agent_ids, run, checkpoints))
+                        let sealed = s.sealed_secrets(run.id).unwrap_or_default();
+                        Some((a.agent_ids, run, checkpoints, sealed))
                     })
                     .collect::<Vec<_>>()
             })
@@ -394,20 +400,46 @@ impl Coordinator {
         {
             let mut last_placed = self.last_placed.lock().unwrap_or_else(|p| p.into_inner());
             let mut tick = last_placed.values().max().copied().unwrap_or(0);
-            for (_, run, _) in &placed {
+            for (_, run, _, _) in &placed {
                 tick += 1;
                 last_placed.insert((run.target.clone(), run.owner.clone()), tick);
             }
         }
-        for (agent_ids, run, checkpoints) in placed {
+        for (agent_ids, run, checkpoints, sealed) in placed {
+            let secrets = match sealed.map(|sealed| self.secrets.open(&sealed)).transpose() {
+                Ok(secrets) => secrets.unwrap_or_default(),
+                Err(error) => {
+                    // Never started without them: the run ends, saying why.
+                    let message = format!("{error:#}");
+                    error!(run_id = run.id, error = %message, "A run's secrets cannot be opened; it fails.");
+                    let run_id = run.id;
+                    let _ = self
+                        .db
+                        .call(move |s| {
+                            s.transition(
+                                run_id,
+                                None,
+                                RunEvent::Finish(Outcome::Failed),
+                                &EventFields {
+                                    message: Some(&message),
+                                    now_ms: now_ms(),
+                                    ..Default::default()
+                                },
+                            )
+                        })
+                        .await;
+                    self.run_changed(run_id);
+                    continue;
+                }
+            };
             let mut all_sent = true;
             for (node_rank, agent_id) in agent_ids.iter().enumerate() {
                 let node_rank = node_rank as u32;
                 let checkpoint = checkpoints.get(&node_rank).cloned();
+                let mut assignment = lifecycle::assignment(&run, node_rank, checkpoint);
+                assignment.secrets = secrets.clone();
                 let message = v1::CoordinatorMessage {
-                    kind: Some(v1::coordinator_message::Kind::Assign(
-                        lifecycle::assignment(&run, node_rank, checkpoint),
-                    )),
+                    kind: Some(v1::coordinator_message::Kind::Assign(assignment)),
                 };
                 let sent = self.send_to_agent(agent_id, message);
                 info!(run_id = run.id, attempt = run.attempt, node_rank, agent_id = %agent_id, sent, "Assigned run.");

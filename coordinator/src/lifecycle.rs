@@ -265,6 +265,8 @@ pub fn assignment(run: &v1::Run, node_rank: u32, checkpoint: Option<String>) -> 
         environment: run.environment.clone(),
         resources: run.resources,
         env: run.env.clone(),
+        // Opened from the store by the caller (they are not part of the run).
+        secrets: Default::default(),
         timeout_s: run.timeout_s,
         gpus,
         run_id: run.id,

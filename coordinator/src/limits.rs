@@ -77,7 +77,8 @@ pub fn check_submission(request: &v1::SubmitRunRequest) -> Result<(), String> {
         );
     }
     let mut env_bytes = 0usize;
-    for (key, value) in &request.env {
+    // Secrets are environment variables too, and count with them.
+    for (key, value) in request.env.iter().chain(&request.secrets) {
         if key.len() > MAX_ENV_KEY_BYTES {
             return over(
                 "an environment variable's name",

@@ -296,6 +296,31 @@ fn validate_environment(
     Ok(())
 }
 
+/// Secrets are variables like `env`'s (names of letters, digits and _, values without NUL;
+/// sizes were checked with `env`'s), and none is also in `env`: a value would else be
+/// stored in the clear beside its sealed copy.
+fn validate_secrets(
+    secrets: &std::collections::HashMap<String, String>,
+    env: &std::collections::HashMap<String, String>,
+) -> Result<(), Status> {
+    for (name, value) in secrets {
+        let valid = !name.is_empty()
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid || value.contains('\0') {
+            return Err(Status::invalid_argument(format!(
+                "secret `{name}` is invalid: names are letters, digits and _ (not starting with a digit); values have no NUL"
+            )));
+        }
+        if env.contains_key(name) {
+            return Err(Status::invalid_argument(format!(
+                "`{name}` is both a secret and an --env variable: give it once, as a secret"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses a run that no set of the target's agents could ever hold: more nodes than agents,
 /// or a per-node request (CPUs, memory, GPUs) larger than every agent. The message names the
 /// largest agent's capacity. Targets do not autoscale, so such a run would wait forever.
@@ -518,6 +543,7 @@ impl Kiln for Api {
         }
         let gang = validate_gang(&request)?;
         validate_environment(request.environment.as_ref(), &request.env)?;
+        validate_secrets(&request.secrets, &request.env)?;
         refuse_if_never_placeable(&self.0, &request, &target, gang.nodes).await?;
         let name = if request.name.is_empty() {
             std::path::Path::new(&request.script)
@@ -527,6 +553,10 @@ impl Kiln for Api {
         } else {
             request.name
         };
+        let mut secret_names: Vec<String> = request.secrets.keys().cloned().collect();
+        secret_names.sort();
+        // Only sealed bytes reach the database (see `secrets.rs`).
+        let sealed_secrets = self.0.secrets.seal(&request.secrets).map_err(internal)?;
         let default_cap = self.0.config.max_queued_per_user;
         let run = self
             .0
@@ -554,6 +584,8 @@ impl Kiln for Api {
                     environment: request.environment.as_ref(),
                     resources: request.resources.as_ref(),
                     env: &request.env,
+                    secret_names: &secret_names,
+                    sealed_secrets: sealed_secrets.as_deref(),
                     timeout_s: request.timeout_s,
                     owner: &user.name,
                     now_ms: now_ms(),

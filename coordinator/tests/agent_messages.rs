@@ -147,6 +147,8 @@ async fn exercise(messages: Vec<Kind>) {
                 environment: None,
                 resources: None,
                 env: &env,
+                secret_names: &[],
+                sealed_secrets: None,
                 timeout_s: 0,
                 owner: "",
                 now_ms: 0,

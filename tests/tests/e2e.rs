@@ -1598,3 +1598,86 @@ fn runs_inherit_only_the_agent_variables_it_passes_on() {
     }
     cluster.stop();
 }
+
+const SECRET: &str = "tok-9f8e7d6c5b4a";
+
+#[test]
+fn a_secret_reaches_only_its_run_and_is_never_shown_logged_or_stored_in_the_clear() {
+    let cluster = Cluster::start(&TWO_TARGETS[..1]);
+    let target = TWO_TARGETS[0].target;
+    let src = source_dir(&[(
+        "train.py",
+        r#"import os
+value = os.environ["API_TOKEN"]
+print("token:", value)
+print("length", len(value))
+print("intact" if value == "tok-9f8e7d6c5b4a" else "wrong")
+"#,
+    )]);
+    let submit = |env: &[(&str, &str)]| {
+        let mut command = cluster.kiln_command(&[
+            "submit",
+            "--target",
+            target,
+            "--secret",
+            "API_TOKEN",
+            src.path().to_str().unwrap(),
+            "train.py",
+        ]);
+        command.env_remove("API_TOKEN");
+        command.envs(env.iter().copied());
+        command.output().unwrap()
+    };
+    // Not set in the submitter's environment: refused before anything is uploaded.
+    let unset = submit(&[]);
+    assert!(!unset.status.success());
+    let stderr = text(&unset.stderr);
+    assert!(stderr.contains("secret `API_TOKEN` is not set"), "{stderr}");
+    assert!(!stderr.contains("uploaded"), "{stderr}");
+
+    let output = submit(&[("API_TOKEN", SECRET)]);
+    let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    // The script got the value whole; its output shows it masked.
+    assert!(stdout.contains("intact"), "{stdout}");
+    assert!(stdout.contains("length 16"), "{stdout}");
+    assert!(stdout.contains("token: ***"), "{stdout}");
+    let run_id = submitted_run_id(&output.stderr);
+    let id = run_id.to_string();
+    let show = cluster.kiln(&["show", &id]);
+    let shown = text(&show.stdout);
+    assert!(shown.contains("API_TOKEN"), "{shown}");
+    let json = cluster.run(run_id);
+    assert_eq!(json["secrets"], serde_json::json!(["API_TOKEN"]), "{json}");
+    let logs = cluster.kiln(&["logs", &id]);
+    // Nowhere in what Kiln shows, logs or stores in the clear.
+    let coordinator = cluster.dir.path().join("coordinator");
+    let mut places = vec![
+        ("submit's output", format!("{stdout}{stderr}").into_bytes()),
+        ("kiln show", show.stdout.clone()),
+        ("kiln show --json", json.to_string().into_bytes()),
+        ("kiln logs", [logs.stdout, logs.stderr].concat()),
+        (
+            "the coordinator's log",
+            cluster.coordinator.log_text().into_bytes(),
+        ),
+        ("the agent's log", cluster.agents[0].log_text().into_bytes()),
+    ];
+    for entry in std::fs::read_dir(&coordinator).unwrap().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("kiln.db") {
+            places.push(("the database", std::fs::read(entry.path()).unwrap()));
+        }
+    }
+    assert!(places.len() > 6, "the database files were not found");
+    for (place, bytes) in places {
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "the secret's value is in {place}"
+        );
+    }
+    // The key that seals secrets is the coordinator's alone.
+    use std::os::unix::fs::PermissionsExt as _;
+    let key = std::fs::metadata(coordinator.join("secrets.key")).unwrap();
+    assert_eq!(key.permissions().mode() & 0o777, 0o600);
+    cluster.stop();
+}

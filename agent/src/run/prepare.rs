@@ -159,6 +159,15 @@ pub(super) async fn prepare(
         .collect();
     user_env.sort();
     env.extend(user_env);
+    // Secrets after everything: the coordinator refused a name that is also in `env`.
+    let mut secrets: Vec<_> = assignment
+        .secrets
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    secrets.sort();
+    let secret_names: Vec<String> = secrets.iter().map(|(k, _)| k.clone()).collect();
+    env.extend(secrets);
     // A container sees only its GPUs (renumbered from 0): no CUDA_VISIBLE_DEVICES there.
     if assignment.gang.is_none() && !assignment.gpus.is_empty() && docker_image.is_none() {
         env.push(("CUDA_VISIBLE_DEVICES".to_string(), join(&assignment.gpus)));
@@ -255,6 +264,7 @@ pub(super) async fn prepare(
         lease_file: Some(agent.lease_file()),
         timeout_s: assignment.timeout_s,
         gpus: assignment.gpus.clone(),
+        secret_names,
         docker: docker_image.map(|image| crate::docker::DockerSpec {
             image: image.image,
             host: agent.config.docker.host.clone(),

@@ -230,6 +230,12 @@ ALTER TABLE targets ADD COLUMN deleted_ms INTEGER;
     r#"
 ALTER TABLE users ADD COLUMN max_queued INTEGER;
 "#,
+    // 14: run secrets: their names (JSON), and their values sealed with the coordinator's
+    // key (`secrets.rs`), erased once the run has ended.
+    r#"
+ALTER TABLE runs ADD COLUMN secret_names TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE runs ADD COLUMN secrets BLOB;
+"#,
 ];
 
 pub struct Store {
@@ -277,6 +283,9 @@ pub struct NewRun<'a> {
     pub environment: Option<&'a v1::Environment>,
     pub resources: Option<&'a v1::Resources>,
     pub env: &'a HashMap<String, String>,
+    /// The names of the run's secrets, and their values sealed (`secrets::SecretBox`).
+    pub secret_names: &'a [String],
+    pub sealed_secrets: Option<&'a [u8]>,
     pub timeout_s: u32,
     /// The submitting user ("" without authentication).
     pub owner: &'a str,

@@ -10,9 +10,10 @@ impl Store {
         self.conn.execute(
             "INSERT INTO runs (name, target, status, snapshot_digest, script, args, created_ms,
                 max_retries, checkpoint_interval_s, nodes, procs_per_node, gpus_per_node,
-                launcher, max_restarts, environment, resources, env, timeout_s, owner)
+                launcher, max_restarts, environment, resources, env, timeout_s, owner,
+                secret_names, secrets)
              VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
-                ?16, ?17, ?18)",
+                ?16, ?17, ?18, ?19, ?20)",
             params![
                 new.name,
                 new.target,
@@ -31,7 +32,9 @@ impl Store {
                 new.resources.map(|r| r.encode_to_vec()),
                 serde_json::to_string(new.env).expect("strings serialise"),
                 new.timeout_s,
-                new.owner
+                new.owner,
+                serde_json::to_string(new.secret_names).expect("strings serialise"),
+                new.sealed_secrets,
             ],
         )?;
         let id = self.conn.last_insert_rowid();
@@ -144,7 +147,7 @@ impl Store {
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
                 checkpoint_interval_s, checkpoint_digest, nodes, procs_per_node, gpus_per_node,
                 launcher, max_restarts, restarts, failed_rank, environment, resources, env,
-                timeout_s, owner, outputs_error, first_started_ms
+                timeout_s, owner, outputs_error, first_started_ms, secret_names
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -190,6 +193,8 @@ impl Store {
                     owner: row.get(29)?,
                     outputs_error: row.get(30)?,
                     first_started_unix_ms: row.get(31)?,
+                    secret_names: serde_json::from_str(&row.get::<_, String>(32)?)
+                        .unwrap_or_default(),
                     waiting: String::new(),
                     node_outputs_digests: Vec::new(),
                 })
@@ -327,11 +332,25 @@ impl Store {
                 )?
             }
         }
+        if to.is_terminal() {
+            // An ended run needs its secrets no more: they are not kept, even sealed.
+            update("UPDATE runs SET secrets = NULL WHERE id = ?1", &[&run_id])?;
+        }
         tx.commit().map_err(anyhow::Error::from)?;
         let run = self
             .get_run(run_id)?
             .ok_or(TransitionError::NoSuchRun(run_id))?;
         Ok(run)
+    }
+
+    /// A run's sealed secrets (`None`: it has none, or has ended).
+    pub fn sealed_secrets(&self, run_id: i64) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT secrets FROM runs WHERE id = ?1")?
+            .query_row([run_id], |row| row.get::<_, Option<Vec<u8>>>(0))
+            .optional()?
+            .flatten())
     }
 
     /// Records what an agent reports about a run that already ended on the coordinator's side

@@ -22,6 +22,8 @@ fn submit(store: &Store) -> v1::Run {
             environment: None,
             resources: None,
             env: &HashMap::new(),
+            secret_names: &[],
+            sealed_secrets: None,
             timeout_s: 0,
             owner: "ana",
             now_ms: 1,
@@ -154,6 +156,8 @@ fn a_gang_holds_a_slot_on_every_node_and_each_node_has_its_own_log_sequence() {
             environment: None,
             resources: None,
             env: &HashMap::new(),
+            secret_names: &[],
+            sealed_secrets: None,
             timeout_s: 0,
             owner: "",
             now_ms: 1,
@@ -233,6 +237,8 @@ fn a_stopping_gang_holds_its_nodes_until_it_settles_and_keeps_each_nodes_results
             environment: None,
             resources: None,
             env: &HashMap::new(),
+            secret_names: &[],
+            sealed_secrets: None,
             timeout_s: 0,
             owner: "",
             now_ms: 1,
@@ -508,6 +514,8 @@ mod page_tests {
                         environment: None,
                         resources: None,
                         env: &HashMap::new(),
+                        secret_names: &[],
+                        sealed_secrets: None,
                         timeout_s: 0,
                         owner: "ana",
                         now_ms: 1,
@@ -656,4 +664,46 @@ mod page_tests {
         let expected: Vec<String> = (1..=7).map(|i| format!("metric-{i}")).collect();
         assert_eq!((names, n_pages), (expected, 4));
     }
+}
+
+#[test]
+fn a_runs_sealed_secrets_are_kept_until_it_ends_and_only_their_names_are_shown() {
+    let (_dir, mut store) = {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("kiln.db")).unwrap();
+        store.ensure_target("cpu", 0).unwrap();
+        (dir, store)
+    };
+    let names = ["HF_TOKEN".to_string()];
+    let run = store
+        .insert_run(&NewRun {
+            name: "r",
+            target: "cpu",
+            snapshot_digest: "sha256:x",
+            script: "t.py",
+            args: &[],
+            max_retries: 0,
+            checkpoint_interval_s: 0,
+            gang: GangSpec::default(),
+            environment: None,
+            resources: None,
+            env: &HashMap::new(),
+            secret_names: &names,
+            sealed_secrets: Some(b"sealed bytes"),
+            timeout_s: 0,
+            owner: "",
+            now_ms: 1,
+        })
+        .unwrap();
+    assert_eq!(run.secret_names, names);
+    assert_eq!(
+        store.sealed_secrets(run.id).unwrap().as_deref(),
+        Some(&b"sealed bytes"[..])
+    );
+    let ended = store
+        .transition(run.id, None, RunEvent::Cancel, &EventFields::default())
+        .unwrap();
+    assert_eq!(ended.status(), v1::RunStatus::Cancelled);
+    assert_eq!(store.sealed_secrets(run.id).unwrap(), None);
+    assert_eq!(ended.secret_names, names);
 }
