@@ -21,8 +21,12 @@ use crate::spool::{self, Acked, Exit, LogRecord, MetricRecord, ProcessRecord, Sp
 /// Time a cancelled run gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
-/// How often the spool is checked for new lines while a run is active.
-const POLL: Duration = Duration::from_millis(5);
+/// How often the spool is checked for new lines: every [`POLL_MIN`] while lines come, the
+/// wait doubling up to [`POLL_MAX`] while the run is quiet (a quiet run used to cost a
+/// spool read, an `exit.json` probe and a `/proc` read every 5 ms; see bench/idle). A line
+/// written after a quiet stretch waits at most `POLL_MAX`.
+const POLL_MIN: Duration = Duration::from_millis(5);
+const POLL_MAX: Duration = Duration::from_millis(100);
 
 /// Most bytes of unacknowledged lines and points one attempt holds in memory, sent or not;
 /// the rest waits in the spool file. Bounds the agent's memory per run and what one
@@ -90,6 +94,7 @@ pub(crate) async fn attach(
     // uplink has room, and enforces cancel, fencing, the time limit and stop escalation
     // whether or not the uplink has room (it never waits on a full queue).
     let mut ended: Option<Exit> = None;
+    let mut poll = POLL_MIN;
     let exit = loop {
         checkpoints.maybe_start();
         // exit.json is written after the last record was spooled: once it exists, reading the
@@ -122,9 +127,15 @@ pub(crate) async fn attach(
             killed = true;
         }
         let idle = if follower.more_to_read() {
+            poll = POLL_MIN;
             Duration::ZERO
+        } else if progressed || stopping.is_some() {
+            poll = POLL_MIN;
+            poll
         } else {
-            POLL
+            let wait = poll;
+            poll = (poll * 2).min(POLL_MAX);
+            wait
         };
         tokio::select! {
             _ = control.detach.cancelled() => return,
