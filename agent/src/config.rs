@@ -95,6 +95,13 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env_cache_max_bytes: Option<u64>,
 
+    /// Size limit of the snapshot cache (the archives of snapshots runs were given, kept by
+    /// digest under data_dir/snapshots), in bytes: the least recently used are removed
+    /// after a fetch while the cache is larger. [default: 21474836480 (20 GiB)]
+    #[arg(long, env = "KILN_SNAPSHOT_CACHE_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_cache_max_bytes: Option<u64>,
+
     /// An external conda, mamba or micromamba (a name on PATH or a path) that builds the conda
     /// environments runs ask for, as `CMD env create -p PREFIX -f FILE`, so that the site's
     /// .condarc (mirrors, proxies, credentials) applies. [default: none: the agent solves and
@@ -201,6 +208,7 @@ pub struct Effective {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_address: Option<String>,
     pub env_cache_max_bytes: u64,
+    pub snapshot_cache_max_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conda_command: Option<String>,
     pub conda_channel_alias: String,
@@ -237,6 +245,9 @@ impl Settings {
             low_priority: self.low_priority.or(lower.low_priority),
             advertise_address: self.advertise_address.or(lower.advertise_address),
             env_cache_max_bytes: self.env_cache_max_bytes.or(lower.env_cache_max_bytes),
+            snapshot_cache_max_bytes: self
+                .snapshot_cache_max_bytes
+                .or(lower.snapshot_cache_max_bytes),
             conda_command: self.conda_command.or(lower.conda_command),
             conda_channel_alias: self.conda_channel_alias.or(lower.conda_channel_alias),
             conda_default_channels: self.conda_default_channels.or(lower.conda_default_channels),
@@ -437,6 +448,9 @@ impl Settings {
             env_cache_max_bytes: self
                 .env_cache_max_bytes
                 .unwrap_or(crate::env::DEFAULT_CACHE_MAX_BYTES),
+            snapshot_cache_max_bytes: self
+                .snapshot_cache_max_bytes
+                .unwrap_or(crate::DEFAULT_SNAPSHOT_CACHE_MAX_BYTES),
             conda_command,
             conda_channel_alias,
             conda_default_channels,
@@ -482,6 +496,7 @@ impl Effective {
         config.low_priority = self.low_priority;
         config.advertise_address = self.advertise_address.clone();
         config.env.cache_max_bytes = self.env_cache_max_bytes;
+        config.snapshot_cache_max_bytes = self.snapshot_cache_max_bytes;
         config.env.conda_command = self
             .conda_command
             .as_deref()

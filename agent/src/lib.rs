@@ -73,7 +73,12 @@ pub struct Config {
     /// The agent's environment variables runs inherit (names or `PREFIX*`; see
     /// `run::inherited_env`).
     pub pass_env: Vec<String>,
+    /// Size limit of the snapshot cache (`DATA_DIR/snapshots`), in bytes.
+    pub snapshot_cache_max_bytes: u64,
 }
+
+/// Default limit of the snapshot cache (`snapshot_cache_max_bytes`): 20 GiB.
+pub const DEFAULT_SNAPSHOT_CACHE_MAX_BYTES: u64 = 20 << 30;
 
 impl Config {
     pub fn new(coordinator: Address, target: TargetName, data_dir: PathBuf) -> Config {
@@ -94,6 +99,7 @@ impl Config {
             docker: docker::Settings::default(),
             run_users: None,
             pass_env: run::default_pass_env(),
+            snapshot_cache_max_bytes: DEFAULT_SNAPSHOT_CACHE_MAX_BYTES,
         }
     }
 }

@@ -171,6 +171,7 @@ pub fn run_json(run: &v1::Run) -> Value {
         })),
         "env": run.env.iter().collect::<std::collections::BTreeMap<_, _>>(),
         "secrets": run.secret_names,
+        "pruned_at": opt_time(run.pruned_unix_ms),
         "timeout_seconds": (run.timeout_s > 0).then_some(run.timeout_s),
         "checkpoint_digest": if run.checkpoint_digest.is_empty() { Value::Null } else { Value::String(run.checkpoint_digest.clone()) },
         "snapshot_digest": run.snapshot_digest,
@@ -408,6 +409,15 @@ pub fn show(run: &v1::Run, as_json: bool) {
         field(
             if index == 0 { "env" } else { "" },
             format!("{key}={value}"),
+        );
+    }
+    if let Some(pruned) = run.pruned_unix_ms {
+        field(
+            "pruned",
+            format!(
+                "{} (logs, metrics, outputs and checkpoints removed: run_retention)",
+                time(pruned)
+            ),
         );
     }
     if !run.secret_names.is_empty() {

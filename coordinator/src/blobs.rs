@@ -9,6 +9,7 @@ use kiln_common::snapshot::{DIGEST_PREFIX, is_valid_digest};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
+#[derive(Clone)]
 pub struct BlobStore {
     root: PathBuf,
     max_blob_bytes: u64,
@@ -61,6 +62,53 @@ impl BlobStore {
         }
         let hex = &digest[DIGEST_PREFIX.len()..];
         Ok(self.root.join("sha256").join(hex))
+    }
+
+    /// Marks a stored blob as just used, so that the sweep's grace counts from now (a
+    /// client that was told the blob is present may submit a run on it next).
+    pub async fn touch(&self, digest: &str) {
+        if let Ok(path) = self.path(digest) {
+            let _ = tokio::task::spawn_blocking(move || {
+                std::fs::File::options()
+                    .append(true)
+                    .open(&path)
+                    .and_then(|file| file.set_modified(std::time::SystemTime::now()))
+            })
+            .await;
+        }
+    }
+
+    /// Removes the blobs not in `keep` that were not written or touched for `grace`.
+    /// Returns the removed digests and their bytes. Blocking: call on the blocking pool.
+    pub fn sweep(
+        &self,
+        keep: &std::collections::HashSet<String>,
+        grace: std::time::Duration,
+    ) -> anyhow::Result<(Vec<String>, u64)> {
+        let mut removed = Vec::new();
+        let mut bytes = 0;
+        for entry in std::fs::read_dir(self.root.join("sha256"))? {
+            let entry = entry?;
+            let digest = format!("{DIGEST_PREFIX}{}", entry.file_name().to_string_lossy());
+            if keep.contains(&digest) || !is_valid_digest(&digest) {
+                continue;
+            }
+            // Looked at just before the removal: a blob touched since `keep` was read is kept.
+            let Ok(meta) = entry.metadata() else { continue };
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .unwrap_or_default();
+            if idle < grace {
+                continue;
+            }
+            if std::fs::remove_file(entry.path()).is_ok() {
+                bytes += meta.len();
+                removed.push(digest);
+            }
+        }
+        Ok((removed, bytes))
     }
 
     /// The size of a stored blob, or `None`.
@@ -200,5 +248,43 @@ mod tests {
             writer.write(b"hello").await,
             Err(BlobError::TooLarge { limit: 4 })
         ));
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_sweep_removes_unnamed_blobs_past_their_grace_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path(), 1 << 20).unwrap();
+        let digest = |n: u8| format!("{DIGEST_PREFIX}{}", hex::encode([n; 32]));
+        let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for n in 1..=4 {
+            let path = blobs.path(&digest(n)).unwrap();
+            std::fs::write(&path, vec![n; 100]).unwrap();
+            if n != 3 {
+                std::fs::File::options()
+                    .append(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(long_ago)
+                    .unwrap();
+            }
+        }
+        // 4 was idle too, but a client asked for it just now.
+        blobs.touch(&digest(4)).await;
+        let keep = std::collections::HashSet::from([digest(2)]);
+        let (removed, bytes) = blobs
+            .sweep(&keep, std::time::Duration::from_secs(3600))
+            .unwrap();
+        // 1: unnamed and idle. 2: named by a run. 3: young. 4: touched.
+        assert_eq!(removed, [digest(1)]);
+        assert_eq!(bytes, 100);
+        for n in 2..=4 {
+            assert!(blobs.size(&digest(n)).await.unwrap().is_some(), "{n}");
+        }
+        assert!(blobs.size(&digest(1)).await.unwrap().is_none());
     }
 }

@@ -77,6 +77,26 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upload_stall_timeout: Option<u64>,
 
+    /// Seconds after a run ended that its logs, metrics, outputs and checkpoints are
+    /// removed (the run's row stays in the history, marked pruned); its blobs then go with
+    /// the next blob sweep. 0: keep everything (7776000 is 90 days). [default: 0]
+    #[arg(long, env = "KILN_RUN_RETENTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_retention: Option<u64>,
+
+    /// Seconds a blob that no run names (a snapshot uploaded but not submitted, the
+    /// outputs of a pruned run) is kept, counted from its upload or the last time a client
+    /// asked for it, before the blob sweep removes it. [default: 86400]
+    #[arg(long, env = "KILN_BLOB_GRACE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blob_grace: Option<u64>,
+
+    /// Seconds between housekeeping passes (pruning old runs, sweeping unused blobs).
+    /// [default: 3600]
+    #[arg(long, env = "KILN_HOUSEKEEPING_INTERVAL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub housekeeping_interval: Option<u64>,
+
     /// Log filter, RUST_LOG syntax: a level (error, warn, info, debug, trace) or
     /// directives such as "info,kiln_coordinator=debug". [default: info]
     #[arg(long, env = "RUST_LOG")]
@@ -146,6 +166,9 @@ pub struct Effective {
     pub max_connections: u32,
     pub max_connections_per_ip: u32,
     pub upload_stall_timeout: u64,
+    pub run_retention: u64,
+    pub blob_grace: u64,
+    pub housekeeping_interval: u64,
     pub log: String,
     pub advertise_url: String,
     pub insecure: bool,
@@ -173,6 +196,9 @@ impl Settings {
             max_connections: self.max_connections.or(lower.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             upload_stall_timeout: self.upload_stall_timeout.or(lower.upload_stall_timeout),
+            run_retention: self.run_retention.or(lower.run_retention),
+            blob_grace: self.blob_grace.or(lower.blob_grace),
+            housekeeping_interval: self.housekeeping_interval.or(lower.housekeeping_interval),
             max_blob_bytes: self.max_blob_bytes.or(lower.max_blob_bytes),
             log: self.log.or(lower.log),
             advertise_url: self.advertise_url.or(lower.advertise_url),
@@ -234,6 +260,16 @@ impl Settings {
             .unwrap_or(crate::DEFAULT_UPLOAD_STALL_TIMEOUT.as_secs());
         if upload_stall_timeout == 0 {
             problems.push("upload_stall_timeout is 0: use at least 1 (seconds)".to_string());
+        }
+        let run_retention = self.run_retention.unwrap_or(0);
+        let blob_grace = self
+            .blob_grace
+            .unwrap_or(crate::DEFAULT_BLOB_GRACE.as_secs());
+        let housekeeping_interval = self
+            .housekeeping_interval
+            .unwrap_or(crate::DEFAULT_HOUSEKEEPING_INTERVAL.as_secs());
+        if housekeeping_interval == 0 {
+            problems.push("housekeeping_interval is 0: use at least 1 (seconds)".to_string());
         }
         if max_connections == 0 || max_connections_per_ip == 0 {
             problems
@@ -304,6 +340,9 @@ impl Settings {
             max_connections,
             max_connections_per_ip,
             upload_stall_timeout,
+            run_retention,
+            blob_grace,
+            housekeeping_interval,
             log,
             advertise_url,
             insecure,
@@ -328,6 +367,11 @@ impl Effective {
         config.max_connections = self.max_connections as usize;
         config.max_connections_per_ip = self.max_connections_per_ip as usize;
         config.upload_stall_timeout = std::time::Duration::from_secs(self.upload_stall_timeout);
+        config.run_retention =
+            (self.run_retention > 0).then(|| std::time::Duration::from_secs(self.run_retention));
+        config.blob_grace = std::time::Duration::from_secs(self.blob_grace);
+        config.housekeeping_interval =
+            std::time::Duration::from_secs(self.housekeeping_interval.max(1));
         config
     }
 

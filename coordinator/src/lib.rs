@@ -46,6 +46,10 @@ pub const DEFAULT_MAX_BLOB_BYTES: u64 = 8 << 30;
 /// Default most runs one user may have queued.
 pub const DEFAULT_MAX_QUEUED_PER_USER: u32 = 1000;
 pub const DEFAULT_UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a blob no run names is kept (from its upload or last `HasBlob`).
+pub const DEFAULT_BLOB_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// How often old runs are pruned and unused blobs swept.
+pub const DEFAULT_HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -62,6 +66,13 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     /// How long an upload may send nothing (`service::next_chunk`).
     pub upload_stall_timeout: Duration,
+    /// Runs ended longer ago lose their logs, metrics, outputs and checkpoints (`None`:
+    /// kept for ever).
+    pub run_retention: Option<Duration>,
+    /// See [`DEFAULT_BLOB_GRACE`].
+    pub blob_grace: Duration,
+    /// See [`DEFAULT_HOUSEKEEPING_INTERVAL`].
+    pub housekeeping_interval: Duration,
     /// TLS and authentication: with a PKI every call is authenticated (see `auth.rs`);
     /// without (`--insecure`, the local target's Unix socket) nobody is.
     pub pki: Option<Arc<pki::Pki>>,
@@ -78,6 +89,9 @@ impl Config {
             max_connections: conns::DEFAULT_MAX_CONNECTIONS as usize,
             max_connections_per_ip: conns::DEFAULT_MAX_CONNECTIONS_PER_IP as usize,
             upload_stall_timeout: DEFAULT_UPLOAD_STALL_TIMEOUT,
+            run_retention: None,
+            blob_grace: DEFAULT_BLOB_GRACE,
+            housekeeping_interval: DEFAULT_HOUSEKEEPING_INTERVAL,
             pki: None,
         }
     }
@@ -216,6 +230,9 @@ impl Coordinator {
             .tasks
             .spawn(coordinator.clone().scheduler_loop());
         coordinator.tasks.spawn(coordinator.clone().liveness_loop());
+        coordinator
+            .tasks
+            .spawn(coordinator.clone().housekeeping_loop());
         coordinator.tasks.close();
         Ok(coordinator)
     }
@@ -537,6 +554,56 @@ impl Coordinator {
                 last_heard.insert(agent_id.to_string(), now);
             }
         }
+    }
+
+    /// Every `housekeeping_interval` (and once at start): prunes runs past
+    /// `run_retention`, then removes blobs that no kept run names and that nobody wrote or
+    /// asked for during `blob_grace`.
+    async fn housekeeping_loop(self: Arc<Self>) {
+        let mut interval = tokio::time::interval(self.config.housekeeping_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            if let Err(error) = self.housekeeping().await {
+                warn!(error = %format!("{error:#}"), "Housekeeping failed; trying again at the next pass.");
+            }
+        }
+    }
+
+    async fn housekeeping(&self) -> anyhow::Result<()> {
+        if let Some(retention) = self.config.run_retention {
+            let now = now_ms();
+            let cutoff = now - retention.as_millis() as i64;
+            let pruned = self.db.call(move |s| s.prune_runs(cutoff, now)).await?;
+            if !pruned.is_empty() {
+                info!(
+                    runs = pruned.len(),
+                    first = pruned[0],
+                    "Pruned runs past run_retention: their logs, metrics, outputs and checkpoints are removed."
+                );
+                for id in pruned {
+                    self.run_changed(id);
+                }
+            }
+        }
+        let keep = self.db.call(|s| s.referenced_digests()).await?;
+        let grace = self.config.blob_grace;
+        let blobs = self.blobs.clone();
+        let (removed, bytes) =
+            tokio::task::spawn_blocking(move || blobs.sweep(&keep, grace)).await??;
+        if !removed.is_empty() {
+            info!(
+                blobs = removed.len(),
+                bytes, "Removed blobs no kept run names."
+            );
+            self.db
+                .call(move |s| s.forget_blob_owners(&removed))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn liveness_loop(self: Arc<Self>) {

@@ -696,7 +696,14 @@ impl Kiln for Api {
         let user = self.0.authenticate(&request).await?.user()?;
         let request = request.into_inner();
         let run_id = request.run_id;
-        self.accessible_run(&user, run_id).await?;
+        let run = self.accessible_run(&user, run_id).await?;
+        if let Some(pruned) = run.pruned_unix_ms {
+            let days = (pruned - run.finished_unix_ms.unwrap_or(pruned)) / 86_400_000;
+            return Err(Status::failed_precondition(format!(
+                "run {run_id}'s logs were removed by housekeeping {days} days after it ended \
+                 (the coordinator's run_retention); `kiln show {run_id}` still has its record"
+            )));
+        }
         // Each item holds up to a page of bytes: buffer two, not more.
         let (tx, rx) = mpsc::channel(2);
         let coordinator = self.0.clone();
@@ -1136,6 +1143,10 @@ impl Blobs for Api {
                 .map_err(internal)?
         {
             size = None;
+        }
+        if size.is_some() {
+            // The caller may submit a run on it next: the blob sweep's grace starts again.
+            self.0.blobs.touch(&digest).await;
         }
         Ok(Response::new(v1::HasBlobReply {
             present: size.is_some(),

@@ -1681,3 +1681,76 @@ print("intact" if value == "tok-9f8e7d6c5b4a" else "wrong")
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
     cluster.stop();
 }
+
+/// The files in the coordinator's blob directory.
+fn stored_blobs(cluster: &Cluster) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(cluster.dir.path().join("coordinator/blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .map(|entry| format!("sha256:{}", entry.file_name().to_string_lossy()))
+            .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn runs_past_their_retention_lose_logs_and_blobs_and_keep_their_record() {
+    let cluster = Cluster::start_with_coordinator_args(
+        &TWO_TARGETS[..1],
+        5,
+        &[
+            "--run-retention",
+            "2",
+            "--blob-grace",
+            "1",
+            "--housekeeping-interval",
+            "1",
+        ],
+    );
+    let target = TWO_TARGETS[0].target;
+    let src = source_dir(&[(
+        "train.py",
+        "import os\nprint('trained')\nopen(os.path.join(os.environ['KILN_OUTPUTS_DIR'], 'model.bin'), 'w').write('w' * 1000)\n",
+    )]);
+    let submit = || {
+        let output = cluster.kiln(&[
+            "submit",
+            "--target",
+            target,
+            src.path().to_str().unwrap(),
+            "train.py",
+        ]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        assert!(text(&output.stdout).contains("trained"));
+        submitted_run_id(&output.stderr)
+    };
+    let first = submit();
+    let run = cluster.run(first);
+    let (snapshot, outputs) = (
+        run["snapshot_digest"].as_str().unwrap().to_string(),
+        run["outputs_digest"].as_str().unwrap().to_string(),
+    );
+    assert!(stored_blobs(&cluster).contains(&outputs), "{run}");
+    // Two seconds after it ended, housekeeping prunes it; a second later its blobs go.
+    let pruned = wait_for("the run to be pruned", Duration::from_secs(30), || {
+        let run = cluster.run(first);
+        run["pruned_at"].is_string().then_some(run)
+    });
+    assert_eq!(pruned["status"], "succeeded", "{pruned}");
+    wait_for("its blobs to be swept", Duration::from_secs(30), || {
+        let blobs = stored_blobs(&cluster);
+        (!blobs.contains(&snapshot) && !blobs.contains(&outputs)).then_some(())
+    });
+    let logs = cluster.kiln(&["logs", &first.to_string()]);
+    assert!(!logs.status.success());
+    let said = text(&logs.stderr);
+    assert!(said.contains("logs were removed by housekeeping"), "{said}");
+    assert!(said.contains("run_retention"), "{said}");
+    let show = text(&cluster.kiln(&["show", &first.to_string()]).stdout);
+    assert!(show.contains("pruned"), "{show}");
+    // The same directory again: its snapshot is uploaded anew and the run works.
+    let second = submit();
+    assert_eq!(cluster.run(second)["status"], "succeeded");
+    cluster.stop();
+}

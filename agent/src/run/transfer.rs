@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use kiln_common::snapshot::{self, DIGEST_PREFIX, PackOptions, UnpackLimits};
 use kiln_proto::v1::{self, agent_message::Kind as Up};
 use tokio_stream::StreamExt as _;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::SystemLines;
 use crate::Agent;
@@ -38,6 +38,9 @@ pub(super) async fn fetch_snapshot(
         let actual = tokio::task::spawn_blocking(move || snapshot::digest_file(&path)).await?;
         match actual {
             Ok(actual) if actual == digest => {
+                // Its last use, for the cache's least-recently-used order.
+                let path = cached.clone();
+                let _ = tokio::task::spawn_blocking(move || touch(&path)).await;
                 system.line(&format!(
                     "Snapshot {} found in the agent's cache.",
                     short(digest)
@@ -60,11 +63,70 @@ pub(super) async fn fetch_snapshot(
     let (temp, bytes) =
         download_blob(agent, digest, "Snapshot", &mut |line| system.line(line)).await?;
     temp.persist(&cached).map_err(|e| e.error)?;
+    let (dir, max) = (
+        agent.config.data_dir.join("snapshots"),
+        agent.config.snapshot_cache_max_bytes,
+    );
+    let evicted = tokio::task::spawn_blocking(move || evict_snapshots(&dir, max, EVICT_NOT_BEFORE))
+        .await
+        .unwrap_or_default();
+    if !evicted.is_empty() {
+        let bytes: u64 = evicted.iter().map(|(_, bytes)| bytes).sum();
+        info!(
+            archives = evicted.len(),
+            bytes, "Snapshot cache over snapshot_cache_max_bytes: removed the least recently used."
+        );
+    }
     system.line(&format!(
         "Snapshot {} fetched ({bytes} bytes).",
         short(digest)
     ));
     Ok(cached)
+}
+
+/// A cached snapshot used this recently is never evicted: another attempt may be about to
+/// unpack it.
+const EVICT_NOT_BEFORE: Duration = Duration::from_secs(600);
+
+fn touch(path: &Path) -> std::io::Result<()> {
+    std::fs::File::options()
+        .append(true)
+        .open(path)?
+        .set_modified(std::time::SystemTime::now())
+}
+
+/// Removes the least recently used (oldest mtime) snapshot archives of `dir` while their
+/// total is over `max_bytes`, sparing those used within `not_before`. Returns what it
+/// removed, with sizes.
+fn evict_snapshots(dir: &Path, max_bytes: u64, not_before: Duration) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut archives: Vec<(std::time::SystemTime, PathBuf, u64)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.zst"))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            meta.is_file()
+                .then(|| Some((meta.modified().ok()?, e.path(), meta.len())))?
+        })
+        .collect();
+    let mut total: u64 = archives.iter().map(|(_, _, bytes)| bytes).sum();
+    archives.sort();
+    let mut removed = Vec::new();
+    for (used, path, bytes) in archives {
+        if total <= max_bytes {
+            break;
+        }
+        if used.elapsed().unwrap_or_default() < not_before {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total -= bytes;
+            removed.push((path, bytes));
+        }
+    }
+    removed
 }
 
 /// How many times a blob download is tried before the run fails, and the first wait
@@ -249,4 +311,43 @@ pub(super) async fn upload_dir(agent: &Agent, outputs: &Path) -> anyhow::Result<
         client.upload_blob(chunks).await.context("upload outputs")?;
     }
     Ok(packed.digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_cache_evicts_the_least_recently_used_and_spares_recent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = std::time::SystemTime::now();
+        let archive = |name: &str, bytes: usize, hours_ago: u64| {
+            let path = dir.path().join(format!("{name}.tar.zst"));
+            std::fs::write(&path, vec![0u8; bytes]).unwrap();
+            std::fs::File::options()
+                .append(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(now - Duration::from_secs(hours_ago * 3600))
+                .unwrap();
+            path
+        };
+        let oldest = archive("a", 400, 5);
+        let old = archive("b", 400, 3);
+        let recent = archive("c", 400, 0);
+        std::fs::create_dir(dir.path().join("tmp")).unwrap();
+        // 1200 bytes, limit 500: the two old ones go, oldest first; the one used just now
+        // stays even though the cache is still over.
+        let removed = evict_snapshots(dir.path(), 500, Duration::from_secs(600));
+        assert_eq!(removed, [(oldest.clone(), 400), (old.clone(), 400)]);
+        assert!(recent.exists());
+        // Under the limit: nothing goes. Touched: it counts as used now.
+        let b = archive("b", 400, 3);
+        touch(&b).unwrap();
+        assert!(evict_snapshots(dir.path(), 1000, Duration::ZERO).is_empty());
+        assert_eq!(
+            evict_snapshots(dir.path(), 500, Duration::ZERO),
+            [(recent, 400)]
+        );
+    }
 }

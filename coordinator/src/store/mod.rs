@@ -236,6 +236,10 @@ ALTER TABLE users ADD COLUMN max_queued INTEGER;
 ALTER TABLE runs ADD COLUMN secret_names TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE runs ADD COLUMN secrets BLOB;
 "#,
+    // 15: when housekeeping pruned an ended run (its logs, metrics, outputs, checkpoints).
+    r#"
+ALTER TABLE runs ADD COLUMN pruned_ms INTEGER;
+"#,
 ];
 
 pub struct Store {
@@ -478,6 +482,7 @@ impl Store {
 mod access;
 mod agents;
 mod blobs;
+mod housekeeping;
 mod logs;
 mod runs;
 #[cfg(test)]

@@ -147,7 +147,7 @@ impl Store {
                 script, args, created_ms, started_ms, finished_ms, outputs_digest, max_retries,
                 checkpoint_interval_s, checkpoint_digest, nodes, procs_per_node, gpus_per_node,
                 launcher, max_restarts, restarts, failed_rank, environment, resources, env,
-                timeout_s, owner, outputs_error, first_started_ms, secret_names
+                timeout_s, owner, outputs_error, first_started_ms, secret_names, pruned_ms
              FROM runs {clause}"
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
@@ -195,6 +195,7 @@ impl Store {
                     first_started_unix_ms: row.get(31)?,
                     secret_names: serde_json::from_str(&row.get::<_, String>(32)?)
                         .unwrap_or_default(),
+                    pruned_unix_ms: row.get(33)?,
                     waiting: String::new(),
                     node_outputs_digests: Vec::new(),
                 })

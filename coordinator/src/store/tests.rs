@@ -707,3 +707,73 @@ fn a_runs_sealed_secrets_are_kept_until_it_ends_and_only_their_names_are_shown()
     assert_eq!(store.sealed_secrets(run.id).unwrap(), None);
     assert_eq!(ended.secret_names, names);
 }
+
+#[test]
+fn pruning_removes_an_old_runs_logs_metrics_and_blob_references_and_keeps_its_record() {
+    let (_dir, mut store) = store();
+    let run_through = |store: &mut Store, ended_ms: i64| {
+        let run = submit(store);
+        let placed = EventFields {
+            placement: &["ag-1".to_string()],
+            now_ms: 2,
+            ..Default::default()
+        };
+        store
+            .transition(run.id, None, RunEvent::Assign, &placed)
+            .unwrap();
+        store.set_checkpoint(run.id, 1, 0, "sha256:ck").unwrap();
+        store
+            .node_exited(run.id, 1, 0, Some(0), &format!("sha256:node-out{}", run.id))
+            .unwrap();
+        let done = EventFields {
+            exit_code: Some(0),
+            outputs_digest: Some(&format!("sha256:out{}", run.id)),
+            now_ms: ended_ms,
+            ..Default::default()
+        };
+        store
+            .transition(run.id, Some(1), RunEvent::Start, &done)
+            .unwrap();
+        let line = v1::LogLine {
+            seq: 1,
+            text: "hello".into(),
+            ..Default::default()
+        };
+        store.append_logs(run.id, 1, 0, &[line]).unwrap();
+        store
+            .transition(run.id, Some(1), RunEvent::Finish(Outcome::Succeeded), &done)
+            .unwrap();
+        run.id
+    };
+    let old = run_through(&mut store, 1_000);
+    let recent = run_through(&mut store, 5_000);
+    let queued = submit(&store);
+    let kept = store.referenced_digests().unwrap();
+    for digest in [
+        "sha256:00",
+        "sha256:ck",
+        &format!("sha256:out{old}"),
+        &format!("sha256:node-out{old}"),
+    ] {
+        assert!(kept.contains(digest), "{digest} in {kept:?}");
+    }
+    // Runs that ended before 3,000 go; the recent one and the queued one stay.
+    assert_eq!(store.prune_runs(3_000, 9_000).unwrap(), [old]);
+    assert_eq!(store.prune_runs(3_000, 9_500).unwrap(), Vec::<i64>::new());
+    let pruned = store.get_run(old).unwrap().unwrap();
+    assert_eq!(pruned.pruned_unix_ms, Some(9_000));
+    assert_eq!(pruned.status(), v1::RunStatus::Succeeded);
+    assert_eq!(pruned.outputs_digest, "");
+    assert!(store.read_logs(old, 0, 100, None).unwrap().is_empty());
+    assert_eq!(store.read_logs(recent, 0, 100, None).unwrap().len(), 1);
+    let kept = store.referenced_digests().unwrap();
+    assert!(!kept.contains(&format!("sha256:out{old}")));
+    assert!(!kept.contains(&format!("sha256:node-out{old}")));
+    assert!(kept.contains(&format!("sha256:out{recent}")));
+    // Still named by the recent and the queued run.
+    assert!(kept.contains("sha256:00") && kept.contains("sha256:ck"));
+    assert_eq!(
+        store.get_run(queued.id).unwrap().unwrap().pruned_unix_ms,
+        None
+    );
+}
