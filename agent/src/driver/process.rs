@@ -363,7 +363,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(
             dir.path(),
-            "echo rank $KILN_RANK; if [ $KILN_RANK = 1 ]; then exit 3; fi; exec sleep 30",
+            // Rank 1 fails only once rank 0 has said its line (else the stop may come first).
+            "echo rank $KILN_RANK; if [ $KILN_RANK = 0 ]; then touch said; exec sleep 30; fi; \
+             while [ ! -e said ]; do sleep 0.01; done; exit 3",
             &[0, 1],
         );
         let driver = ProcessDriver::new(&spec, &state(dir.path()));
@@ -376,8 +378,16 @@ mod tests {
         assert_eq!(ended.failed_rank, Some(1));
         assert_eq!(ended.description, "rank 1 exited with code 3");
         assert_eq!(ended.start_error, None);
-        // Rank 0's sleep was stopped with the node, and both ranks' lines came through.
-        assert!(nix::sys::signal::killpg(Pid::from_raw(started.pid), None).is_err());
+        // Rank 0's sleep was stopped with the node (what the group held was SIGKILLed; a
+        // killed orphan is gone once init has reaped it), and both ranks' lines came through.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while nix::sys::signal::killpg(Pid::from_raw(started.pid), None).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the node's process group outlived it"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(
             lines(received),
             [
