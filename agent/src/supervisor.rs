@@ -299,7 +299,7 @@ fn write_records(
     while let Ok(first) = records.recv() {
         let mut next = Some(first);
         while let Some(record) = next.take() {
-            let time_ms = now_ms();
+            let time_ms = crate::identity::now_ms();
             match record {
                 Record::Log(stream, rank, text) => {
                     let text = masked(text, masks);
@@ -486,13 +486,6 @@ pub fn describe_exit(status: &std::process::ExitStatus) -> (Option<i32>, String)
         (None, Some(signal)) => (Some(128 + signal), format!("killed by signal {signal}")),
         (None, None) => (None, "ended without an exit status".to_string()),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

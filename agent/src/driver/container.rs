@@ -33,7 +33,11 @@ impl ContainerDriver {
         }
     }
 
-    fn ended(ran: anyhow::Result<ContainerExit>) -> Ended {
+    /// How the container's thread says the container ended (it has, or is about to).
+    fn ended(thread: std::thread::JoinHandle<anyhow::Result<ContainerExit>>) -> Ended {
+        let ran = thread
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the container's thread panicked")));
         match ran {
             Ok(ended) => Ended {
                 exit_code: ended.exit_code,
@@ -98,9 +102,7 @@ impl Driver for ContainerDriver {
                 })
             }
             // The thread ended without a start: it says why.
-            Err(_) => Err(Self::ended(thread.join().unwrap_or_else(|_| {
-                Err(anyhow::anyhow!("the container's thread panicked"))
-            }))),
+            Err(_) => Err(Self::ended(thread)),
         }
     }
 
@@ -111,9 +113,7 @@ impl Driver for ContainerDriver {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .context("the container was not started")?;
-        Ok(Self::ended(thread.join().unwrap_or_else(|_| {
-            Err(anyhow::anyhow!("the container's thread panicked"))
-        })))
+        Ok(Self::ended(thread))
     }
 
     fn stop(&self, signal: Signal) {

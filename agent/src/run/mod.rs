@@ -327,7 +327,7 @@ impl SystemLines {
             let record = LogRecord {
                 seq,
                 stream: v1::LogStream::System as i32,
-                time_ms: now_ms(),
+                time_ms: crate::identity::now_ms(),
                 text: text.to_string(),
                 rank: None,
             };
@@ -337,13 +337,6 @@ impl SystemLines {
             warn!(error = %error, "Could not spool a system line.");
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
